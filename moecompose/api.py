@@ -1,0 +1,56 @@
+"""The Python API: the same stages the CLI runs, as functions.
+
+>>> import moecompose as mc
+>>> spec = mc.load_spec("specs/demo.yaml")
+>>> p = mc.plan(spec)                       # no weights read
+>>> p.totals.active_params
+>>> mc.build(spec, "out/demo", force=True)
+>>> model = mc.load("out/demo")             # a torch.nn.Module
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from moecompose.build import BuildResult
+from moecompose.build import build as _build
+from moecompose.plan import Plan
+from moecompose.plan import plan as _plan
+from moecompose.resolve import Resolved, resolve
+from moecompose.spec import Spec, load_spec
+
+if TYPE_CHECKING:
+    from moecompose.model import MoECausalLM
+    from moecompose.build.executor import Progress
+
+SpecLike = Spec | str | Path
+
+
+def _spec(spec: SpecLike) -> Spec:
+    return spec if isinstance(spec, Spec) else load_spec(spec)
+
+
+def validate(spec: SpecLike) -> Resolved:
+    """Check a spec against its sources' metadata; raises a located error on any problem."""
+    return resolve(_spec(spec))
+
+
+def plan(spec: SpecLike) -> Plan:
+    """The upcycling plan of a spec (reads only source metadata)."""
+    return _plan(resolve(_spec(spec)))
+
+
+def build(
+    spec: SpecLike | Plan, out: str | Path, *, force: bool = False, progress: Progress | None = None
+) -> BuildResult:
+    """Plan (unless given a plan) and build the artifact into ``out``."""
+    the_plan = spec if isinstance(spec, Plan) else plan(spec)
+    return _build(the_plan, out, force=force, progress=progress)
+
+
+def load(path: str | Path, *, dtype: str | None = None, device: str | None = None) -> MoECausalLM:
+    """Load any artifact (native or exported) as a ``MoECausalLM`` module in eval mode."""
+    from moecompose.export import load_artifact
+
+    return load_artifact(Path(path), dtype=dtype, device=device)

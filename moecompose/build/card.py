@@ -1,0 +1,54 @@
+"""The artifact's README.md: what the model was built from and how."""
+
+from __future__ import annotations
+
+from moecompose.plan.recipe import Plan
+
+
+def _count(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(int(n))
+
+
+def model_card(plan: Plan) -> str:
+    t = plan.totals
+    lines = [
+        f"# {plan.name}",
+        "",
+        "A Mixture-of-Experts model built by moecompose from dense checkpoints.",
+        "",
+        f"* format: `{plan.format}` ({plan.format_reason})",
+        f"* dtype: `{plan.dtype}`",
+        f"* parameters: {_count(t.params)} total, {_count(t.active_params)} active per token, "
+        f"{_count(t.trainable_params)} trainable",
+        f"* forward FLOPs per token: {_count(t.flops_per_token)} (attention at context {t.flops_context})",
+        "",
+        "## Sources",
+        "",
+    ]
+    for name, src in plan.sources.items():
+        lines.append(f"* `{name}`: `{src['path']}`")
+    lines += ["", "## Layers", "", "| layer | FFN | experts | router | shared |", "|---|---|---|---|---|"]
+    for row in plan.layers:
+        if row["ffn"] == "dense":
+            lines.append(f"| {row['layer']} | dense ({row['merge']}) | | | |")
+        else:
+            drop = f", drop {row['drop']:g}" if row.get("drop") else ""
+            lines.append(
+                f"| {row['layer']} | MoE | {row['experts']}{drop} | {row['router']} | {row['shared'] or ''} |"
+            )
+    lines += [
+        "",
+        "## Load",
+        "",
+        "```python",
+        "import moecompose",
+        "model = moecompose.load('PATH')",
+        "```",
+        "",
+        "The exact recipe of every tensor is in `plan.json`; the normalised spec in `spec.yaml`.",
+        "",
+    ]
+    return "\n".join(lines)

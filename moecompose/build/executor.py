@@ -1,0 +1,205 @@
+"""Stage 4: execute a plan into an artifact folder, streaming tensor by tensor.
+
+Output goes to a hidden temporary folder beside the target and is renamed into place only
+when every file is complete; any failure removes it. Sources are opened read-only and
+are never written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moecompose.build.card import model_card
+from moecompose.build.recipes import produce
+from moecompose.errors import BuildError, MoeComposeError, SourceError
+from moecompose.plan.recipe import Plan, PlannedTensor, TensorRef
+from moecompose.sources.checkpoint import TOKENIZER_FILES, open_checkpoint
+from moecompose.sources.safetensors_io import CODES, SafetensorsWriter, TensorEntry
+
+Progress = Callable[[int, int, str], None]  # (bytes done, bytes total, tensor name)
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    path: Path
+    files: dict[str, str]  # file name -> sha256
+    bytes: int
+
+
+def build(plan: Plan, out: str | Path, *, force: bool = False, progress: Progress | None = None) -> BuildResult:
+    """Write ``plan``'s artifact to ``out``; refuses an existing ``out`` unless ``force``."""
+    out = Path(out).resolve()
+    check_target(plan, out, force)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        files = _write_artifact(plan, tmp, progress)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise BuildError(f"cannot write {out}: {exc.strerror or exc}") from None
+        raise
+    return BuildResult(out, files, sum(t.numel for t in plan.tensors))
+
+
+def check_target(plan: Plan, out: Path, force: bool) -> None:
+    """Refuse an output that overlaps a source, exists (without ``force``), or is not ours."""
+    out = Path(out).resolve()
+    for name, src in plan.sources.items():
+        source = Path(src["path"]).resolve()
+        if out == source or source.is_relative_to(out) or out.is_relative_to(source):
+            raise BuildError(
+                f"output {out} overlaps source '{name}' ({source})",
+                hint="choose an output folder outside the sources",
+            )
+    if out.exists() and not force:
+        raise BuildError(f"output {out} already exists", hint="pass --force to replace it")
+    if out.exists() and not (out / "plan.json").is_file() and any(out.iterdir()):
+        raise BuildError(
+            f"output {out} exists and is not a moecompose artifact",
+            hint="refusing to replace it even with --force; choose another folder",
+        )
+
+
+def _shards(plan: Plan, max_bytes: int) -> list[list[PlannedTensor]]:
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for tensor in plan.tensors:
+        nbytes = tensor.numel * (4 if tensor.dtype == "float32" else 2)
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(tensor)
+        size += nbytes
+    return shards
+
+
+def _write_artifact(plan: Plan, tmp: Path, progress: Progress | None) -> dict[str, str]:
+    entries: dict[str, dict[str, TensorEntry]] = {}
+    for name, src in plan.sources.items():
+        ckpt = open_checkpoint(name, Path(src["path"]))
+        if ckpt.fingerprint != src["fingerprint"]:
+            raise SourceError(
+                f"source '{name}' changed since the plan was made", hint="plan the spec again"
+            )
+        entries[name] = ckpt.tensors
+
+    def lookup(ref: TensorRef) -> TensorEntry:
+        return entries[ref.source][ref.tensor]
+
+    shards = _shards(plan, int(plan.spec["output"]["max_shard_size"]))
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    )
+    total = sum(t.numel * (4 if t.dtype == "float32" else 2) for t in plan.tensors)
+    done = 0
+    files: dict[str, str] = {}
+    for file_name, shard in zip(names, shards):
+        writer = SafetensorsWriter(
+            tmp / file_name, [(t.name, CODES[t.dtype], t.shape) for t in shard]
+        )
+        try:
+            for tensor in shard:
+                for chunk in produce(tensor, lookup):
+                    writer.write(tensor.name, chunk)
+                    done += chunk.numel() * chunk.element_size()
+                if progress is not None:
+                    progress(done, total, tensor.name)
+        except MoeComposeError:
+            writer.abort()
+            raise
+        except Exception as exc:
+            writer.abort()
+            raise BuildError(f"failed to compute tensor '{tensor.name}': {exc}") from None
+        files[file_name] = writer.close()
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {t.name: f for f, shard in zip(names, shards) for t in shard},
+        }
+        files["model.safetensors.index.json"] = _write_text(
+            tmp / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n"
+        )
+
+    files["config.json"] = _write_text(tmp / "config.json", json.dumps(plan.config, indent=2) + "\n")
+    files["plan.json"] = _write_text(tmp / "plan.json", plan.to_json())
+    files["spec.yaml"] = _write_text(
+        tmp / "spec.yaml", yaml.safe_dump(plan.spec, sort_keys=False, default_flow_style=None, width=100)
+    )
+    if plan.tokenizer_source is not None:
+        source_dir = Path(plan.sources[plan.tokenizer_source]["path"])
+        for file in TOKENIZER_FILES:
+            if (source_dir / file).is_file():
+                shutil.copyfile(source_dir / file, tmp / file)
+                files[file] = _sha256_file(tmp / file)
+    files["README.md"] = _write_text(tmp / "README.md", model_card(plan))
+    manifest = _manifest(plan, files)
+    _write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    return files
+
+
+def _write_text(path: Path, text: str) -> str:
+    data = text.encode("utf-8")
+    path.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for package in ("moecompose", "torch", "safetensors", "pydantic"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = "unknown"
+    return out
+
+
+def _manifest(plan: Plan, files: dict[str, str]) -> dict[str, Any]:
+    sources = {}
+    for name, src in plan.sources.items():
+        folder = Path(src["path"])
+        weights = sorted(p.name for p in folder.glob("*.safetensors"))
+        sources[name] = {
+            "path": src["path"],
+            "fingerprint": src["fingerprint"],
+            "files": {w: _sha256_file(folder / w) for w in weights},
+        }
+    return {
+        "moecompose_manifest": 1,
+        "versions": _versions(),
+        "plan_digest": plan.digest(),
+        "format": plan.format,
+        "sources": sources,
+        "files": dict(sorted(files.items())),
+    }

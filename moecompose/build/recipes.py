@@ -1,0 +1,110 @@
+"""Recipe execution: turn one planned tensor into its bytes, a chunk at a time.
+
+Elementwise recipes (copy, mean, weighted) work on row ranges of their inputs, so even
+the embedding matrix never sits in memory whole; expert parts of a ``stack`` are
+produced one expert at a time. Arithmetic is float32; the result is cast to the output
+dtype. A copy whose dtype does not change is bit-exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+
+from moecompose.plan.recipe import PlannedTensor, Recipe, TensorRef
+from moecompose.sources.safetensors_io import TensorEntry, read_tensor
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CHUNK_BYTES = 16 * 1024 * 1024
+
+Lookup = Callable[[TensorRef], TensorEntry]
+
+
+def produce(tensor: PlannedTensor, lookup: Lookup) -> Iterator[torch.Tensor]:
+    """Yield consecutive chunks whose concatenation (row-major) is ``tensor``."""
+    dtype = TORCH_DTYPES[tensor.dtype]
+    yield from _produce(tensor.recipe, tensor.shape, dtype, lookup)
+
+
+def _produce(
+    recipe: Recipe, shape: tuple[int, ...], dtype: torch.dtype, lookup: Lookup
+) -> Iterator[torch.Tensor]:
+    if recipe.op == "stack":
+        for part in recipe.parts:
+            yield from _produce(part, shape[1:], dtype, lookup)
+        return
+    if recipe.op == "init":
+        yield _init(recipe, shape, dtype)
+        return
+    if recipe.op == "drop":
+        yield _drop(recipe, lookup).to(dtype)
+        return
+    entries = [lookup(ref) for ref in recipe.inputs]
+    for entry in entries:
+        if entry.shape != shape:
+            raise ValueError(f"{entry.file}: tensor has shape {entry.shape}, plan expects {shape}")
+    rows = shape[0] if shape else 1
+    row_bytes = max(1, 4 * (entries[0].numel // max(rows, 1)))
+    step = max(1, CHUNK_BYTES // row_bytes)
+    for a in range(0, rows, step):
+        span = (a, min(rows, a + step)) if shape else None
+        yield _elementwise(recipe, entries, span, dtype)
+
+
+def _elementwise(
+    recipe: Recipe, entries: list[TensorEntry], span: tuple[int, int] | None, dtype: torch.dtype
+) -> torch.Tensor:
+    if recipe.op == "copy":
+        x = read_tensor(entries[0], span)
+        scale = recipe.args.get("scale")
+        if scale is not None and scale != 1.0:
+            return (x.to(torch.float32) * scale).to(dtype)
+        return x.to(dtype)
+    if recipe.op in ("mean", "weighted"):
+        weights = recipe.args.get("weights") or [None] * len(entries)
+        acc: torch.Tensor | None = None
+        for entry, w in zip(entries, weights):
+            x = read_tensor(entry, span).to(torch.float32)
+            if w is not None:
+                x.mul_(w)
+            acc = x if acc is None else acc.add_(x)
+        assert acc is not None
+        if recipe.op == "mean":
+            acc.div_(len(entries))
+        return acc.to(dtype)
+    raise ValueError(f"unknown recipe op '{recipe.op}'")
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(int(seed))
+
+
+def _init(recipe: Recipe, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    if recipe.args["init"] == "zeros":
+        return torch.zeros(shape, dtype=dtype)
+    values = torch.randn(shape, generator=_generator(recipe.args["seed"]), dtype=torch.float32)
+    return (values * recipe.args["std"]).to(dtype)
+
+
+def drop_indices(n: int, rate: float, seed: int) -> torch.Tensor:
+    """The neurons Drop-Upcycling re-initialises: ``round(rate * n)`` of ``n``, sorted."""
+    count = round(rate * n)
+    return torch.randperm(n, generator=_generator(seed))[:count].sort().values
+
+
+def _drop(recipe: Recipe, lookup: Lookup) -> torch.Tensor:
+    """Copy with a fraction of neurons redrawn from N(mean, std) of the replaced values.
+
+    The same neurons (``neuron_seed`` is shared by one expert's gate, up and down) are
+    rows of gate/up (``dim=0``) and columns of down (``dim=1``): Nakamura et al. 2025.
+    """
+    x = read_tensor(lookup(recipe.inputs[0])).to(torch.float32)
+    dim = recipe.args["dim"]
+    idx = drop_indices(x.shape[dim], recipe.args["rate"], recipe.args["neuron_seed"])
+    if idx.numel() == 0:
+        return x
+    old = x.index_select(dim, idx)
+    std = old.std() if old.numel() > 1 else torch.tensor(0.0)
+    new = torch.randn(old.shape, generator=_generator(recipe.args["value_seed"]))
+    return x.index_copy_(dim, idx, new * std + old.mean())

@@ -1,0 +1,123 @@
+"""The ``moecompose`` command. Exit status: 0 success, 2 user error, 1 internal failure."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+from moecompose import api
+from moecompose.build.executor import check_target
+from moecompose.errors import MoeComposeError
+from moecompose.report import human, print_plan
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+class _Group(click.Group):
+    """Turns every user error into one line on stderr and exit status 2."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except MoeComposeError as exc:
+            err.print(f"[bold red]error:[/bold red] {exc.format()}", soft_wrap=True, markup=True)
+            sys.exit(2)
+
+
+SPEC = click.argument("spec", type=click.Path(path_type=Path, dir_okay=False))
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="moecompose")
+def main() -> None:
+    """Compile dense Hugging Face checkpoints into Mixture-of-Experts models.
+
+    A mix spec (YAML) names the dense sources, which layers become MoE, the experts and
+    the router. `validate` checks it against the sources' metadata, `plan` shows the
+    recipe of every output tensor with parameter and FLOP totals, `build` writes the
+    model. See docs/spec.md for the format.
+    """
+
+
+@main.command()
+@SPEC
+def validate(spec: Path) -> None:
+    """Check SPEC and its sources (metadata only, no weights are read)."""
+    resolved = api.validate(spec)
+    moe = len(resolved.moe_layers)
+    out.print(
+        f"[green]ok[/green] {spec}: {len(resolved.sources)} source(s), {resolved.family.name}, "
+        f"{moe}/{len(resolved.layers)} MoE layers"
+    )
+    for warning in resolved.warnings:
+        out.print(f"[yellow]warning:[/yellow] {warning}")
+
+
+@main.command()
+@SPEC
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (the form saved as plan.json).")
+@click.option("--tensors", is_flag=True, help="Also list every output tensor with its recipe.")
+def plan(spec: Path, as_json: bool, tensors: bool) -> None:
+    """Print the upcycling plan of SPEC: per-layer table, totals, the normalised spec."""
+    the_plan = api.plan(spec)
+    if as_json:
+        click.echo(the_plan.to_json(), nl=False)
+    else:
+        print_plan(the_plan, out, tensors=tensors)
+
+
+@main.command()
+@SPEC
+@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="Artifact folder to write (must not exist unless --force).")
+@click.option("--force", is_flag=True, help="Replace an existing artifact at OUTPUT.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the result line.")
+def build(spec: Path, output: Path, force: bool, quiet: bool) -> None:
+    """Plan SPEC, print the plan, and build the model into OUTPUT.
+
+    The build streams tensor by tensor into a temporary folder that is renamed to
+    OUTPUT when complete; a failed build leaves nothing behind.
+    """
+    the_plan = api.plan(spec)
+    check_target(the_plan, output, force)
+    if not quiet:
+        print_plan(the_plan, out)
+    with Progress(
+        TextColumn("[bold]building[/bold]"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+        TextColumn("{task.description}"), console=err, transient=True, disable=quiet,
+    ) as bar:
+        task = bar.add_task("", total=None)
+
+        def progress(done: int, total: int, name: str) -> None:
+            bar.update(task, completed=done, total=total, description=name)
+
+        result = api.build(the_plan, output, force=force, progress=progress)
+    out.print(f"[green]built[/green] {result.path} ({the_plan.format}, {human(the_plan.totals.bytes)}B)")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--verify", is_flag=True, help="Re-hash every file against manifest.json.")
+def inspect(artifact: Path, verify: bool) -> None:
+    """Describe a built ARTIFACT: its plan, format and files."""
+    from moecompose.inspect import inspect_artifact
+
+    inspect_artifact(artifact, out, verify=verify)
+
+
+@main.command()
+def schema() -> None:
+    """Print the JSON Schema of the YAML spec format (for editor completion)."""
+    from moecompose.spec.schema import Spec
+
+    click.echo(json.dumps(Spec.model_json_schema(by_alias=True), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+import torch
+def compile_model(model, **kw):
+    return torch.compile(model, fullgraph=True, **kw)

@@ -1,0 +1,424 @@
+"""The native model configuration: the `config.json` of a built artifact, as typed values.
+
+`ModelConfig.from_dict` checks every field the model code reads and fails with a message
+naming the field; `to_dict` writes the same JSON back. See `docs/artifact-format.md`.
+
+Layer descriptors are parsed through small registries (`FFN_KINDS`, `ROUTER_KINDS`), so a
+new FFN or router kind is one parser plus one module, and a kind this version does not
+know fails here, at load time, with its name in the message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+FORMAT_VERSION = 1
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+BLOCKS = ("sequential", "parallel")
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def _check_keys(d: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(d) - allowed)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; expected a subset of {sorted(allowed)}")
+
+
+def _require(d: Mapping[str, Any], key: str, where: str) -> Any:
+    if key not in d:
+        raise ValueError(f"{where}: missing required key '{key}'")
+    return d[key]
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _non_negative_float(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+    return float(value)
+
+
+def _bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- routers
+
+
+@dataclass(frozen=True)
+class TopKRouterSpec:
+    """Token-choice top-k over a softmax of all experts (Mixtral, Switch)."""
+
+    k: int
+    normalize: bool = True
+    kind: ClassVar[str] = "topk"
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str) -> TopKRouterSpec:
+        _check_keys(d, {"kind", "k", "normalize"}, where)
+        k = _positive_int(_require(d, "k", where), f"{where}.k")
+        return cls(k=k, normalize=_bool(d.get("normalize", True), f"{where}.normalize"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "k": self.k, "normalize": self.normalize}
+
+
+RouterSpec = TopKRouterSpec
+
+ROUTER_KINDS: dict[str, Callable[[Mapping[str, Any], str], RouterSpec]] = {
+    TopKRouterSpec.kind: TopKRouterSpec.from_dict,
+}
+
+
+def parse_router(d: Mapping[str, Any], where: str) -> RouterSpec:
+    kind = _require(d, "kind", where)
+    if kind not in ROUTER_KINDS:
+        raise ValueError(
+            f"{where}: router kind '{kind}' is not supported by this version "
+            f"(supported: {sorted(ROUTER_KINDS)})"
+        )
+    return ROUTER_KINDS[kind](d, where)
+
+
+# --------------------------------------------------------------------------- FFN parts
+
+
+@dataclass(frozen=True)
+class SharedExpertSpec:
+    """An always-on FFN added to the routed output, optionally scaled by `sigmoid(x @ g.T)`."""
+
+    intermediate_size: int
+    gate: bool = False
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str) -> SharedExpertSpec:
+        _check_keys(d, {"intermediate_size", "gate"}, where)
+        size = _positive_int(_require(d, "intermediate_size", where), f"{where}.intermediate_size")
+        return cls(intermediate_size=size, gate=_bool(d.get("gate", False), f"{where}.gate"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"intermediate_size": self.intermediate_size, "gate": self.gate}
+
+
+@dataclass(frozen=True)
+class AuxLossSpec:
+    """Coefficients of the load-balance (Switch) and router z-loss (ST-MoE) terms."""
+
+    load_balance: float = 0.0
+    z_loss: float = 0.0
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None, where: str) -> AuxLossSpec:
+        if d is None:
+            return cls()
+        _check_keys(d, {"load_balance", "z_loss"}, where)
+        return cls(
+            load_balance=_non_negative_float(d.get("load_balance", 0.0), f"{where}.load_balance"),
+            z_loss=_non_negative_float(d.get("z_loss", 0.0), f"{where}.z_loss"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"load_balance": self.load_balance, "z_loss": self.z_loss}
+
+
+@dataclass(frozen=True)
+class DenseFFNSpec:
+    """The source's SwiGLU FFN, of the model's `intermediate_size`."""
+
+    kind: ClassVar[str] = "dense"
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str) -> DenseFFNSpec:
+        _check_keys(d, {"kind"}, where)
+        return cls()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind}
+
+
+@dataclass(frozen=True)
+class MoEFFNSpec:
+    """A routed mixture of SwiGLU experts, with an optional shared expert."""
+
+    num_experts: int
+    intermediate_size: int
+    router: RouterSpec
+    shared_expert: SharedExpertSpec | None = None
+    aux_loss: AuxLossSpec = field(default_factory=AuxLossSpec)
+    kind: ClassVar[str] = "moe"
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str) -> MoEFFNSpec:
+        _check_keys(
+            d,
+            {"kind", "num_experts", "intermediate_size", "router", "shared_expert", "aux_loss"},
+            where,
+        )
+        num_experts = _positive_int(_require(d, "num_experts", where), f"{where}.num_experts")
+        size = _positive_int(_require(d, "intermediate_size", where), f"{where}.intermediate_size")
+        router = parse_router(_require(d, "router", where), f"{where}.router")
+        if isinstance(router, TopKRouterSpec) and router.k > num_experts:
+            raise ValueError(f"{where}.router.k = {router.k} exceeds num_experts = {num_experts}")
+        shared = d.get("shared_expert")
+        return cls(
+            num_experts=num_experts,
+            intermediate_size=size,
+            router=router,
+            shared_expert=None if shared is None else SharedExpertSpec.from_dict(shared, f"{where}.shared_expert"),
+            aux_loss=AuxLossSpec.from_dict(d.get("aux_loss"), f"{where}.aux_loss"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "num_experts": self.num_experts,
+            "intermediate_size": self.intermediate_size,
+            "router": self.router.to_dict(),
+            "shared_expert": None if self.shared_expert is None else self.shared_expert.to_dict(),
+            "aux_loss": self.aux_loss.to_dict(),
+        }
+
+
+FFNSpec = DenseFFNSpec | MoEFFNSpec
+
+FFN_KINDS: dict[str, Callable[[Mapping[str, Any], str], FFNSpec]] = {
+    DenseFFNSpec.kind: DenseFFNSpec.from_dict,
+    MoEFFNSpec.kind: MoEFFNSpec.from_dict,
+}
+
+
+def parse_ffn(d: Mapping[str, Any], where: str) -> FFNSpec:
+    kind = _require(d, "kind", where)
+    if kind not in FFN_KINDS:
+        raise ValueError(
+            f"{where}: ffn kind '{kind}' is not supported by this version (supported: {sorted(FFN_KINDS)})"
+        )
+    return FFN_KINDS[kind](d, where)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What one decoder layer is made of. Attention is the source's attention."""
+
+    ffn: FFNSpec
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str) -> LayerSpec:
+        if "attention" in d:
+            raise ValueError(f"{where}: attention mixtures ('attention' key) are not supported by this version")
+        _check_keys(d, {"ffn"}, where)
+        return cls(ffn=parse_ffn(_require(d, "ffn", where), f"{where}.ffn"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ffn": self.ffn.to_dict()}
+
+
+# --------------------------------------------------------------------------- the model
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """HF `rope_scaling`: `linear` (factor) or `llama3` (factor, low/high_freq_factor, original length)."""
+
+    rope_type: str
+    factor: float
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    original_max_position_embeddings: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None, max_position_embeddings: int) -> RopeScaling | None:
+        if d is None:
+            return None
+        rope_type = d.get("rope_type", d.get("type"))
+        if rope_type == "default":
+            return None
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(
+                f"rope_scaling: rope_type {rope_type!r} is not supported by this version (supported: {list(ROPE_TYPES)})"
+            )
+        factor = _non_negative_float(_require(d, "factor", "rope_scaling"), "rope_scaling.factor")
+        if rope_type == "linear":
+            return cls(rope_type=rope_type, factor=factor)
+        return cls(
+            rope_type=rope_type,
+            factor=factor,
+            low_freq_factor=float(_require(d, "low_freq_factor", "rope_scaling")),
+            high_freq_factor=float(_require(d, "high_freq_factor", "rope_scaling")),
+            original_max_position_embeddings=int(
+                d.get("original_max_position_embeddings", max_position_embeddings)
+            ),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+_MODEL_KEYS = {
+    "model_type", "architectures", "moecompose_format", "family", "vocab_size", "hidden_size",
+    "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "head_dim", "hidden_act", "rms_norm_eps", "rope_theta", "rope_scaling",
+    "max_position_embeddings", "tie_word_embeddings", "attention_bias", "block", "dtype",
+    "bos_token_id", "eos_token_id", "pad_token_id", "layers", "trainable",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The native `config.json` of a moecompose artifact (format version 1).
+
+    Keys the model code does not read (for example provenance written by the builder) are
+    kept in `extra` and written back unchanged by `to_dict`.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    layers: tuple[LayerSpec, ...]
+    family: str = "llama"
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    block: str = "sequential"
+    dtype: str = "float32"
+    bos_token_id: int | list[int] | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    trainable: tuple[str, ...] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
+        """Parse and check a native config dict; raises ValueError naming the offending field."""
+        version = d.get("moecompose_format", FORMAT_VERSION)
+        if version != FORMAT_VERSION:
+            raise ValueError(f"moecompose_format {version!r} is not supported by this version (expected {FORMAT_VERSION})")
+        model_type = d.get("model_type", "moecompose")
+        if model_type != "moecompose":
+            raise ValueError(f"model_type {model_type!r} is not a native moecompose config; convert it first")
+
+        hidden = _positive_int(_require(d, "hidden_size", "config"), "hidden_size")
+        heads = _positive_int(_require(d, "num_attention_heads", "config"), "num_attention_heads")
+        kv_heads = _positive_int(d.get("num_key_value_heads", heads), "num_key_value_heads")
+        if heads % kv_heads:
+            raise ValueError(f"num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})")
+        head_dim = d.get("head_dim")
+        if head_dim is None:
+            if hidden % heads:
+                raise ValueError(f"hidden_size ({hidden}) is not divisible by num_attention_heads ({heads}); set head_dim")
+            head_dim = hidden // heads
+        head_dim = _positive_int(head_dim, "head_dim")
+        if head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {head_dim}")
+
+        raw_layers = _require(d, "layers", "config")
+        if not isinstance(raw_layers, list):
+            raise ValueError("layers must be a list with one entry per decoder layer")
+        layers = tuple(LayerSpec.from_dict(layer, f"layers[{i}]") for i, layer in enumerate(raw_layers))
+        declared = d.get("num_hidden_layers", len(layers))
+        if declared != len(layers):
+            raise ValueError(f"num_hidden_layers is {declared} but layers has {len(layers)} entries")
+
+        hidden_act = d.get("hidden_act", "silu")
+        if hidden_act != "silu":
+            raise ValueError(f"hidden_act {hidden_act!r} is not supported by this version (supported: ['silu'])")
+        block = d.get("block", "sequential")
+        if block not in BLOCKS:
+            raise ValueError(f"block {block!r} is not supported by this version (supported: {list(BLOCKS)})")
+        dtype = d.get("dtype", "float32")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not supported (supported: {list(DTYPES)})")
+        trainable = d.get("trainable")
+        if trainable is not None:
+            if not isinstance(trainable, list) or not all(isinstance(n, str) for n in trainable):
+                raise ValueError("trainable must be null or a list of tensor names")
+            trainable = tuple(trainable)
+
+        max_pos = _positive_int(d.get("max_position_embeddings", 2048), "max_position_embeddings")
+        return cls(
+            vocab_size=_positive_int(_require(d, "vocab_size", "config"), "vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=_positive_int(_require(d, "intermediate_size", "config"), "intermediate_size"),
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            layers=layers,
+            family=d.get("family", "llama"),
+            hidden_act=hidden_act,
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
+            rope_theta=float(d.get("rope_theta", 10000.0)),
+            rope_scaling=RopeScaling.from_dict(d.get("rope_scaling"), max_pos),
+            max_position_embeddings=max_pos,
+            tie_word_embeddings=_bool(d.get("tie_word_embeddings", False), "tie_word_embeddings"),
+            attention_bias=_bool(d.get("attention_bias", False), "attention_bias"),
+            block=block,
+            dtype=dtype,
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=d.get("eos_token_id"),
+            pad_token_id=d.get("pad_token_id"),
+            trainable=trainable,
+            extra={k: v for k, v in d.items() if k not in _MODEL_KEYS},
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The native `config.json` content; `from_dict(to_dict())` gives back an equal config."""
+        return {
+            "model_type": "moecompose",
+            "architectures": ["MoECausalLM"],
+            "moecompose_format": FORMAT_VERSION,
+            "family": self.family,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": self.hidden_act,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": None if self.rope_scaling is None else self.rope_scaling.to_dict(),
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.attention_bias,
+            "block": self.block,
+            "dtype": self.dtype,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "layers": [layer.to_dict() for layer in self.layers],
+            "trainable": None if self.trainable is None else list(self.trainable),
+            **self.extra,
+        }

@@ -1,0 +1,173 @@
+"""Mixture-of-Experts FFN: router, grouped experts, shared expert, auxiliary losses.
+
+Shapes: `T` tokens, `d` model width, `E` experts, `f` expert width, `k` experts per token.
+The tensor names follow `docs/artifact-format.md`: `router.weight` [E, d],
+`experts.{gate,up}_proj` [E, f, d], `experts.down_proj` [E, d, f],
+`shared_expert.{gate,up,down}_proj.weight`, `shared_expert_gate.weight` [1, d].
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moecompose.model.config import MoEFFNSpec, RouterSpec, TopKRouterSpec
+from moecompose.model.grouped_swiglu import grouped_swiglu
+from moecompose.model.parts import SwiGLU
+
+Dispatch = Literal["grouped", "loop"]
+DISPATCHES: tuple[Dispatch, ...] = ("grouped", "loop")
+
+
+class Routing(NamedTuple):
+    """weights [T, k] (fp32), indices [T, k] (int64), logits [T, E] (fp32)."""
+
+    weights: Tensor
+    indices: Tensor
+    logits: Tensor
+
+
+class TopKRouter(nn.Module):
+    """Softmax over all E experts in fp32, keep the top k, optionally renormalise over them."""
+
+    def __init__(self, dim: int, num_experts: int, k: int, normalize: bool = True) -> None:
+        super().__init__()
+        self.k = k
+        self.normalize = normalize
+        self.weight = nn.Parameter(torch.empty(num_experts, dim))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def forward(self, x: Tensor) -> Routing:
+        """x: [T, d] -> Routing."""
+        logits = F.linear(x.float(), self.weight.float())  # [T, E]
+        probs = logits.softmax(dim=-1)
+        weights, indices = probs.topk(self.k, dim=-1)  # [T, k]
+        if self.normalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return Routing(weights, indices, logits)
+
+
+ROUTERS: dict[str, Callable[[int, int, RouterSpec], nn.Module]] = {
+    TopKRouterSpec.kind: lambda dim, E, spec: TopKRouter(dim, E, spec.k, spec.normalize),
+}
+
+
+def expert_counts(indices: Tensor, num_experts: int) -> Tensor:
+    """Assignments per expert: indices [T, k] -> counts [E] (int64), with a static shape."""
+    flat = indices.reshape(-1)
+    return flat.new_zeros(num_experts).scatter_add_(0, flat, torch.ones_like(flat))
+
+
+def load_balance_loss(logits: Tensor, counts: Tensor) -> Tensor:
+    """Switch Transformer balance loss `E * sum_i f_i * P_i`.
+
+    `f_i` is the fraction of token-to-expert assignments that went to expert i (from
+    `counts` [E], not differentiable), `P_i` the mean router probability of i over the
+    T tokens (logits [T, E]). Equals 1 under perfectly uniform routing.
+    """
+    E = logits.shape[-1]
+    fraction = counts.float() / counts.sum().clamp(min=1)  # [E]
+    mean_prob = logits.softmax(dim=-1).mean(dim=0)  # [E]
+    return E * (fraction * mean_prob).sum()
+
+
+def router_z_loss(logits: Tensor) -> Tensor:
+    """ST-MoE router z-loss `mean_t logsumexp(logits_t)^2`; logits [T, E]."""
+    return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+def swiglu_loop(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
+    """One expert's SwiGLU: x [n, d], gate/up [f, d], down [d, f] -> [n, d]."""
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts with stacked weights, applied to each token's k chosen experts.
+
+    `dispatch="grouped"` sorts the T*k token slots by expert and runs one grouped GEMM op
+    (`grouped_swiglu`); it traces into a single graph with `torch.compile`.
+    `dispatch="loop"` is the reference: Hugging Face's Mixtral loop over experts with
+    `one_hot` / `where` (data-dependent shapes, so it breaks compiled graphs).
+    """
+
+    def __init__(self, num_experts: int, dim: int, hidden: int, dispatch: Dispatch = "grouped") -> None:
+        super().__init__()
+        if dispatch not in DISPATCHES:
+            raise ValueError(f"dispatch must be one of {DISPATCHES}, got {dispatch!r}")
+        self.num_experts = num_experts
+        self.dispatch = dispatch
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.up_proj = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        for w in (self.gate_proj, self.up_proj, self.down_proj):
+            bound = 1 / math.sqrt(w.shape[-1])
+            nn.init.uniform_(w, -bound, bound)
+
+    def forward(self, x: Tensor, weights: Tensor, indices: Tensor, counts: Tensor) -> Tensor:
+        """x [T, d], weights [T, k] (x's dtype), indices [T, k], counts [E] -> [T, d]."""
+        if self.dispatch == "loop":
+            return self._loop(x, weights, indices)
+        k = indices.shape[1]
+        order = indices.reshape(-1).argsort(stable=True)  # [T*k] slots sorted by expert
+        token = order // k  # [T*k]
+        xs = x.index_select(0, token)  # [T*k, d]
+        ys = grouped_swiglu(xs, counts, self.gate_proj, self.up_proj, self.down_proj)  # [T*k, d]
+        ys = ys * weights.reshape(-1, 1).index_select(0, order)
+        return x.new_zeros(x.shape).index_add(0, token, ys)  # [T, d]
+
+    def _loop(self, x: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
+        out = torch.zeros_like(x)  # [T, d]
+        mask = F.one_hot(indices, self.num_experts).permute(2, 1, 0)  # [E, k, T]
+        for e in range(self.num_experts):
+            slot, token = torch.where(mask[e])
+            y = swiglu_loop(x[token], self.gate_proj[e], self.up_proj[e], self.down_proj[e])
+            out.index_add_(0, token, y * weights[token, slot, None])
+        return out
+
+
+class MoEFFN(nn.Module):
+    """Routed experts plus an optional shared expert, `sigmoid`-gated when configured.
+
+    forward returns the output and this layer's weighted auxiliary loss
+    (`load_balance * L_lb + z_loss * L_z`, a fp32 scalar, zero when both are off).
+    """
+
+    def __init__(self, dim: int, spec: MoEFFNSpec, dispatch: Dispatch = "grouped") -> None:
+        super().__init__()
+        self.num_experts = spec.num_experts
+        self.lb_coef = spec.aux_loss.load_balance
+        self.z_coef = spec.aux_loss.z_loss
+        self.router = ROUTERS[spec.router.kind](dim, spec.num_experts, spec.router)
+        self.experts = GroupedExperts(spec.num_experts, dim, spec.intermediate_size, dispatch)
+        shared = spec.shared_expert
+        self.shared_expert = None if shared is None else SwiGLU(dim, shared.intermediate_size)
+        self.shared_expert_gate = (
+            nn.Linear(dim, 1, bias=False) if shared is not None and shared.gate else None
+        )
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x [..., d] -> (y [..., d], aux loss [])."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [T, d]
+        weights, indices, logits = self.router(x)  # [T, k], [T, k], [T, E]
+        counts = expert_counts(indices, self.num_experts)  # [E]
+        y = self.experts(x, weights.to(x.dtype), indices, counts)  # [T, d]
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                shared = shared * torch.sigmoid(self.shared_expert_gate(x))  # [T, d] * [T, 1]
+            y = y + shared
+        return y.reshape(shape), self.aux_loss(logits, counts)
+
+    def aux_loss(self, logits: Tensor, counts: Tensor) -> Tensor:
+        loss = logits.new_zeros(())
+        if self.lb_coef:
+            loss = loss + self.lb_coef * load_balance_loss(logits, counts)
+        if self.z_coef:
+            loss = loss + self.z_coef * router_z_loss(logits)
+        return loss

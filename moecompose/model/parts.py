@@ -1,0 +1,134 @@
+"""Dense building blocks, numerically the same as Hugging Face's Llama / Qwen2 modules."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moecompose.model.config import RopeScaling
+
+
+class RMSNorm(nn.Module):
+    """`w * x / rms(x)`, computed in fp32 and cast back before the weight, as HF Llama does."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inverse_frequencies(
+    head_dim: int, theta: float, scaling: RopeScaling | None = None
+) -> Tensor:
+    """Inverse frequencies `[head_dim // 2]` with HF's `default`, `linear` and `llama3` rules."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    if scaling.rope_type == "llama3":
+        assert scaling.low_freq_factor is not None and scaling.high_freq_factor is not None
+        assert scaling.original_max_position_embeddings is not None
+        old_len = scaling.original_max_position_embeddings
+        low_freq_wavelen = old_len / scaling.low_freq_factor
+        high_freq_wavelen = old_len / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+        smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+        is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+        return torch.where(is_medium, smoothed, scaled)
+    raise ValueError(f"rope_type {scaling.rope_type!r} is not supported by this version")
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables `[S, head_dim]` for positions `[S]`, computed in fp32 on the fly."""
+
+    def __init__(self, head_dim: int, theta: float, scaling: RopeScaling | None = None) -> None:
+        super().__init__()
+        inv_freq = rope_inverse_frequencies(head_dim, theta, scaling)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        freqs = positions[..., None].float() * self.inv_freq  # [..., S, dh/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [..., S, dh]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: [B, h, S, dh]; cos, sin: [S, dh] or [B, 1, S, dh]."""
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention with rotary positions (Llama; Qwen2 adds q/k/v bias)."""
+
+    def __init__(
+        self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, bias: bool = False
+    ) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads
+        self.head_dim = head_dim
+        self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=False)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None
+    ) -> Tensor:
+        """x: [B, S, d]; cos, sin: rotary tables; mask: None (causal) or bool [B, 1, S, S]."""
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # [B, h, S, dh]
+        k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        gqa = self.n_heads != self.n_kv_heads
+        if mask is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        o = o.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)  # [B, S, h*dh]
+        return self.o_proj(o)
+
+
+class SwiGLU(nn.Module):
+    """`down(silu(gate(x)) * up(x))`: the Llama FFN, also used as a shared expert."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def padding_mask(attention_mask: Tensor) -> Tensor:
+    """Causal mask that also hides padded keys: bool [B, 1, S, S] from `attention_mask` [B, S].
+
+    A padded query still sees itself, so no row is empty; its output is never meaningful.
+    """
+    S = attention_mask.shape[-1]
+    pos = torch.arange(S, device=attention_mask.device)
+    causal = pos[None, :] <= pos[:, None]  # [S, S]
+    keep = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, S]
+    return (causal & keep) | torch.eye(S, dtype=torch.bool, device=attention_mask.device)

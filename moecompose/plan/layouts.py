@@ -1,0 +1,197 @@
+"""Output formats as data: how each one names MoE tensors, what it can express, and its
+config.json. ``native`` expresses everything; Hugging Face formats only some models."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from moecompose.sources.checkpoint import ArchFacts
+
+# The few native names that differ from the sources' Llama names (docs/artifact-format.md).
+NATIVE_MOE = {
+    "router": "model.layers.{i}.mlp.router.weight",
+    "experts_gate": "model.layers.{i}.mlp.experts.gate_proj",
+    "experts_up": "model.layers.{i}.mlp.experts.up_proj",
+    "experts_down": "model.layers.{i}.mlp.experts.down_proj",
+    "shared_gate_proj": "model.layers.{i}.mlp.shared_expert.gate_proj.weight",
+    "shared_up_proj": "model.layers.{i}.mlp.shared_expert.up_proj.weight",
+    "shared_down_proj": "model.layers.{i}.mlp.shared_expert.down_proj.weight",
+    "shared_expert_gate": "model.layers.{i}.mlp.shared_expert_gate.weight",
+}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one output format stores an MoE layer.
+
+    ``stacked``: experts as one ``[E, ...]`` tensor per projection (names without ``{j}``);
+    otherwise one tensor per expert (names with ``{j}``).
+    """
+
+    name: str
+    stacked: bool
+    router: str
+    expert: dict[str, str]  # gate / up / down -> name
+    shared: dict[str, str]  # gate / up / down -> name
+    shared_expert_gate: str | None  # the shared expert is gated by sigmoid(x . g)
+
+
+LAYOUTS: dict[str, Layout] = {
+    "native": Layout(
+        "native",
+        stacked=True,
+        router=NATIVE_MOE["router"],
+        expert={"gate": NATIVE_MOE["experts_gate"], "up": NATIVE_MOE["experts_up"],
+                "down": NATIVE_MOE["experts_down"]},
+        shared={"gate": NATIVE_MOE["shared_gate_proj"], "up": NATIVE_MOE["shared_up_proj"],
+                "down": NATIVE_MOE["shared_down_proj"]},
+        shared_expert_gate=None,
+    ),
+    "mixtral": Layout(
+        "mixtral",
+        stacked=False,
+        router="model.layers.{i}.block_sparse_moe.gate.weight",
+        expert={"gate": "model.layers.{i}.block_sparse_moe.experts.{j}.w1.weight",
+                "up": "model.layers.{i}.block_sparse_moe.experts.{j}.w3.weight",
+                "down": "model.layers.{i}.block_sparse_moe.experts.{j}.w2.weight"},
+        shared={},
+        shared_expert_gate=None,
+    ),
+    "qwen2_moe": Layout(
+        "qwen2_moe",
+        stacked=False,
+        router="model.layers.{i}.mlp.gate.weight",
+        expert={"gate": "model.layers.{i}.mlp.experts.{j}.gate_proj.weight",
+                "up": "model.layers.{i}.mlp.experts.{j}.up_proj.weight",
+                "down": "model.layers.{i}.mlp.experts.{j}.down_proj.weight"},
+        shared={"gate": "model.layers.{i}.mlp.shared_expert.gate_proj.weight",
+                "up": "model.layers.{i}.mlp.shared_expert.up_proj.weight",
+                "down": "model.layers.{i}.mlp.shared_expert.down_proj.weight"},
+        shared_expert_gate="model.layers.{i}.mlp.shared_expert_gate.weight",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class MoEShape:
+    """What a format needs to know about the model's MoE layers."""
+
+    moe_layers: tuple[int, ...]
+    dense_layers: tuple[int, ...]
+    num_experts: frozenset[int]
+    top_k: frozenset[int]
+    normalize: frozenset[bool]
+    shared: frozenset[bool]  # per MoE layer: has a shared expert
+    load_balance: float
+    z_loss: float
+
+
+def blockers(fmt: str, arch: ArchFacts, moe: MoEShape) -> list[str]:
+    """Why ``fmt`` cannot express the model exactly; empty when it can."""
+    if fmt == "native":
+        return []
+    out: list[str] = []
+    if not moe.moe_layers:
+        out.append("no layer is MoE")
+    if len(moe.num_experts) > 1:
+        out.append("MoE layers have different expert counts")
+    if len(moe.top_k) > 1:
+        out.append("MoE layers have different k")
+    if fmt == "mixtral":
+        if moe.dense_layers:
+            out.append(f"layers {_ranges(moe.dense_layers)} stay dense (Mixtral makes every layer MoE)")
+        if True in moe.shared:
+            out.append("a shared expert (Mixtral has none)")
+        if False in moe.normalize:
+            out.append("router.normalize: false (Mixtral renormalises the top-k weights)")
+        if arch.attention_bias:
+            out.append("q/k/v biases (Mixtral attention has none)")
+    elif fmt == "qwen2_moe":
+        if False in moe.shared:
+            out.append("MoE layers without a shared expert (Qwen2-MoE always has one)")
+        if len(moe.normalize) > 1:
+            out.append("MoE layers differ in router.normalize")
+    return out
+
+
+def _ranges(indices: tuple[int, ...]) -> str:
+    parts, start = [], None
+    for i, x in enumerate(indices):
+        if start is None:
+            start = x
+        if i + 1 == len(indices) or indices[i + 1] != x + 1:
+            parts.append(str(start) if start == x else f"{start}-{x}")
+            start = None
+    return ", ".join(parts)
+
+
+def _common(arch: ArchFacts, dtype: str) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "vocab_size": arch.vocab_size,
+        "hidden_size": arch.hidden_size,
+        "num_hidden_layers": arch.num_hidden_layers,
+        "num_attention_heads": arch.num_attention_heads,
+        "num_key_value_heads": arch.num_key_value_heads,
+        "head_dim": arch.head_dim,
+        "hidden_act": arch.hidden_act,
+        "rms_norm_eps": arch.rms_norm_eps,
+        "rope_theta": arch.rope_theta,
+        "rope_scaling": arch.rope_scaling,
+        "max_position_embeddings": arch.max_position_embeddings,
+        "tie_word_embeddings": arch.tie_word_embeddings,
+        "initializer_range": arch.initializer_range,
+        "bos_token_id": arch.bos_token_id,
+        "eos_token_id": arch.eos_token_id,
+        "pad_token_id": arch.pad_token_id,
+        "dtype": dtype,
+    }
+    return out
+
+
+def hf_config(
+    fmt: str, arch: ArchFacts, dtype: str, moe: MoEShape, native: dict[str, Any]
+) -> dict[str, Any]:
+    """config.json for ``fmt``. Hugging Face configs carry the native one under
+    ``moecompose`` so that ``moecompose.load`` restores what HF has no field for."""
+    if fmt == "native":
+        return native
+    cfg = _common(arch, dtype)
+    (experts,) = moe.num_experts
+    (k,) = moe.top_k
+    ffn_width = native["layers"][moe.moe_layers[0]]["ffn"]["intermediate_size"]
+    if fmt == "mixtral":
+        cfg = {
+            "architectures": ["MixtralForCausalLM"],
+            "model_type": "mixtral",
+            **cfg,
+            "intermediate_size": ffn_width,
+            "num_local_experts": experts,
+            "num_experts_per_tok": k,
+            "sliding_window": arch.sliding_window,
+            "router_aux_loss_coef": moe.load_balance,
+            "output_router_logits": False,
+        }
+    else:
+        cfg = {
+            "architectures": ["Qwen2MoeForCausalLM"],
+            "model_type": "qwen2_moe",
+            **cfg,
+            "intermediate_size": native["intermediate_size"],
+            "moe_intermediate_size": ffn_width,
+            "shared_expert_intermediate_size": native["layers"][moe.moe_layers[0]]["ffn"][
+                "shared_expert"
+            ]["intermediate_size"],
+            "num_experts": experts,
+            "num_experts_per_tok": k,
+            "norm_topk_prob": next(iter(moe.normalize)),
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": list(moe.dense_layers),
+            "qkv_bias": arch.attention_bias,
+            "use_sliding_window": arch.sliding_window is not None,
+            "sliding_window": arch.sliding_window,
+            "router_aux_loss_coef": moe.load_balance,
+            "output_router_logits": False,
+        }
+    cfg["moecompose"] = native
+    return cfg

@@ -1,0 +1,305 @@
+"""Stage 3: ``Resolved -> Plan``, a pure function. One recipe per output tensor."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from moecompose.errors import SpecError
+from moecompose.plan.layouts import LAYOUTS, NATIVE_MOE, Layout, MoEShape, blockers, hf_config
+from moecompose.plan.recipe import Plan, PlannedTensor, Recipe, TensorRef, Totals
+from moecompose.resolve import FFNMixture, Resolved
+from moecompose.sources.families import Family
+
+ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+FLOPS_CONTEXT = 2048
+PROJECTIONS = ("gate", "up", "down")
+FFN_ROLE = {"gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down"}
+
+
+def derive_seed(seed: int, *keys: object) -> int:
+    """A 63-bit seed for one random draw, stable across runs, platforms and Python versions."""
+    text = "/".join(str(k) for k in (seed, *keys))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def moe_shape(resolved: Resolved) -> MoEShape:
+    moe = [layer for layer in resolved.layers if layer.ffn is not None]
+    mixtures = [layer.ffn for layer in moe if layer.ffn is not None]
+    return MoEShape(
+        moe_layers=tuple(layer.index for layer in moe),
+        dense_layers=tuple(layer.index for layer in resolved.layers if layer.ffn is None),
+        num_experts=frozenset(len(m.experts) for m in mixtures),
+        top_k=frozenset(m.router.k for m in mixtures),
+        normalize=frozenset(m.router.normalize for m in mixtures),
+        shared=frozenset(m.shared is not None for m in mixtures),
+        load_balance=max((m.aux_loss.load_balance for m in mixtures), default=0.0),
+        z_loss=max((m.aux_loss.z_loss for m in mixtures), default=0.0),
+    )
+
+
+def choose_format(resolved: Resolved, shape: MoEShape) -> tuple[str, str]:
+    """(format, why) for the spec's ``output.format``; an impossible request is an error."""
+    asked = resolved.spec.output.format
+    if asked != "auto":
+        why_not = blockers(asked, resolved.arch, shape)
+        if why_not:
+            raise SpecError(
+                f"format '{asked}' cannot express this model: {'; '.join(why_not)}",
+                location=resolved.spec.origin.locate(("output", "format")),
+                hint="use format: native, or auto to pick the best format that fits",
+            )
+        return asked, "asked for in the spec"
+    reasons = []
+    for fmt in ("mixtral", "qwen2_moe"):
+        why_not = blockers(fmt, resolved.arch, shape)
+        if not why_not:
+            return fmt, f"auto: the model is expressible as {fmt}"
+        reasons.append(f"not {fmt}: {why_not[0]}")
+    return "native", "auto: " + "; ".join(reasons)
+
+
+class _Planner:
+    def __init__(self, resolved: Resolved, fmt: str) -> None:
+        self.r = resolved
+        self.fmt = fmt
+        self.layout: Layout = LAYOUTS[fmt]
+        self.family: Family = resolved.family
+        self.seed = resolved.spec.seed
+        self.dtype = resolved.dtype
+        self.tensors: list[PlannedTensor] = []
+        self.rows: list[dict[str, Any]] = []
+
+    # -- helpers
+    def add(self, name: str, shape: tuple[int, ...], recipe: Recipe, group: str,
+            layer: int | None = None, active: float = 1.0) -> None:
+        train = self.r.train
+        trainable = train is None or group in train
+        self.tensors.append(
+            PlannedTensor(name, shape, self.dtype, recipe, trainable, group, layer, active)
+        )
+
+    def source_shape(self, tensor: str) -> tuple[int, ...]:
+        first = next(iter(self.r.sources.values()))
+        return first.tensors[tensor].shape
+
+    def merged(self, role: str, layer: int | None = None) -> Recipe:
+        tensor = self.family.tensor(role, layer)
+        weights = self.r.merge_weights
+        inputs = tuple(TensorRef(src, tensor) for src in weights)
+        if len(inputs) == 1:
+            return Recipe("copy", inputs)
+        if len(set(weights.values())) == 1:
+            return Recipe("mean", inputs)
+        return Recipe("weighted", inputs, {"weights": list(weights.values())})
+
+    def add_merged(self, role: str, group: str, layer: int | None = None) -> None:
+        tensor = self.family.tensor(role, layer)
+        self.add(tensor, self.source_shape(tensor), self.merged(role, layer), group, layer)
+
+    # -- the model
+    def run(self) -> None:
+        arch = self.r.arch
+        self.add_merged("embed", "embeddings")
+        for layer in self.r.layers:
+            i = layer.index
+            self.add_merged("attn_norm", "norms", i)
+            for role in ("q", "k", "v", "o"):
+                self.add_merged(role, "attention", i)
+            if arch.attention_bias:
+                for role in ("q_bias", "k_bias", "v_bias"):
+                    self.add_merged(role, "attention", i)
+            self.add_merged("ffn_norm", "norms", i)
+            if layer.ffn is None:
+                for p in PROJECTIONS:
+                    self.add_merged(FFN_ROLE[p], "ffn", i)
+                self.rows.append({"layer": i, "ffn": "dense", "merge": self.merged("ffn_up", i).summary()})
+            else:
+                self.moe(i, layer.ffn)
+        self.add_merged("final_norm", "norms")
+        if not arch.tie_word_embeddings:
+            self.add_merged("lm_head", "embeddings")
+
+    def expert_recipe(self, mix: FFNMixture, i: int, j: int, proj: str) -> Recipe:
+        expert = mix.experts[j]
+        ref = TensorRef(expert.source, self.family.tensor(FFN_ROLE[proj], i))
+        if expert.drop == 0.0:
+            return Recipe("copy", (ref,))
+        return Recipe(
+            "drop",
+            (ref,),
+            {
+                "rate": expert.drop,
+                "dim": 1 if proj == "down" else 0,
+                "neuron_seed": derive_seed(self.seed, "drop", i, j),
+                "value_seed": derive_seed(self.seed, "drop-values", i, j, proj),
+            },
+        )
+
+    def moe(self, i: int, mix: FFNMixture) -> None:
+        d = self.r.arch.hidden_size
+        n = len(mix.experts)
+        k = mix.router.k
+        router_name = self.layout.router.format(i=i)
+        if mix.router.init == "zeros":
+            router = Recipe("init", args={"init": "zeros"})
+        else:
+            router = Recipe(
+                "init",
+                args={"init": "normal", "std": mix.router.init_std,
+                      "seed": derive_seed(self.seed, "router", i)},
+            )
+        self.add(router_name, (n, d), router, "router", i)
+        for proj in PROJECTIONS:
+            shape = self.source_shape(self.family.tensor(FFN_ROLE[proj], i))
+            recipes = [self.expert_recipe(mix, i, j, proj) for j in range(n)]
+            if self.layout.stacked:
+                name = self.layout.expert[proj].format(i=i)
+                self.add(name, (n, *shape), Recipe("stack", parts=tuple(recipes)), "experts", i, k / n)
+            else:
+                for j, recipe in enumerate(recipes):
+                    self.add(self.layout.expert[proj].format(i=i, j=j), shape, recipe, "experts", i, k / n)
+        if mix.shared is not None:
+            gated = self.layout.shared_expert_gate is not None
+            for proj in PROJECTIONS:
+                tensor = self.family.tensor(FFN_ROLE[proj], i)
+                # A gated shared expert (Qwen2-MoE) starts at sigmoid(0) = 1/2: doubling its
+                # down-projection keeps the built model exactly function-preserving.
+                args = {"scale": 2.0} if gated and proj == "down" else {}
+                self.add(self.layout.shared[proj].format(i=i), self.source_shape(tensor),
+                         Recipe("copy", (TensorRef(mix.shared, tensor),), args), "shared", i)
+            if gated:
+                assert self.layout.shared_expert_gate is not None
+                self.add(self.layout.shared_expert_gate.format(i=i), (1, d),
+                         Recipe("init", args={"init": "zeros"}), "shared", i)
+        sources = [e.source for e in mix.experts]
+        self.rows.append({
+            "layer": i,
+            "ffn": "moe",
+            "experts": _compact(sources),
+            "drop": max(e.drop for e in mix.experts),
+            "router": f"topk k={k}" + ("" if mix.router.normalize else " unnormalised"),
+            "shared": mix.shared,
+            "rule": mix.rule,
+        })
+
+    # -- config and totals
+    def native_config(self) -> dict[str, Any]:
+        arch = self.r.arch
+        layers: list[dict[str, Any]] = []
+        for layer in self.r.layers:
+            mix = layer.ffn
+            if mix is None:
+                layers.append({"ffn": {"kind": "dense"}})
+                continue
+            shared = None
+            if mix.shared is not None:
+                shared = {
+                    "intermediate_size": arch.intermediate_size,
+                    "gate": self.layout.shared_expert_gate is not None,
+                }
+            layers.append({"ffn": {
+                "kind": "moe",
+                "num_experts": len(mix.experts),
+                "intermediate_size": arch.intermediate_size,
+                "router": {"kind": "topk", "k": mix.router.k, "normalize": mix.router.normalize},
+                "shared_expert": shared,
+                "aux_loss": {"load_balance": mix.aux_loss.load_balance,
+                             "z_loss": mix.aux_loss.z_loss},
+            }})
+        trainable = None
+        if self.r.train is not None:
+            trainable = [t.name for t in self.tensors if t.trainable]
+        return {
+            "model_type": "moecompose",
+            "architectures": ["MoECausalLM"],
+            "moecompose_format": 1,
+            "family": self.family.name,
+            "vocab_size": arch.vocab_size,
+            "hidden_size": arch.hidden_size,
+            "intermediate_size": arch.intermediate_size,
+            "num_hidden_layers": arch.num_hidden_layers,
+            "num_attention_heads": arch.num_attention_heads,
+            "num_key_value_heads": arch.num_key_value_heads,
+            "head_dim": arch.head_dim,
+            "hidden_act": arch.hidden_act,
+            "rms_norm_eps": arch.rms_norm_eps,
+            "rope_theta": arch.rope_theta,
+            "rope_scaling": arch.rope_scaling,
+            "max_position_embeddings": arch.max_position_embeddings,
+            "sliding_window": arch.sliding_window,
+            "tie_word_embeddings": arch.tie_word_embeddings,
+            "attention_bias": arch.attention_bias,
+            "block": "sequential",
+            "dtype": self.dtype,
+            "bos_token_id": arch.bos_token_id,
+            "eos_token_id": arch.eos_token_id,
+            "pad_token_id": arch.pad_token_id,
+            "layers": layers,
+            "trainable": trainable,
+        }
+
+    def totals(self) -> Totals:
+        arch = self.r.arch
+        params = sum(t.numel for t in self.tensors)
+        active = round(sum(t.numel * t.active for t in self.tensors))
+        trainable = sum(t.numel for t in self.tensors if t.trainable)
+        matmul = sum(
+            t.numel * t.active for t in self.tensors
+            if len(t.shape) >= 2 and t.group != "embeddings"
+        )
+        head = arch.vocab_size * arch.hidden_size  # lm_head (tied or not); the lookup is free
+        ctx = min(FLOPS_CONTEXT, arch.max_position_embeddings)
+        attention = 4 * arch.num_hidden_layers * arch.num_attention_heads * arch.head_dim * (ctx + 1) / 2
+        flops = round(2 * (matmul + head) + attention)
+        nbytes = sum(t.numel * ITEMSIZE[t.dtype] for t in self.tensors)
+        return Totals(params, active, trainable, flops, ctx, nbytes)
+
+
+def _compact(names: list[str]) -> str:
+    if len(set(names)) == 1 and len(names) > 1:
+        return f"{len(names)} x {names[0]}"
+    return ", ".join(names)
+
+
+def normalised_spec(resolved: Resolved) -> dict[str, Any]:
+    """The spec as built: defaults written out, resolved choices (name, dtype) filled in."""
+    data = resolved.spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+    data["name"] = resolved.name
+    data["sources"] = {name: str(ckpt.path) for name, ckpt in resolved.sources.items()}
+    data["block"] = resolved.spec.block or "sequential"
+    data["train"] = data.get("train") or ["all"]
+    data["output"]["dtype"] = resolved.dtype
+    order = [field.alias or name for name, field in type(resolved.spec).model_fields.items()]
+    return {key: data[key] for key in order if key in data}
+
+
+def plan(resolved: Resolved) -> Plan:
+    """The upcycling plan: every output tensor's recipe, the output config, and totals."""
+    shape = moe_shape(resolved)
+    fmt, why = choose_format(resolved, shape)
+    planner = _Planner(resolved, fmt)
+    planner.run()
+    native = planner.native_config()
+    config = hf_config(fmt, resolved.arch, resolved.dtype, shape, native)
+    if fmt != "native" and native["trainable"] is not None:
+        # Trainability is recorded under HF names too; the loader reads it from here.
+        config["moecompose"]["trainable"] = native["trainable"]
+    first = next(iter(resolved.sources.values()))
+    return Plan(
+        name=resolved.name,
+        format=fmt,
+        format_reason=why,
+        dtype=resolved.dtype,
+        config=config,
+        tensors=tuple(planner.tensors),
+        sources={
+            name: {"path": str(ckpt.path), "fingerprint": ckpt.fingerprint}
+            for name, ckpt in resolved.sources.items()
+        },
+        tokenizer_source=first.name if first.tokenizer else None,
+        spec=normalised_spec(resolved),
+        totals=planner.totals(),
+        layers=tuple(planner.rows),
+        warnings=tuple(resolved.warnings),
+    )

@@ -1,0 +1,188 @@
+"""The plan's data: one recipe per output tensor, and totals. Plain values, no tensors.
+
+Recipe ops (``Recipe.op``):
+
+* ``copy``      one input, optionally times ``scale``
+* ``mean``      uniform mean of the inputs (computed in float32)
+* ``weighted``  ``sum_i weights[i] * inputs[i]`` (float32)
+* ``stack``     ``parts`` (each a recipe) stacked along a new first dimension
+* ``init``      ``init: normal`` with ``std`` and ``seed``, or ``init: zeros``
+* ``drop``      copy of one input whose neurons ``drop_rows``/``drop_cols`` (chosen by
+                ``neuron_seed``, fraction ``rate``) are redrawn from N(mean, std) of the
+                replaced values (Drop-Upcycling)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    source: str
+    tensor: str
+
+
+@dataclass(frozen=True)
+class Recipe:
+    op: str
+    inputs: tuple[TensorRef, ...] = ()
+    args: dict[str, Any] = field(default_factory=dict)
+    parts: tuple[Recipe, ...] = ()
+
+    def to_data(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"op": self.op}
+        if self.inputs:
+            out["inputs"] = [f"{r.source}:{r.tensor}" for r in self.inputs]
+        out.update(self.args)
+        if self.parts:
+            out["parts"] = [p.to_data() for p in self.parts]
+        return out
+
+    @classmethod
+    def from_data(cls, data: dict[str, Any]) -> Recipe:
+        data = dict(data)
+        op = data.pop("op")
+        inputs = tuple(TensorRef(*s.split(":", 1)) for s in data.pop("inputs", []))
+        parts = tuple(cls.from_data(p) for p in data.pop("parts", []))
+        return cls(op, inputs, data, parts)
+
+    def summary(self) -> str:
+        """A short human description, e.g. ``mean(seed, code, law)``."""
+        if self.op == "stack":
+            inner = [p.summary() for p in self.parts]
+            if len(set(inner)) == 1:
+                return f"stack({len(inner)} x {inner[0]})"
+            return f"stack({', '.join(inner)})"
+        if self.op == "init":
+            return "zeros" if self.args.get("init") == "zeros" else f"normal(std={self.args['std']:g})"
+        names = ", ".join(r.source for r in self.inputs)
+        if self.op == "copy":
+            scale = self.args.get("scale")
+            return f"{names}" + (f" x {scale:g}" if scale not in (None, 1.0) else "")
+        if self.op == "drop":
+            return f"drop({names}, {self.args['rate']:g})"
+        if self.op == "weighted":
+            ws = ", ".join(f"{w:.3g}*{r.source}" for w, r in zip(self.args["weights"], self.inputs))
+            return f"weighted({ws})"
+        return f"{self.op}({names})"
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    recipe: Recipe
+    trainable: bool
+    group: str  # embeddings | norms | attention | ffn | router | experts | shared
+    layer: int | None = None
+    active: float = 1.0  # fraction of this tensor's parameters used per token
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    def to_data(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "recipe": self.recipe.to_data(),
+            "trainable": self.trainable,
+            "group": self.group,
+            "layer": self.layer,
+            "active": self.active,
+        }
+
+    @classmethod
+    def from_data(cls, data: dict[str, Any]) -> PlannedTensor:
+        return cls(
+            name=data["name"],
+            shape=tuple(data["shape"]),
+            dtype=data["dtype"],
+            recipe=Recipe.from_data(data["recipe"]),
+            trainable=data["trainable"],
+            group=data["group"],
+            layer=data.get("layer"),
+            active=data.get("active", 1.0),
+        )
+
+
+@dataclass(frozen=True)
+class Totals:
+    params: int
+    active_params: int
+    trainable_params: int
+    flops_per_token: int
+    flops_context: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything the build needs, and nothing it has to look up elsewhere."""
+
+    name: str
+    format: str
+    format_reason: str
+    dtype: str
+    config: dict[str, Any]
+    tensors: tuple[PlannedTensor, ...]
+    sources: dict[str, dict[str, str]]  # name -> {path, fingerprint}
+    tokenizer_source: str | None
+    spec: dict[str, Any]
+    totals: Totals
+    layers: tuple[dict[str, Any], ...]  # per-layer summary rows
+    warnings: tuple[str, ...] = ()
+
+    def to_data(self) -> dict[str, Any]:
+        return {
+            "moecompose_plan": 1,
+            "name": self.name,
+            "format": self.format,
+            "format_reason": self.format_reason,
+            "dtype": self.dtype,
+            "totals": asdict(self.totals),
+            "layers": list(self.layers),
+            "sources": self.sources,
+            "tokenizer_source": self.tokenizer_source,
+            "warnings": list(self.warnings),
+            "config": self.config,
+            "spec": self.spec,
+            "tensors": [t.to_data() for t in self.tensors],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_data(), indent=1, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_data(cls, data: dict[str, Any]) -> Plan:
+        return cls(
+            name=data["name"],
+            format=data["format"],
+            format_reason=data["format_reason"],
+            dtype=data["dtype"],
+            config=data["config"],
+            tensors=tuple(PlannedTensor.from_data(t) for t in data["tensors"]),
+            sources=data["sources"],
+            tokenizer_source=data.get("tokenizer_source"),
+            spec=data["spec"],
+            totals=Totals(**data["totals"]),
+            layers=tuple(data["layers"]),
+            warnings=tuple(data.get("warnings", ())),
+        )
+
+    def digest(self) -> str:
+        """A hash of what the plan builds (recipes, shapes, config), independent of paths."""
+        data = self.to_data()
+        data["sources"] = {
+            name: {k: v for k, v in src.items() if k != "path"} for name, src in self.sources.items()
+        }
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,252 @@
+"""Stage 2: a ``Spec`` plus the facts read from its sources' metadata.
+
+Every cross-check between the spec and the checkpoints happens here, before any weight
+is read: paths, families, widths, layer counts, vocabularies, tensor shapes, dtypes,
+tokenizers, layer selections. Errors point at the spec text that caused them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moecompose.errors import SourceError, SpecError
+from moecompose.sources.checkpoint import ArchFacts, Checkpoint, open_checkpoint
+from moecompose.sources.families import GLOBAL_ROLES, LAYER_ROLES, Family
+from moecompose.spec.check import check_spec
+from moecompose.spec.origin import DataPath
+from moecompose.spec.schema import (
+    AuxLoss,
+    CopyExperts,
+    LayerRange,
+    MergeFrom,
+    MergeWeights,
+    Spec,
+    TopKRouter,
+)
+
+
+@dataclass(frozen=True)
+class Expert:
+    """One FFN expert: the source whose FFN it copies, and its drop-upcycling rate."""
+
+    source: str
+    drop: float = 0.0
+
+
+@dataclass(frozen=True)
+class FFNMixture:
+    """The resolved FFN mixture of one layer."""
+
+    experts: tuple[Expert, ...]
+    shared: str | None
+    router: TopKRouter
+    aux_loss: AuxLoss
+    rule: int  # index of the spec's layer rule that set it
+
+
+@dataclass(frozen=True)
+class LayerPlanInput:
+    index: int
+    ffn: FFNMixture | None  # None: the layer stays dense
+
+
+@dataclass
+class Resolved:
+    spec: Spec
+    name: str
+    sources: dict[str, Checkpoint]
+    family: Family
+    arch: ArchFacts
+    layers: list[LayerPlanInput]
+    merge_weights: dict[str, float]  # normalised, sums to 1
+    dtype: str
+    train: frozenset[str] | None  # None: everything trainable
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def moe_layers(self) -> list[LayerPlanInput]:
+        return [layer for layer in self.layers if layer.ffn is not None]
+
+
+def resolve(spec: Spec) -> Resolved:
+    """Check ``spec`` against its sources' metadata and gather what planning needs."""
+    check_spec(spec)
+    origin = spec.origin
+    sources: dict[str, Checkpoint] = {}
+    for name, raw in spec.sources.items():
+        path = Path(raw).expanduser()
+        if not path.is_absolute():
+            path = origin.base_dir / path
+        try:
+            sources[name] = open_checkpoint(name, path.resolve())
+        except SourceError as exc:
+            exc.location = exc.location or origin.locate(("sources", name))
+            raise
+    first = next(iter(sources.values()))
+    _check_compatible(spec, sources)
+    _check_tensors(spec, sources)
+    warnings = _check_tokenizers(spec, sources)
+    arch = first.arch
+    dtype = _output_dtype(spec, sources)
+    layers = _layers(spec, arch.num_hidden_layers)
+    name = spec.name or (Path(origin.file).stem if origin.file else "moecompose-model")
+    return Resolved(
+        spec=spec,
+        name=name,
+        sources=sources,
+        family=first.family,
+        arch=arch,
+        layers=layers,
+        merge_weights=_merge_weights(spec),
+        dtype=dtype,
+        train=frozenset(spec.train) if spec.train is not None and "all" not in spec.train else None,
+        warnings=warnings,
+    )
+
+
+def _check_compatible(spec: Spec, sources: dict[str, Checkpoint]) -> None:
+    names = list(sources)
+    ref = sources[names[0]]
+    for name in names[1:]:
+        other = sources[name]
+        for fact in ArchFacts.COMPATIBILITY:
+            a, b = getattr(ref.arch, fact), getattr(other.arch, fact)
+            if a != b:
+                raise SourceError(
+                    f"sources '{ref.name}' and '{name}' differ in {fact}: {a!r} vs {b!r}",
+                    location=spec.origin.locate(("sources", name)),
+                    hint="all sources must share one architecture",
+                )
+
+
+def _check_tensors(spec: Spec, sources: dict[str, Checkpoint]) -> None:
+    for name, ckpt in sources.items():
+        arch, fam = ckpt.arch, ckpt.family
+        q_out = arch.num_attention_heads * arch.head_dim
+        kv_out = arch.num_key_value_heads * arch.head_dim
+        d, f, v = arch.hidden_size, arch.intermediate_size, arch.vocab_size
+        shapes = {
+            "embed": (v, d), "final_norm": (d,), "lm_head": (v, d),
+            "attn_norm": (d,), "ffn_norm": (d,), "q": (q_out, d), "k": (kv_out, d),
+            "v": (kv_out, d), "o": (d, q_out), "q_bias": (q_out,), "k_bias": (kv_out,),
+            "v_bias": (kv_out,), "ffn_gate": (f, d), "ffn_up": (f, d), "ffn_down": (d, f),
+        }
+        wanted: list[tuple[str, tuple[int, ...]]] = []
+        for role in GLOBAL_ROLES:
+            if role == "lm_head" and arch.tie_word_embeddings:
+                continue
+            wanted.append((fam.tensor(role), shapes[role]))
+        for i in range(arch.num_hidden_layers):
+            for role in LAYER_ROLES:
+                if role.endswith("_bias") and not arch.attention_bias:
+                    continue
+                wanted.append((fam.tensor(role, i), shapes[role]))
+        for tensor, shape in wanted:
+            entry = ckpt.tensors.get(tensor)
+            where = spec.origin.locate(("sources", name))
+            if entry is None:
+                raise SourceError(
+                    f"source '{name}' lacks tensor '{tensor}'", location=where,
+                    hint="the checkpoint is incomplete or not of its config's family",
+                )
+            if entry.shape != shape:
+                raise SourceError(
+                    f"source '{name}': tensor '{tensor}' has shape {list(entry.shape)}, "
+                    f"its config implies {list(shape)}",
+                    location=where,
+                )
+            if entry.dtype not in ("F32", "BF16", "F16"):
+                raise SourceError(
+                    f"source '{name}': tensor '{tensor}' has dtype {entry.dtype}",
+                    location=where, hint="only float32, bfloat16 and float16 weights can be merged",
+                )
+
+
+def _check_tokenizers(spec: Spec, sources: dict[str, Checkpoint]) -> list[str]:
+    names = list(sources)
+    ref = sources[names[0]]
+    for name in names[1:]:
+        other = sources[name]
+        for file in sorted(set(ref.tokenizer) | set(other.tokenizer)):
+            if ref.tokenizer.get(file) != other.tokenizer.get(file):
+                state = "differs" if file in ref.tokenizer and file in other.tokenizer else "is missing in one"
+                raise SourceError(
+                    f"tokenizers of '{ref.name}' and '{name}' differ: {file} {state}",
+                    location=spec.origin.locate(("sources", name)),
+                    hint="experts must share one tokenizer; copy the seed's tokenizer files",
+                )
+    if not ref.tokenizer:
+        return ["the sources carry no tokenizer files; the artifact will have none"]
+    return []
+
+
+def _output_dtype(spec: Spec, sources: dict[str, Checkpoint]) -> str:
+    if spec.output.dtype is not None:
+        return spec.output.dtype
+    dtypes = {name: ckpt.dtype for name, ckpt in sources.items()}
+    if len(set(dtypes.values())) > 1:
+        listed = ", ".join(f"{n}: {t}" for n, t in dtypes.items())
+        raise SpecError(
+            f"sources have different dtypes ({listed})",
+            location=spec.origin.locate(("sources",)),
+            hint="set output.dtype",
+        )
+    return next(iter(dtypes.values()))
+
+
+def _merge_weights(spec: Spec) -> dict[str, float]:
+    if isinstance(spec.merge, MergeFrom):
+        return {spec.merge.from_: 1.0}
+    if isinstance(spec.merge, MergeWeights):
+        total = sum(spec.merge.weights.values())
+        return {n: w / total for n, w in spec.merge.weights.items() if w > 0}
+    return {name: 1.0 / len(spec.sources) for name in spec.sources}
+
+
+def _selected(select: object, n_layers: int, at: DataPath, spec: Spec) -> list[int]:
+    if select == "all":
+        return list(range(n_layers))
+    if isinstance(select, LayerRange):
+        end = n_layers if select.to is None else select.to
+        if end > n_layers:
+            raise SpecError(
+                f"layer range ends at {end} but the sources have {n_layers} layers",
+                location=spec.origin.locate((*at, "to")),
+                hint=f"use to: {n_layers} or less (to is exclusive)",
+            )
+        if select.from_ >= n_layers:
+            raise SpecError(
+                f"layer range starts at {select.from_} but the sources have {n_layers} layers",
+                location=spec.origin.locate((*at, "from")),
+            )
+        return list(range(select.from_, end, select.every))
+    assert isinstance(select, list)
+    for j, index in enumerate(select):
+        if index >= n_layers:
+            raise SpecError(
+                f"layer {index} does not exist: the sources have {n_layers} layers (0-{n_layers - 1})",
+                location=spec.origin.locate((*at, j)),
+            )
+    if len(set(select)) != len(select):
+        raise SpecError("a layer is listed twice", location=spec.origin.locate(at))
+    return sorted(select)
+
+
+def _layers(spec: Spec, n_layers: int) -> list[LayerPlanInput]:
+    ffn: dict[int, FFNMixture] = {}
+    for r, rule in enumerate(spec.layers):
+        indices = _selected(rule.select, n_layers, ("layers", r, "select"), spec)
+        if rule.ffn is None:
+            continue
+        experts_spec = rule.ffn.experts
+        if isinstance(experts_spec, CopyExperts):
+            experts = tuple(Expert(experts_spec.copy_, experts_spec.drop) for _ in range(experts_spec.count))
+        else:
+            experts = tuple(Expert(name) for name in experts_spec)  # type: ignore[union-attr]
+        router = rule.ffn.router
+        assert isinstance(router, TopKRouter)  # check_spec refuses the others
+        mixture = FFNMixture(experts, rule.ffn.shared, router, rule.ffn.aux_loss, r)
+        for i in indices:
+            ffn[i] = mixture
+    return [LayerPlanInput(i, ffn.get(i)) for i in range(n_layers)]

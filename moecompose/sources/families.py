@@ -1,0 +1,67 @@
+"""Architecture families as data: which checkpoint tensor plays which role, and how to
+read a family's config. Adding a family is adding an entry to ``FAMILIES``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Roles of tensors outside the decoder layers.
+GLOBAL_ROLES = ("embed", "final_norm", "lm_head")
+# Roles inside decoder layer {i}; "*_bias" roles exist only when the family has qkv biases.
+LAYER_ROLES = (
+    "attn_norm", "ffn_norm", "q", "k", "v", "o", "q_bias", "k_bias", "v_bias",
+    "ffn_gate", "ffn_up", "ffn_down",
+)
+
+LLAMA_NAMES: dict[str, str] = {
+    "embed": "model.embed_tokens.weight",
+    "final_norm": "model.norm.weight",
+    "lm_head": "lm_head.weight",
+    "attn_norm": "model.layers.{i}.input_layernorm.weight",
+    "ffn_norm": "model.layers.{i}.post_attention_layernorm.weight",
+    "q": "model.layers.{i}.self_attn.q_proj.weight",
+    "k": "model.layers.{i}.self_attn.k_proj.weight",
+    "v": "model.layers.{i}.self_attn.v_proj.weight",
+    "o": "model.layers.{i}.self_attn.o_proj.weight",
+    "q_bias": "model.layers.{i}.self_attn.q_proj.bias",
+    "k_bias": "model.layers.{i}.self_attn.k_proj.bias",
+    "v_bias": "model.layers.{i}.self_attn.v_proj.bias",
+    "ffn_gate": "model.layers.{i}.mlp.gate_proj.weight",
+    "ffn_up": "model.layers.{i}.mlp.up_proj.weight",
+    "ffn_down": "model.layers.{i}.mlp.down_proj.weight",
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    """A family of dense decoder-only checkpoints with one tensor layout."""
+
+    name: str
+    model_types: tuple[str, ...]
+    names: dict[str, str]
+    # Config key saying whether q/k/v have biases, or a fixed answer for the family.
+    qkv_bias_key: str | None = "attention_bias"
+    qkv_bias_default: bool = False
+    # Config keys that must be off (name -> the value meaning "off").
+    must_be: dict[str, object] = field(default_factory=dict)
+
+    def tensor(self, role: str, layer: int | None = None) -> str:
+        name = self.names[role]
+        return name.format(i=layer) if layer is not None else name
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family(
+        "llama", ("llama",), LLAMA_NAMES, qkv_bias_key=None,
+        must_be={"mlp_bias": False, "attention_bias": False},
+    ),
+    "mistral": Family("mistral", ("mistral",), LLAMA_NAMES),
+    "qwen2": Family("qwen2", ("qwen2",), LLAMA_NAMES, qkv_bias_key=None, qkv_bias_default=True),
+}
+
+
+def family_for(model_type: str) -> Family | None:
+    for family in FAMILIES.values():
+        if model_type in family.model_types:
+            return family
+    return None

@@ -1,0 +1,196 @@
+"""Safetensors without loading: parse headers, read one tensor (or a row range) with
+``pread``, and write files whose header is known before any data is.
+
+Reading through ``pread`` instead of ``mmap`` keeps source pages out of the process's
+resident set, so a build's peak RSS is what it computes, not what it reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from moecompose.errors import SourceError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+CODES = {name: code for code, name in DTYPE_NAMES.items()}
+MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a safetensors file: where its bytes are (absolute file offsets)."""
+
+    file: str
+    dtype: str  # safetensors code: F32, BF16, ...
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def read_header(path: str | Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """Tensor entries and ``__metadata__`` of a safetensors file, validated against its size."""
+    path = str(path)
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise SourceError("not a safetensors file (shorter than 8 bytes)", hint=path)
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER or 8 + n > size:
+                raise SourceError(
+                    f"corrupted safetensors header in {path} (header length {n}, file {size} bytes)",
+                    hint="re-download or re-save the checkpoint",
+                )
+            raw = fh.read(n)
+    except OSError as exc:
+        raise SourceError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise SourceError(
+            f"corrupted safetensors header in {path} (not JSON)",
+            hint="re-download or re-save the checkpoint",
+        ) from None
+    if not isinstance(header, dict):
+        raise SourceError(f"corrupted safetensors header in {path}")
+    metadata = header.pop("__metadata__", None) or {}
+    base = 8 + n
+    entries: dict[str, TensorEntry] = {}
+    for name, info in header.items():
+        try:
+            dtype, shape = info["dtype"], tuple(int(s) for s in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise SourceError(f"corrupted safetensors header in {path}: entry '{name}'") from None
+        numel = 1
+        for s in shape:
+            numel *= s
+        if dtype not in ITEMSIZE or end - begin != numel * ITEMSIZE[dtype] or base + end > size:
+            raise SourceError(
+                f"tensor '{name}' in {path} is truncated or has inconsistent offsets",
+                hint="the file is corrupted; re-download or re-save the checkpoint",
+            )
+        entries[name] = TensorEntry(path, dtype, shape, base + begin, base + end)
+    return entries, metadata
+
+
+def read_tensor(entry: TensorEntry, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """The tensor (or rows ``[a, b)`` of its first dimension) as a fresh CPU tensor."""
+    shape = list(entry.shape)
+    start, end = entry.start, entry.end
+    if rows is not None:
+        a, b = rows
+        row_bytes = (end - start) // max(shape[0], 1)
+        start, end = start + a * row_bytes, start + b * row_bytes
+        shape[0] = b - a
+    buf = bytearray(end - start)
+    with open(entry.file, "rb", buffering=0) as fh:
+        view, got = memoryview(buf), 0
+        while got < len(buf):
+            n = os.preadv(fh.fileno(), [view[got:]], start + got)
+            if n <= 0:
+                raise SourceError(f"unexpected end of file reading {entry.file}")
+            got += n
+    if not buf:
+        return torch.empty(shape, dtype=DTYPES[entry.dtype])
+    return torch.frombuffer(buf, dtype=DTYPES[entry.dtype]).reshape(shape)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a contiguous CPU tensor, without a copy."""
+    flat = tensor.contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+class SafetensorsWriter:
+    """Writes one safetensors file whose tensor list is known up front.
+
+    The header (names, dtypes, shapes, offsets) is written first; then each tensor's bytes
+    are appended in header order, possibly in several chunks. Nothing is held in memory
+    beyond the chunk being written. A running sha256 of the file is kept.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        tensors: list[tuple[str, str, tuple[int, ...]]],
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
+        offset = 0
+        self._order: list[tuple[str, int]] = []
+        for name, dtype, shape in tensors:
+            nbytes = ITEMSIZE[dtype]
+            for s in shape:
+                nbytes *= s
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            self._order.append((name, nbytes))
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.path = path
+        self._fh: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self.sha256 = hashlib.sha256()
+        self._emit(struct.pack("<Q", len(raw)) + raw)
+        self._index = 0
+        self._left = self._order[0][1] if self._order else 0
+
+    def _emit(self, data: bytes | memoryview) -> None:
+        self._fh.write(data)
+        self.sha256.update(data)
+
+    def write(self, name: str, chunk: torch.Tensor) -> None:
+        """Append (part of) the bytes of tensor ``name``, which must be the current one."""
+        expected, _ = self._order[self._index]
+        if name != expected:
+            raise RuntimeError(f"writer expected tensor {expected}, got {name}")
+        data = tensor_bytes(chunk)
+        if len(data) > self._left:
+            raise RuntimeError(f"too many bytes for tensor {name}")
+        self._emit(data)
+        self._left -= len(data)
+        while self._left == 0 and self._index < len(self._order) - 1:
+            self._index += 1
+            self._left = self._order[self._index][1]
+
+    def close(self) -> str:
+        """Finish the file; returns its sha256 hex digest."""
+        if self._left != 0 or self._index != max(len(self._order) - 1, 0):
+            self._fh.close()
+            raise RuntimeError(f"{self.path}: tensors missing data")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        return self.sha256.hexdigest()
+
+    def abort(self) -> None:
+        self._fh.close()

@@ -1,0 +1,42 @@
+"""Spec front ends: text (YAML) -> the ``Spec`` IR, and back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from moecompose.errors import Location, SpecError
+from moecompose.spec.check import check_spec
+from moecompose.spec.origin import Origin
+from moecompose.spec.schema import Spec
+from moecompose.spec.yaml_front import parse_yaml
+
+__all__ = ["Origin", "Spec", "check_spec", "dump_yaml", "load_spec", "parse_spec"]
+
+
+def parse_spec(
+    text: str, *, file: str | None = None, base_dir: Path | None = None, check: bool = True
+) -> Spec:
+    """Parse spec text (YAML). With ``check``, also run the source-independent checks."""
+    spec = parse_yaml(text, file=file, base_dir=base_dir)
+    if check:
+        check_spec(spec)
+    return spec
+
+
+def load_spec(path: str | Path, *, check: bool = True) -> Spec:
+    """Read a spec file; relative source paths in it are taken from the file's folder."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError("spec file not found", location=Location(str(path))) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"cannot read spec file: {exc}", location=Location(str(path))) from None
+    return parse_spec(text, file=str(path), base_dir=path.parent, check=check)
+
+
+def dump_yaml(spec: Spec) -> str:
+    """The normalised YAML form: every default written out, keys in schema order."""
+    return yaml.safe_dump(spec.to_data(), sort_keys=False, default_flow_style=None, width=100)

@@ -1,0 +1,85 @@
+"""Checks a spec can pass without reading any source: names refer to sources, options
+fit together, and features this version cannot build yet are refused, never ignored."""
+
+from __future__ import annotations
+
+from moecompose.errors import SpecError, did_you_mean, one_of
+from moecompose.spec.origin import DataPath
+from moecompose.spec.schema import CopyExperts, FFNMix, MergeFrom, MergeWeights, Spec, TopKRouter
+
+NOT_YET = "is not supported by this version of moecompose"
+
+
+def check_spec(spec: Spec) -> None:
+    """Raise a located ``SpecError`` for the first problem found, in document order."""
+    problems: list[tuple[DataPath, str, str | None, bool]] = []
+
+    def bad(path: DataPath, message: str, hint: str | None = None, key: bool = False) -> None:
+        problems.append((path, message, hint, key))
+
+    def source(path: DataPath, name: str, role: str, key: bool = False) -> None:
+        if name not in spec.sources:
+            hint = did_you_mean(name, spec.sources) or f"sources are {one_of(spec.sources)}"
+            bad(path, f"{role} '{name}' is not a source", hint, key)
+
+    if isinstance(spec.merge, MergeFrom):
+        source(("merge", "from"), spec.merge.from_, "merge source")
+    elif isinstance(spec.merge, MergeWeights):
+        for name in spec.merge.weights:
+            source(("merge", "weights", name), name, "merge weight", key=True)
+
+    if spec.block == "parallel":
+        bad(("block",), f"block: parallel {NOT_YET} (it comes with attention experts)")
+    if spec.domains is not None:
+        bad(("domains",), f"'domains' {NOT_YET} (they come with the nexus router)", key=True)
+    if spec.embed_with is not None:
+        bad(("embed_with",), f"'embed_with' {NOT_YET}", key=True)
+
+    for i, rule in enumerate(spec.layers):
+        at: DataPath = ("layers", i)
+        if rule.attention is not None:
+            bad((*at, "attention"), f"attention experts {NOT_YET}", key=True)
+        if rule.ffn is not None:
+            _check_ffn(rule.ffn, (*at, "ffn"), source, bad)
+
+    if spec.train is not None:
+        if not spec.train:
+            bad(("train",), "'train' is empty", "omit it to train everything, or name groups")
+        for j, name in enumerate(spec.train):
+            if name == "adapters":
+                bad(("train", j), f"'adapters' {NOT_YET} (no adapter experts can be built yet)")
+
+    if problems:
+        origin = spec.origin
+        located = [(origin.locate(p, key=k), m, h) for p, m, h, k in problems]
+        located.sort(key=lambda t: (t[0].line or 0, t[0].column or 0))
+        location, message, hint = located[0]
+        raise SpecError(message, location=location, hint=hint)
+
+
+def _check_ffn(ffn: FFNMix, at: DataPath, source, bad) -> None:  # type: ignore[no-untyped-def]
+    experts = ffn.experts
+    if isinstance(experts, list):
+        if not experts:
+            bad((*at, "experts"), "'experts' is empty", "list at least one source")
+        for j, name in enumerate(experts):
+            source((*at, "experts", j), name, "expert")
+        count = len(experts)
+    elif isinstance(experts, CopyExperts):
+        source((*at, "experts", "copy"), experts.copy_, "expert source")
+        count = experts.count
+    else:
+        bad((*at, "experts", "adapters"), f"adapter experts {NOT_YET}", key=True)
+        count = experts.count
+    if ffn.shared is not None:
+        source((*at, "shared"), ffn.shared, "shared expert")
+
+    router = ffn.router
+    if not isinstance(router, TopKRouter):
+        bad((*at, "router", "kind"), f"router kind '{router.kind}' {NOT_YET}",
+            f"use {one_of(['topk'])}")
+        return
+    if router.k > count:
+        bad((*at, "router", "k"),
+            f"k = {router.k} but the layer has only {count} expert{'s' if count > 1 else ''}",
+            f"use k <= {count}")

@@ -1,0 +1,369 @@
+"""The mix spec, format version 1, as pydantic models: the one IR every front end produces.
+
+Field names, defaults and meanings follow docs/spec.md. Every model forbids unknown keys
+(with a did-you-mean hint) and is frozen, so a ``Spec`` is a value: compare it, hash its
+JSON, derive variants with :meth:`Spec.with_`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PrivateAttr,
+    Tag,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from moecompose.errors import did_you_mean, one_of
+from moecompose.spec.origin import Origin
+
+SourceName = Annotated[
+    str,
+    Field(
+        pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$",
+        description="A name from `sources`.",
+    ),
+]
+
+
+class Node(BaseModel):
+    """Base of every spec model: unknown keys are errors that suggest the closest key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            known = [f.alias or name for name, f in cls.model_fields.items()]
+            for key in data:
+                if key not in known and key not in cls.model_fields:
+                    hint = did_you_mean(key, known) or f"valid keys: {one_of(known)}"
+                    raise PydanticCustomError(
+                        "unknown_key", "unknown key '{key}' ({hint})", {"key": key, "hint": hint}
+                    )
+        return data
+
+
+# ---------------------------------------------------------------------------- layers
+
+
+class LayerRange(Node):
+    """Layers ``from, from+every, ...`` below ``to`` (exclusive)."""
+
+    from_: int = Field(0, alias="from", ge=0, description="First layer (inclusive).")
+    to: int | None = Field(
+        None, ge=1, description="End layer (exclusive); default: the number of layers."
+    )
+    every: int = Field(1, ge=1, description="Step between selected layers.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LayerRange:
+        if self.to is not None and self.to <= self.from_:
+            raise PydanticCustomError(
+                "empty_range",
+                "empty layer range: 'to' ({to}) must be greater than 'from' ({start})",
+                {"to": self.to, "start": self.from_},
+            )
+        return self
+
+
+def _select_tag(value: Any) -> str | None:
+    if value == "all":
+        return "select-all"
+    if isinstance(value, list):
+        return "select-list"
+    if isinstance(value, (dict, LayerRange)):
+        return "select-range"
+    return None
+
+
+Select = Annotated[
+    Union[
+        Annotated[Literal["all"], Tag("select-all")],
+        Annotated[list[Annotated[int, Field(ge=0)]], Tag("select-list")],
+        Annotated[LayerRange, Tag("select-range")],
+    ],
+    Discriminator(
+        _select_tag,
+        custom_error_type="invalid_select",
+        custom_error_message="expected 'all', a list of layer indices, or {from, to, every}",
+    ),
+]
+
+# --------------------------------------------------------------------------- experts
+
+
+class CopyExperts(Node):
+    """``count`` experts copied from one source's FFN (sparse upcycling)."""
+
+    copy_: SourceName = Field(alias="copy", description="Source whose FFN every expert copies.")
+    count: int = Field(ge=1, le=1024, description="Number of experts.")
+    drop: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Drop-upcycling: fraction of each expert's FFN neurons re-initialised "
+        "from N(mean, std) of the replaced values (0.5 in the paper; 0 = exact copies).",
+    )
+
+
+class AdapterExperts(Node):
+    """PESC: one shared FFN copied from ``adapters``; experts are bottleneck adapters."""
+
+    adapters: SourceName
+    count: int = Field(ge=1, le=1024)
+    bottleneck: int = Field(64, ge=1)
+    scale: float = 1.0
+
+
+def _experts_tag(value: Any) -> str | None:
+    if isinstance(value, list):
+        return "experts-list"
+    if isinstance(value, AdapterExperts) or (isinstance(value, dict) and "adapters" in value):
+        return "experts-adapters"
+    if isinstance(value, (dict, CopyExperts)):
+        return "experts-copy"
+    return None
+
+
+Experts = Annotated[
+    Union[
+        Annotated[list[SourceName], Tag("experts-list")],
+        Annotated[CopyExperts, Tag("experts-copy")],
+        Annotated[AdapterExperts, Tag("experts-adapters")],
+    ],
+    Discriminator(
+        _experts_tag,
+        custom_error_type="invalid_experts",
+        custom_error_message="expected a list of source names, {copy: SOURCE, count: N}, "
+        "or {adapters: SOURCE, count: N}",
+    ),
+]
+
+# --------------------------------------------------------------------------- routers
+
+
+class TopKRouter(Node):
+    """Token-choice top-k: softmax over all experts, keep the k best (Mixtral, BTX)."""
+
+    kind: Literal["topk"]
+    k: int = Field(2, ge=1, description="Experts per token.")
+    normalize: bool = Field(
+        True, description="Renormalise the k kept probabilities to sum to 1 (Mixtral)."
+    )
+    init: Literal["random", "zeros"] = Field(
+        "random", description="Router weights: N(0, init_std) seeded by `seed`, or zeros."
+    )
+    init_std: float = Field(0.02, gt=0.0, description="Std of the random router init.")
+
+
+class SoftRouter(Node):
+    """Soft routing: every expert runs, weighted by softmax(x @ W) (BAM attention)."""
+
+    kind: Literal["soft"]
+    init: Literal["random", "zeros"] = "random"
+    init_std: float = Field(0.02, gt=0.0)
+
+
+class NexusRouter(Node):
+    """Router projected from domain embeddings (Nexus)."""
+
+    kind: Literal["nexus"]
+    k: int = Field(1, ge=1)
+    normalize: bool = False
+
+
+class TokenMixingRouter(Node):
+    """Mixture of Tokens: tokens at one position of G sequences are mixed per expert."""
+
+    kind: Literal["token_mixing"]
+    group_size: int = Field(ge=1)
+    temperature: float = Field(1.0, gt=0.0)
+    learn_temperature: bool = False
+
+
+Router = Annotated[
+    Union[TopKRouter, SoftRouter, NexusRouter, TokenMixingRouter],
+    Field(discriminator="kind"),
+]
+ROUTER_KINDS = ("topk", "soft", "nexus", "token_mixing")
+
+
+class AuxLoss(Node):
+    """Auxiliary router losses, added to the LM loss, summed over MoE layers."""
+
+    load_balance: float = Field(0.01, ge=0.0, description="Switch load-balance coefficient.")
+    z_loss: float = Field(0.001, ge=0.0, description="ST-MoE router z-loss coefficient.")
+
+
+class FFNMix(Node):
+    """The FFN mixture of the selected layers."""
+
+    experts: Experts
+    shared: SourceName | None = Field(
+        None, description="Source whose FFN is an always-on shared expert."
+    )
+    router: Router = Field(default_factory=lambda: TopKRouter(kind="topk"))
+    aux_loss: AuxLoss = Field(default_factory=AuxLoss)
+
+
+class AttentionMix(Node):
+    """Mixture of attention (BAM): one attention expert per listed source."""
+
+    experts: list[SourceName]
+    share: list[Literal["k", "v"]] = Field(default_factory=list)
+    router: Router = Field(default_factory=lambda: SoftRouter(kind="soft"))
+
+
+class LayerRule(Node):
+    """Which layers become MoE and how; later rules override earlier ones, per part."""
+
+    select: Select
+    ffn: FFNMix | None = None
+    attention: AttentionMix | None = None
+
+    @model_validator(mode="after")
+    def _has_a_mixture(self) -> LayerRule:
+        if self.ffn is None and self.attention is None:
+            raise PydanticCustomError(
+                "empty_rule", "a layer rule needs 'ffn' or 'attention' (or both)"
+            )
+        return self
+
+
+# ----------------------------------------------------------------------------- merge
+
+
+class MergeFrom(Node):
+    """Take every non-expert tensor from one source."""
+
+    from_: SourceName = Field(alias="from")
+
+
+class MergeWeights(Node):
+    """Weighted mean of the sources' non-expert tensors (weights are normalised)."""
+
+    weights: dict[SourceName, Annotated[float, Field(ge=0.0)]]
+
+    @model_validator(mode="after")
+    def _positive(self) -> MergeWeights:
+        if not self.weights or sum(self.weights.values()) <= 0:
+            raise PydanticCustomError(
+                "zero_weights", "merge weights must name sources and sum to more than 0"
+            )
+        return self
+
+
+def _merge_tag(value: Any) -> str | None:
+    if value == "average":
+        return "merge-average"
+    if isinstance(value, MergeWeights) or (isinstance(value, dict) and "weights" in value):
+        return "merge-weights"
+    if isinstance(value, (dict, MergeFrom)):
+        return "merge-from"
+    return None
+
+
+Merge = Annotated[
+    Union[
+        Annotated[Literal["average"], Tag("merge-average")],
+        Annotated[MergeFrom, Tag("merge-from")],
+        Annotated[MergeWeights, Tag("merge-weights")],
+    ],
+    Discriminator(
+        _merge_tag,
+        custom_error_type="invalid_merge",
+        custom_error_message="expected 'average', {from: SOURCE} or {weights: {SOURCE: w}}",
+    ),
+]
+
+# ---------------------------------------------------------------------------- others
+
+
+class Domain(Node):
+    """A routed expert's domain: texts to embed, or a stored embedding vector."""
+
+    texts: str | None = None
+    embedding: str | None = None
+
+
+TrainName = Literal[
+    "all", "router", "experts", "adapters", "attention", "shared", "ffn", "embeddings", "norms"
+]
+TRAIN_NAMES: tuple[str, ...] = TrainName.__args__  # type: ignore[attr-defined]
+
+
+class Output(Node):
+    """What the build writes."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="Weights dtype; default: the sources' dtype."
+    )
+    format: Literal["auto", "native", "mixtral", "qwen2_moe"] = Field(
+        "auto",
+        description="auto: mixtral or qwen2_moe when the model is expressible as one, "
+        "else native.",
+    )
+    max_shard_size: ByteSize = Field(
+        ByteSize(2_000_000_000), description="Largest safetensors shard, e.g. 2GB or 500MB."
+    )
+
+
+class Spec(Node):
+    """A mix spec (format version 1)."""
+
+    moecompose: Literal[1] = Field(description="Format version.")
+    name: str | None = Field(None, description="Defaults to the file name.")
+    seed: int = Field(0, ge=0, description="Seeds every random initialisation.")
+    sources: dict[SourceName, str] = Field(
+        min_length=1, description="name -> dense Hugging Face checkpoint folder."
+    )
+    merge: Merge = Field("average", description="How non-expert tensors are merged.")
+    block: Literal["sequential", "parallel"] | None = Field(
+        None, description="Block form; default: the sources' (sequential for Llama)."
+    )
+    domains: dict[SourceName, Domain] | None = None
+    embed_with: SourceName | None = None
+    layers: list[LayerRule] = Field(default_factory=list)
+    train: list[TrainName] | None = Field(
+        None, description="Trainable tensor groups; default: all."
+    )
+    output: Output = Field(default_factory=Output)
+
+    _origin: Any = PrivateAttr(default=None)
+
+    @property
+    def origin(self) -> Origin:
+        """Where this spec was read from (an in-memory origin for specs made in Python)."""
+        if self._origin is None:
+            self._origin = Origin.in_memory()
+        return self._origin
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Spec):
+            return NotImplemented
+        return self.to_data() == other.to_data()
+
+    def __hash__(self) -> int:
+        return hash(repr(self.to_data()))
+
+    def to_data(self) -> dict[str, Any]:
+        """Plain JSON-able data, aliases as written in specs, every default filled in."""
+        return self.model_dump(mode="json", by_alias=True)
+
+    def with_(self, **changes: Any) -> Spec:
+        """A re-validated copy with top-level fields replaced (nested models or plain data)."""
+        data = self.to_data()
+        for key, value in changes.items():
+            data[key] = value.model_dump(mode="json", by_alias=True) if isinstance(
+                value, BaseModel
+            ) else value
+        return Spec.model_validate(data)
