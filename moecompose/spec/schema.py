@@ -7,6 +7,7 @@ JSON, derive variants with :meth:`Spec.with_`.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
@@ -359,11 +360,23 @@ class Spec(Node):
         """Plain JSON-able data, aliases as written in specs, every default filled in."""
         return self.model_dump(mode="json", by_alias=True)
 
-    def with_(self, **changes: Any) -> Spec:
-        """A re-validated copy with top-level fields replaced (nested models or plain data)."""
+    def with_(self, changes: dict[str, Any] | None = None, **fields: Any) -> Spec:
+        """A re-validated variant. Keys are field names or dotted paths into the spec:
+
+        >>> spec.with_({"layers[0].ffn.router.k": 1}, seed=3)
+
+        Values may be plain data or spec models. Relative source paths keep resolving
+        from the original spec's folder.
+        """
         data = self.to_data()
-        for key, value in changes.items():
-            data[key] = value.model_dump(mode="json", by_alias=True) if isinstance(
-                value, BaseModel
-            ) else value
-        return Spec.model_validate(data)
+        for key, value in {**(changes or {}), **fields}.items():
+            if isinstance(value, BaseModel):
+                value = value.model_dump(mode="json", by_alias=True)
+            steps = [int(p) if p.isdigit() else p for p in re.split(r"\.|\[|\]\.?", key) if p]
+            node: Any = data
+            for step in steps[:-1]:
+                node = node[step]
+            node[steps[-1]] = value
+        variant = Spec.model_validate(data)
+        variant._origin = self._origin
+        return variant

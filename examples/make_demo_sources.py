@@ -1,0 +1,34 @@
+"""Regenerate the bundled demo sources in specs/dense/ (tiny Llama checkpoints).
+
+`base`/`seed` is a randomly initialised dense model; `code` and `law` are branches of it
+(its weights plus seeded noise), standing in for domain experts trained from one seed.
+Deterministic: running it again writes the same weights. Needs the `test` extra.
+
+    python examples/make_demo_sources.py
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from moecompose.testing import make_dense
+
+ROOT = Path(__file__).resolve().parent.parent / "specs" / "dense"
+DIMS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, vocab_size=128)
+
+
+def main() -> None:
+    if ROOT.exists():
+        shutil.rmtree(ROOT)
+    make_dense(ROOT / "base", seed=0, **DIMS)
+    make_dense(ROOT / "seed", seed=0, **DIMS)
+    make_dense(ROOT / "code", seed=1, base_seed=0, **DIMS)
+    make_dense(ROOT / "law", seed=2, base_seed=0, **DIMS)
+    for folder in ROOT.iterdir():
+        (folder / "generation_config.json").unlink(missing_ok=True)
+    print(f"wrote {', '.join(sorted(p.name for p in ROOT.iterdir()))} to {ROOT}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Stage 2 inputs: dense checkpoints read as metadata, and the family tables."""
