@@ -21,8 +21,8 @@ from moecompose.resolve import Resolved, resolve
 from moecompose.spec import Spec, load_spec
 
 if TYPE_CHECKING:
-    from moecompose.model import MoECausalLM
     from moecompose.build.executor import Progress
+    from moecompose.model import MoECausalLM
 
 SpecLike = Spec | str | Path
 

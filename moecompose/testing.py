@@ -12,11 +12,7 @@ from typing import Any
 
 import torch
 
-WORDS = (
-    "the of and to in is for on that with as by it at from this be are or an was def return "
-    "import class if else while law court case contract code function value print math sum "
-    "proof theorem equation number matrix data model expert token layer"
-).split()
+WORDS = ["the", "of", "and", "to", "in", "is", "for", "on", "that", "with", "as", "by", "it", "at", "from", "this", "be", "are", "or", "an", "was", "def", "return", "import", "class", "if", "else", "while", "law", "court", "case", "contract", "code", "function", "value", "print", "math", "sum", "proof", "theorem", "equation", "number", "matrix", "data", "model", "expert", "token", "layer"]
 
 FAMILY_CLASSES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM"),

@@ -38,7 +38,7 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("family", ["seed", "qwen_seed", "tied"])
+@pytest.mark.parametrize("family", ["seed", "qwen_seed", "mistral", "tied"])
 @pytest.mark.parametrize("k", [1, 2])
 def test_identical_experts_reproduce_dense_logits(write_spec, tmp_path, sources, family, k) -> None:
     spec = write_spec(

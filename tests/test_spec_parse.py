@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from moecompose import SpecError, parse_spec
+from moecompose import parse_spec
 from moecompose.spec.schema import CopyExperts, LayerRange, TopKRouter
 
 

@@ -6,7 +6,7 @@ import hashlib
 from typing import Any
 
 from moecompose.errors import SpecError
-from moecompose.plan.layouts import LAYOUTS, NATIVE_MOE, Layout, MoEShape, blockers, hf_config
+from moecompose.plan.layouts import LAYOUTS, Layout, MoEShape, blockers, hf_config
 from moecompose.plan.recipe import Plan, PlannedTensor, Recipe, TensorRef, Totals
 from moecompose.resolve import FFNMixture, Resolved
 from moecompose.sources.families import Family
@@ -54,7 +54,7 @@ def choose_format(resolved: Resolved, shape: MoEShape) -> tuple[str, str]:
     for fmt in ("mixtral", "qwen2_moe"):
         why_not = blockers(fmt, resolved.arch, shape)
         if not why_not:
-            return fmt, f"auto: the model is expressible as {fmt}"
+            return fmt, "auto: " + "; ".join([*reasons, f"the model is expressible as {fmt}"])
         reasons.append(f"not {fmt}: {why_not[0]}")
     return "native", "auto: " + "; ".join(reasons)
 
