@@ -54,7 +54,7 @@ class MoeComposeError(Exception):
             text = f"{self.location}: {text}"
         if self.hint:
             text = f"{text} ({self.hint})"
-        return text
+        return " ".join(text.splitlines())
 
     def __str__(self) -> str:
         return self.format()

@@ -75,11 +75,20 @@ def resolve(spec: Spec) -> Resolved:
     origin = spec.origin
     sources: dict[str, Checkpoint] = {}
     for name, raw in spec.sources.items():
-        path = Path(raw).expanduser()
-        if not path.is_absolute():
-            path = origin.base_dir / path
         try:
-            sources[name] = open_checkpoint(name, path.resolve())
+            path = Path(raw).expanduser()
+            if not path.is_absolute():
+                path = origin.base_dir / path
+            path = path.resolve()
+            path.exists()
+        except (OSError, RuntimeError, ValueError) as exc:  # unknown ~user, NUL byte, loops
+            raise SourceError(
+                f"source '{name}': cannot use path {raw!r}: {exc}",
+                location=origin.locate(("sources", name)),
+                hint="check the path in 'sources'",
+            ) from None
+        try:
+            sources[name] = open_checkpoint(name, path)
         except SourceError as exc:
             exc.location = exc.location or origin.locate(("sources", name))
             raise
@@ -91,7 +100,7 @@ def resolve(spec: Spec) -> Resolved:
     dtype = _output_dtype(spec, sources)
     layers = _layers(spec, arch.num_hidden_layers)
     name = spec.name or (Path(origin.file).stem if origin.file else "moecompose-model")
-    return Resolved(
+    resolved = Resolved(
         spec=spec,
         name=name,
         sources=sources,
@@ -103,6 +112,17 @@ def resolve(spec: Spec) -> Resolved:
         train=frozenset(spec.train) if spec.train is not None and "all" not in spec.train else None,
         warnings=warnings,
     )
+    _check_format(resolved)
+    return resolved
+
+
+def _check_format(resolved: Resolved) -> None:
+    """An explicitly requested output format must be able to express the model."""
+    if resolved.spec.output.format in ("auto", "native"):
+        return
+    from moecompose.plan.planner import choose_format, moe_shape  # the planner imports us
+
+    choose_format(resolved, moe_shape(resolved))
 
 
 def _check_compatible(spec: Spec, sources: dict[str, Checkpoint]) -> None:
@@ -155,6 +175,7 @@ def _check_tensors(spec: Spec, sources: dict[str, Checkpoint]) -> None:
                     f"source '{name}': tensor '{tensor}' has shape {list(entry.shape)}, "
                     f"its config implies {list(shape)}",
                     location=where,
+                    hint="config.json does not match the weights; re-save the checkpoint",
                 )
             if entry.dtype not in ("F32", "BF16", "F16"):
                 raise SourceError(
@@ -174,7 +195,8 @@ def _check_tokenizers(spec: Spec, sources: dict[str, Checkpoint]) -> list[str]:
                 raise SourceError(
                     f"tokenizers of '{ref.name}' and '{name}' differ: {file} {state}",
                     location=spec.origin.locate(("sources", name)),
-                    hint="experts must share one tokenizer; copy the seed's tokenizer files",
+                    hint=f"experts must share one tokenizer; copy the tokenizer files of "
+                    f"'{ref.name}' into '{name}'",
                 )
     if not ref.tokenizer:
         return ["the sources carry no tokenizer files; the artifact will have none"]
@@ -186,11 +208,11 @@ def _output_dtype(spec: Spec, sources: dict[str, Checkpoint]) -> str:
         return spec.output.dtype
     dtypes = {name: ckpt.dtype for name, ckpt in sources.items()}
     if len(set(dtypes.values())) > 1:
-        listed = ", ".join(f"{n}: {t}" for n, t in dtypes.items())
+        listed = ", ".join(f"'{n}' is {t}" for n, t in dtypes.items())
         raise SpecError(
-            f"sources have different dtypes ({listed})",
-            location=spec.origin.locate(("sources",)),
-            hint="set output.dtype",
+            f"sources have different dtypes: {listed}",
+            location=spec.origin.locate(("sources",), key=True),
+            hint="set output.dtype to the dtype the model should have",
         )
     return next(iter(dtypes.values()))
 
@@ -213,23 +235,32 @@ def _selected(select: object, n_layers: int, at: DataPath, spec: Spec) -> list[i
             raise SpecError(
                 f"layer range ends at {end} but the sources have {n_layers} layers",
                 location=spec.origin.locate((*at, "to")),
-                hint=f"use to: {n_layers} or less (to is exclusive)",
+                hint=f"use to: {n_layers} or less; 'to' is exclusive",
             )
         if select.from_ >= n_layers:
             raise SpecError(
                 f"layer range starts at {select.from_} but the sources have {n_layers} layers",
                 location=spec.origin.locate((*at, "from")),
+                hint=f"layers are numbered 0 to {n_layers - 1}",
             )
         return list(range(select.from_, end, select.every))
     assert isinstance(select, list)
     for j, index in enumerate(select):
         if index >= n_layers:
             raise SpecError(
-                f"layer {index} does not exist: the sources have {n_layers} layers (0-{n_layers - 1})",
+                f"layer {index} does not exist: the sources have {n_layers} layers",
                 location=spec.origin.locate((*at, j)),
+                hint=f"use indices 0 to {n_layers - 1}",
             )
-    if len(set(select)) != len(select):
-        raise SpecError("a layer is listed twice", location=spec.origin.locate(at))
+    seen: set[int] = set()
+    for j, index in enumerate(select):
+        if index in seen:
+            raise SpecError(
+                f"layer {index} is listed twice",
+                location=spec.origin.locate((*at, j)),
+                hint="list each layer once",
+            )
+        seen.add(index)
     return sorted(select)
 
 

@@ -9,7 +9,7 @@ __all__ = [
     "DISPATCHES",
     "CausalLMOutput",
     "Dispatch",
-    "ModelConfig",
     "MoECausalLM",
+    "ModelConfig",
     "compile_model",
 ]

@@ -112,13 +112,10 @@ class GroupedExperts(nn.Module):
         """x [T, d], weights [T, k] (x's dtype), indices [T, k], counts [E] -> [T, d]."""
         if self.dispatch == "loop":
             return self._loop(x, weights, indices)
-        k = indices.shape[1]
+        T, k = indices.shape
         order = indices.reshape(-1).argsort(stable=True)  # [T*k] slots sorted by expert
-        token = order // k  # [T*k]
-        xs = x.index_select(0, token)  # [T*k, d]
-        ys = grouped_swiglu(xs, counts, self.gate_proj, self.up_proj, self.down_proj)  # [T*k, d]
-        ys = ys * weights.reshape(-1, 1).index_select(0, order)
-        return x.new_zeros(x.shape).index_add(0, token, ys)  # [T, d]
+        y = grouped_swiglu(x, order, counts, self.gate_proj, self.up_proj, self.down_proj)
+        return (y.view(T, k, -1) * weights[..., None]).sum(dim=1)  # [T, k, d] -> [T, d]
 
     def _loop(self, x: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
         out = torch.zeros_like(x)  # [T, d]

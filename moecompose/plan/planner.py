@@ -227,7 +227,6 @@ class _Planner:
             "rope_theta": arch.rope_theta,
             "rope_scaling": arch.rope_scaling,
             "max_position_embeddings": arch.max_position_embeddings,
-            "sliding_window": arch.sliding_window,
             "tie_word_embeddings": arch.tie_word_embeddings,
             "attention_bias": arch.attention_bias,
             "block": "sequential",

@@ -97,13 +97,22 @@ def open_checkpoint(name: str, path: Path) -> Checkpoint:
             f"{where} has model_type '{model_type}', which moecompose cannot read",
             hint=f"supported: {known}",
         )
-    arch = _arch_facts(config, family, where)
+    try:
+        arch = _arch_facts(config, family, where)
+    except (TypeError, ValueError, ZeroDivisionError, AttributeError) as exc:
+        raise SourceError(
+            f"{where}: config.json has an invalid value: {exc}",
+            hint="fix config.json or re-save the checkpoint with transformers",
+        ) from None
     tensors = _tensor_index(path, where)
-    tokenizer = {
-        f: hashlib.sha256((path / f).read_bytes()).hexdigest()
-        for f in TOKENIZER_FILES
-        if (path / f).is_file()
-    }
+    try:
+        tokenizer = {
+            f: hashlib.sha256((path / f).read_bytes()).hexdigest()
+            for f in TOKENIZER_FILES
+            if (path / f).is_file()
+        }
+    except OSError as exc:
+        raise SourceError(f"{where}: cannot read tokenizer file: {exc.strerror or exc}") from None
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     for tensor_name in sorted(tensors):
         e = tensors[tensor_name]
@@ -116,22 +125,36 @@ def _read_json(path: Path, where: str) -> dict[str, Any]:
         raise SourceError(f"{where} has no {path.name}", hint="is this a Hugging Face model folder?")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SourceError(f"{path} is not valid JSON: {exc}") from None
+    except OSError as exc:
+        raise SourceError(f"{where}: cannot read {path.name}: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SourceError(
+            f"{where}: {path.name} is not valid JSON: {exc}",
+            hint="the file is corrupted; re-download or re-save the checkpoint",
+        ) from None
     if not isinstance(data, dict):
-        raise SourceError(f"{path} must hold a JSON object")
+        raise SourceError(
+            f"{where}: {path.name} must hold a JSON object",
+            hint="the file is corrupted; re-download or re-save the checkpoint",
+        )
     return data
 
 
 def _arch_facts(config: dict[str, Any], family: Family, where: str) -> ArchFacts:
     def need(key: str) -> Any:
         if key not in config:
-            raise SourceError(f"{where}: config.json lacks '{key}'")
+            raise SourceError(
+                f"{where}: config.json lacks '{key}'",
+                hint="is this a complete Hugging Face config?",
+            )
         return config[key]
 
     for key, off in family.must_be.items():
         if config.get(key, off) != off:
-            raise SourceError(f"{where}: {key}={config[key]!r} is not supported")
+            raise SourceError(
+                f"{where}: {key}={config[key]!r} is not supported",
+                hint=f"only checkpoints with {key}={off!r} can be read",
+            )
     heads = int(need("num_attention_heads"))
     hidden = int(need("hidden_size"))
     rope = dict(config.get("rope_parameters") or {})
@@ -160,6 +183,15 @@ def _arch_facts(config: dict[str, Any], family: Family, where: str) -> ArchFacts
     window = config.get("sliding_window")
     if family.name == "qwen2" and not config.get("use_sliding_window", False):
         window = None
+    max_positions = int(config.get("max_position_embeddings", 2048))
+    if window is not None and int(window) >= max_positions:
+        window = None  # a window as long as the context changes nothing
+    if window is not None:
+        raise SourceError(
+            f"{where}: sliding-window attention (window {window} < {max_positions} positions) "
+            "is not supported",
+            hint="only full causal attention sources can be upcycled by this version",
+        )
     return ArchFacts(
         model_type=str(config["model_type"]),
         vocab_size=int(need("vocab_size")),
@@ -173,7 +205,7 @@ def _arch_facts(config: dict[str, Any], family: Family, where: str) -> ArchFacts
         rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
         rope_theta=rope_theta,
         rope_scaling=scaling,
-        max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
+        max_position_embeddings=max_positions,
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         attention_bias=bias,
         sliding_window=int(window) if window else None,
@@ -189,7 +221,10 @@ def _tensor_index(path: Path, where: str) -> dict[str, TensorEntry]:
     if index.is_file():
         weight_map = _read_json(index, where).get("weight_map")
         if not isinstance(weight_map, dict):
-            raise SourceError(f"{index} has no 'weight_map'")
+            raise SourceError(
+                f"{where}: {index.name} has no 'weight_map'",
+                hint="the index is corrupted; re-download or re-save the checkpoint",
+            )
         files = sorted(set(weight_map.values()))
     elif (path / "model.safetensors").is_file():
         files, weight_map = ["model.safetensors"], None
@@ -205,7 +240,10 @@ def _tensor_index(path: Path, where: str) -> dict[str, TensorEntry]:
     tensors: dict[str, TensorEntry] = {}
     for file in files:
         if not (path / file).is_file():
-            raise SourceError(f"{where}: shard '{file}' named in the index is missing")
+            raise SourceError(
+                f"{where}: shard '{file}' named in the index is missing",
+                hint="the download is incomplete; fetch the missing shard",
+            )
         entries, _ = read_header(path / file)
         for tensor_name, entry in entries.items():
             if weight_map is not None and weight_map.get(tensor_name) != file:
@@ -214,5 +252,8 @@ def _tensor_index(path: Path, where: str) -> dict[str, TensorEntry]:
     if weight_map is not None:
         missing = sorted(set(weight_map) - set(tensors))
         if missing:
-            raise SourceError(f"{where}: tensor '{missing[0]}' is in the index but not in its shard")
+            raise SourceError(
+                f"{where}: tensor '{missing[0]}' is in the index but not in its shard",
+                hint="the checkpoint is corrupted; re-download or re-save it",
+            )
     return tensors

@@ -63,11 +63,14 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorEntry], dict[str, str
         with open(path, "rb") as fh:
             head = fh.read(8)
             if len(head) < 8:
-                raise SourceError("not a safetensors file (shorter than 8 bytes)", hint=path)
+                raise SourceError(
+                    f"{path} is not a safetensors file (shorter than 8 bytes)",
+                    hint="the file is corrupted; re-download or re-save the checkpoint",
+                )
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER or 8 + n > size:
                 raise SourceError(
-                    f"corrupted safetensors header in {path} (header length {n}, file {size} bytes)",
+                    f"corrupted safetensors header in {path}: header length {n}, file {size} bytes",
                     hint="re-download or re-save the checkpoint",
                 )
             raw = fh.read(n)
@@ -77,12 +80,17 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorEntry], dict[str, str
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise SourceError(
-            f"corrupted safetensors header in {path} (not JSON)",
+            f"corrupted safetensors header in {path}: not JSON",
             hint="re-download or re-save the checkpoint",
         ) from None
     if not isinstance(header, dict):
-        raise SourceError(f"corrupted safetensors header in {path}")
+        raise SourceError(
+            f"corrupted safetensors header in {path}: not a JSON object",
+            hint="re-download or re-save the checkpoint",
+        )
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        metadata = {}
     base = 8 + n
     entries: dict[str, TensorEntry] = {}
     for name, info in header.items():
@@ -90,7 +98,15 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorEntry], dict[str, str
             dtype, shape = info["dtype"], tuple(int(s) for s in info["shape"])
             begin, end = (int(x) for x in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise SourceError(f"corrupted safetensors header in {path}: entry '{name}'") from None
+            raise SourceError(
+                f"corrupted safetensors header in {path}: entry '{name}'",
+                hint="re-download or re-save the checkpoint",
+            ) from None
+        if not isinstance(dtype, str) or any(s < 0 for s in shape) or begin < 0 or end < begin:
+            raise SourceError(
+                f"corrupted safetensors header in {path}: entry '{name}'",
+                hint="re-download or re-save the checkpoint",
+            )
         numel = 1
         for s in shape:
             numel *= s

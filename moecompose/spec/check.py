@@ -3,11 +3,16 @@ fit together, and features this version cannot build yet are refused, never igno
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from moecompose.errors import SpecError, did_you_mean, one_of
-from moecompose.spec.origin import DataPath
+from moecompose.spec.origin import DataPath, Origin
 from moecompose.spec.schema import CopyExperts, FFNMix, MergeFrom, MergeWeights, Spec, TopKRouter
 
-NOT_YET = "is not supported by this version of moecompose"
+NOT_YET = "not supported by this version of moecompose"
+
+Bad = Callable[..., None]
+SourceCheck = Callable[..., None]
 
 
 def check_spec(spec: Spec) -> None:
@@ -19,35 +24,41 @@ def check_spec(spec: Spec) -> None:
 
     def source(path: DataPath, name: str, role: str, key: bool = False) -> None:
         if name not in spec.sources:
-            hint = did_you_mean(name, spec.sources) or f"sources are {one_of(spec.sources)}"
-            bad(path, f"{role} '{name}' is not a source", hint, key)
+            hint = did_you_mean(name, spec.sources) or (
+                f"add it to 'sources' or use one of {one_of(spec.sources)}"
+            )
+            bad(path, f"{role} '{name}' is not defined in 'sources'", hint, key)
 
     if isinstance(spec.merge, MergeFrom):
         source(("merge", "from"), spec.merge.from_, "merge source")
     elif isinstance(spec.merge, MergeWeights):
         for name in spec.merge.weights:
-            source(("merge", "weights", name), name, "merge weight", key=True)
+            source(("merge", "weights", name), name, "merge weight source", key=True)
 
     if spec.block == "parallel":
-        bad(("block",), f"block: parallel {NOT_YET} (it comes with attention experts)")
+        bad(("block",), f"block: parallel is {NOT_YET}",
+            "remove 'block' to keep the sources' sequential blocks")
     if spec.domains is not None:
-        bad(("domains",), f"'domains' {NOT_YET} (they come with the nexus router)", key=True)
+        bad(("domains",), f"'domains' are {NOT_YET}",
+            "remove the 'domains' section; it comes with the nexus router", key=True)
     if spec.embed_with is not None:
-        bad(("embed_with",), f"'embed_with' {NOT_YET}", key=True)
+        bad(("embed_with",), f"'embed_with' is {NOT_YET}", "remove it", key=True)
 
     for i, rule in enumerate(spec.layers):
         at: DataPath = ("layers", i)
         if rule.attention is not None:
-            bad((*at, "attention"), f"attention experts {NOT_YET}", key=True)
+            bad((*at, "attention"), f"attention experts are {NOT_YET}",
+                "remove the 'attention' section; FFN experts ('ffn') are supported", key=True)
         if rule.ffn is not None:
-            _check_ffn(rule.ffn, (*at, "ffn"), source, bad)
+            _check_ffn(rule.ffn, (*at, "ffn"), spec.origin, source, bad)
 
     if spec.train is not None:
         if not spec.train:
             bad(("train",), "'train' is empty", "omit it to train everything, or name groups")
         for j, name in enumerate(spec.train):
             if name == "adapters":
-                bad(("train", j), f"'adapters' {NOT_YET} (no adapter experts can be built yet)")
+                bad(("train", j), f"training 'adapters' is {NOT_YET} (no adapter experts can "
+                    "be built yet)", "remove 'adapters' from 'train'")
 
     if problems:
         origin = spec.origin
@@ -57,29 +68,39 @@ def check_spec(spec: Spec) -> None:
         raise SpecError(message, location=location, hint=hint)
 
 
-def _check_ffn(ffn: FFNMix, at: DataPath, source, bad) -> None:  # type: ignore[no-untyped-def]
+def _check_ffn(ffn: FFNMix, at: DataPath, origin: Origin, source: SourceCheck, bad: Bad) -> None:
     experts = ffn.experts
     if isinstance(experts, list):
         if not experts:
             bad((*at, "experts"), "'experts' is empty", "list at least one source")
+            return
         for j, name in enumerate(experts):
             source((*at, "experts", j), name, "expert")
         count = len(experts)
     elif isinstance(experts, CopyExperts):
-        source((*at, "experts", "copy"), experts.copy_, "expert source")
+        source((*at, "experts", "copy"), experts.copy_, "copy source")
         count = experts.count
     else:
-        bad((*at, "experts", "adapters"), f"adapter experts {NOT_YET}", key=True)
+        bad((*at, "experts", "adapters"), f"adapter experts are {NOT_YET}",
+            "use {copy: SOURCE, count: N} for copied FFN experts", key=True)
         count = experts.count
     if ffn.shared is not None:
         source((*at, "shared"), ffn.shared, "shared expert")
 
     router = ffn.router
     if not isinstance(router, TopKRouter):
-        bad((*at, "router", "kind"), f"router kind '{router.kind}' {NOT_YET}",
+        bad((*at, "router", "kind"), f"router kind '{router.kind}' is {NOT_YET}",
             f"use {one_of(['topk'])}")
         return
     if router.k > count:
-        bad((*at, "router", "k"),
-            f"k = {router.k} but the layer has only {count} expert{'s' if count > 1 else ''}",
-            f"use k <= {count}")
+        plural = "s" if count > 1 else ""
+        written = (*at, "router", "k") in origin.keys
+        if written:
+            bad((*at, "router", "k"),
+                f"k = {router.k} but the layer has only {count} expert{plural}",
+                f"use k <= {count}")
+        else:
+            bad((*at, "experts"),
+                f"the default router k = {router.k} but the layer has only {count} "
+                f"expert{plural}",
+                f"add router: {{kind: topk, k: {count}}} or list more experts")

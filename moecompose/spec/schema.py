@@ -8,7 +8,7 @@ JSON, derive variants with :meth:`Spec.with_`.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -87,11 +87,7 @@ def _select_tag(value: Any) -> str | None:
 
 
 Select = Annotated[
-    Union[
-        Annotated[Literal["all"], Tag("select-all")],
-        Annotated[list[Annotated[int, Field(ge=0)]], Tag("select-list")],
-        Annotated[LayerRange, Tag("select-range")],
-    ],
+    Annotated[Literal["all"], Tag("select-all")] | Annotated[list[Annotated[int, Field(ge=0)]], Tag("select-list")] | Annotated[LayerRange, Tag("select-range")],
     Discriminator(
         _select_tag,
         custom_error_type="invalid_select",
@@ -136,11 +132,7 @@ def _experts_tag(value: Any) -> str | None:
 
 
 Experts = Annotated[
-    Union[
-        Annotated[list[SourceName], Tag("experts-list")],
-        Annotated[CopyExperts, Tag("experts-copy")],
-        Annotated[AdapterExperts, Tag("experts-adapters")],
-    ],
+    Annotated[list[SourceName], Tag("experts-list")] | Annotated[CopyExperts, Tag("experts-copy")] | Annotated[AdapterExperts, Tag("experts-adapters")],
     Discriminator(
         _experts_tag,
         custom_error_type="invalid_experts",
@@ -192,7 +184,7 @@ class TokenMixingRouter(Node):
 
 
 Router = Annotated[
-    Union[TopKRouter, SoftRouter, NexusRouter, TokenMixingRouter],
+    TopKRouter | SoftRouter | NexusRouter | TokenMixingRouter,
     Field(discriminator="kind"),
 ]
 ROUTER_KINDS = ("topk", "soft", "nexus", "token_mixing")
@@ -274,11 +266,7 @@ def _merge_tag(value: Any) -> str | None:
 
 
 Merge = Annotated[
-    Union[
-        Annotated[Literal["average"], Tag("merge-average")],
-        Annotated[MergeFrom, Tag("merge-from")],
-        Annotated[MergeWeights, Tag("merge-weights")],
-    ],
+    Annotated[Literal["average"], Tag("merge-average")] | Annotated[MergeFrom, Tag("merge-from")] | Annotated[MergeWeights, Tag("merge-weights")],
     Discriminator(
         _merge_tag,
         custom_error_type="invalid_merge",

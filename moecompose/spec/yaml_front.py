@@ -12,33 +12,119 @@ from moecompose.spec.origin import DataPath, Origin
 from moecompose.spec.schema import Spec
 from moecompose.spec.validation import spec_from_data
 
+# Opening constructs PyYAML names in "while parsing ..." contexts -> what the user typed.
+_UNCLOSED = {
+    "flow sequence": ("'['", "add the closing ']'"),
+    "flow mapping": ("'{'", "add the closing '}'"),
+    "quoted scalar": ("quoted text", "add the closing quote"),
+}
+
 
 def parse_yaml(text: str, file: str | None = None, base_dir: Path | None = None) -> Spec:
     """Parse YAML spec text. ``file`` names it in errors; relative paths start at ``base_dir``."""
     origin = Origin(file=file, base_dir=(base_dir or Path.cwd()).resolve())
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)  # checks every character up front
+    except yaml.reader.ReaderError as exc:
+        raise _reader_error(exc, text, file) from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"YAML syntax: {_one_line(str(exc))}", location=Location(file)) from None
     try:
         root = loader.get_single_node()
-        data = {} if root is None else _to_data(loader, root, (), origin)
+        if root is None:
+            raise SpecError(
+                "the spec is empty",
+                location=Location(file, 1, 1),
+                hint="write at least 'moecompose: 1' and 'sources: {NAME: PATH}'",
+            )
+        data = _to_data(loader, root, (), origin, set())
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line, column = (mark.line + 1, mark.column + 1) if mark else (None, None)
-        problem = exc.problem or exc.context or "invalid YAML"
-        raise SpecError(f"YAML syntax: {problem}", location=Location(file, line, column)) from None
+        raise _syntax_error(exc, file) from None
+    except yaml.reader.ReaderError as exc:
+        raise _reader_error(exc, text, file) from None
     except yaml.YAMLError as exc:
-        raise SpecError(f"YAML syntax: {exc}", location=Location(file)) from None
+        raise SpecError(f"YAML syntax: {_one_line(str(exc))}", location=Location(file)) from None
     finally:
         loader.dispose()
     return spec_from_data(data, origin)
 
 
-def _to_data(loader: yaml.SafeLoader, node: yaml.Node, path: DataPath, origin: Origin) -> Any:
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _reader_error(exc: yaml.reader.ReaderError, text: str, file: str | None) -> SpecError:
+    line, column = _line_column(text, exc.position)
+    character = exc.character if isinstance(exc.character, str) else chr(exc.character)
+    return SpecError(
+        f"YAML syntax: character {character!r} is not allowed in YAML text",
+        location=Location(file, line, column),
+        hint="remove it; write special characters as escapes inside double quotes",
+    )
+
+
+def _line_column(text: str, position: int) -> tuple[int, int]:
+    before = text[:position]
+    line = before.count("\n") + 1
+    return line, position - (before.rfind("\n") + 1) + 1
+
+
+def _syntax_error(exc: yaml.MarkedYAMLError, file: str | None) -> SpecError:
+    problem = exc.problem or ""
+    context = exc.context or ""
+    mark = exc.problem_mark or exc.context_mark
+    hint: str | None = "check the indentation, colons and brackets around here"
+    if ("end of stream" in problem or "<stream end>" in problem) and exc.context_mark:
+        for construct, (what, fix) in _UNCLOSED.items():
+            if construct in context:
+                mark = exc.context_mark
+                return SpecError(
+                    f"YAML syntax: {what} opened here is never closed",
+                    location=Location(file, mark.line + 1, mark.column + 1),
+                    hint=fix,
+                )
+    if "'\\t'" in problem or "\t" in problem:
+        problem = "a tab character cannot start a token"
+        hint = "indent with spaces; YAML does not allow tabs for indentation"
+    elif problem.startswith("expected <block end>"):
+        problem = "this line's indentation does not match the lines above"
+        hint = "indent keys of one mapping by the same number of spaces"
+    elif "mapping values are not allowed here" in problem:
+        hint = "put a space after ':' and quote values that contain ': '"
+    elif "found another document" in problem:
+        problem = "a spec file holds one YAML document, found a second one"
+        hint = "remove the '---' separator and what follows it, or split the file"
+    if not problem:
+        problem = context or "invalid YAML"
+    line, column = (mark.line + 1, mark.column + 1) if mark else (None, None)
+    return SpecError(f"YAML syntax: {_one_line(problem)}", location=Location(file, line, column), hint=hint)
+
+
+def _to_data(
+    loader: yaml.SafeLoader, node: yaml.Node, path: DataPath, origin: Origin, active: set[int]
+) -> Any:
     origin.values[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+        if id(node) in active:
+            raise SpecError(
+                "YAML alias refers to a node that contains it",
+                location=Location(origin.file, node.start_mark.line + 1, node.start_mark.column + 1),
+                hint="a spec cannot be recursive",
+            )
+        active = active | {id(node)}
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
-            key = loader.construct_object(key_node, deep=True)
             where = Location(origin.file, key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                raise SpecError(
+                    "YAML merge keys ('<<') are not supported in specs",
+                    location=where,
+                    hint="write the keys out",
+                )
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise SpecError("keys must be names, not lists or mappings", location=where)
+            key = loader.construct_object(key_node, deep=True)
             if not isinstance(key, (str, int)) or isinstance(key, bool):
                 raise SpecError(f"keys must be names, got {key!r}", location=where)
             if key in out:
@@ -46,8 +132,10 @@ def _to_data(loader: yaml.SafeLoader, node: yaml.Node, path: DataPath, origin: O
                     f"duplicate key '{key}'", location=where, hint="each key may appear once"
                 )
             origin.keys[(*path, key)] = (where.line, where.column)
-            out[key] = _to_data(loader, value_node, (*path, key), origin)
+            out[key] = _to_data(loader, value_node, (*path, key), origin, active)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_to_data(loader, item, (*path, i), origin) for i, item in enumerate(node.value)]
+        return [
+            _to_data(loader, item, (*path, i), origin, active) for i, item in enumerate(node.value)
+        ]
     return loader.construct_object(node, deep=True)

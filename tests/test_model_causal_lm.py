@@ -1,0 +1,239 @@
+"""ModelConfig parsing and MoECausalLM construction, loading, trainability and block forms."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+
+from moecompose.model import CausalLMOutput, ModelConfig, MoECausalLM
+
+DENSE = {"ffn": {"kind": "dense"}}
+MOE = {
+    "ffn": {
+        "kind": "moe",
+        "num_experts": 4,
+        "intermediate_size": 32,
+        "router": {"kind": "topk", "k": 2, "normalize": True},
+        "shared_expert": {"intermediate_size": 16, "gate": True},
+        "aux_loss": {"load_balance": 0.01, "z_loss": 0.001},
+    }
+}
+
+
+def config_dict(**overrides: Any) -> dict[str, Any]:
+    d: dict[str, Any] = {
+        "model_type": "moecompose",
+        "architectures": ["MoECausalLM"],
+        "moecompose_format": 1,
+        "family": "llama",
+        "vocab_size": 64,
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "rope_scaling": None,
+        "max_position_embeddings": 128,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "block": "sequential",
+        "dtype": "float32",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": None,
+        "layers": [copy.deepcopy(DENSE), copy.deepcopy(MOE)],
+        "trainable": None,
+    }
+    d.update(overrides)
+    return d
+
+
+def ids(batch: int = 2, seq: int = 5) -> torch.Tensor:
+    return torch.randint(0, 64, (batch, seq), generator=torch.Generator().manual_seed(0))
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_config_round_trips_through_dict() -> None:
+    d = config_dict(extra_provenance={"spec_hash": "abc"})
+    config = ModelConfig.from_dict(d)
+    assert config.to_dict() == d
+    assert ModelConfig.from_dict(config.to_dict()) == config
+
+
+def test_unknown_router_kind_is_rejected_by_name() -> None:
+    d = config_dict()
+    d["layers"][1]["ffn"]["router"]["kind"] = "nexus"
+    with pytest.raises(ValueError, match="router kind 'nexus' is not supported by this version"):
+        ModelConfig.from_dict(d)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d: d["layers"][0]["ffn"].update(kind="adapter"), "ffn kind 'adapter'"),
+        (lambda d: d["layers"][0].update(attention={"kind": "soft"}), "layers\\[0\\]: attention"),
+        (lambda d: d["layers"][1]["ffn"].update(top_k=2), "unknown key"),
+        (lambda d: d["layers"][1]["ffn"]["router"].update(k=5), "exceeds num_experts"),
+        (lambda d: d.update(block="diagonal"), "block 'diagonal'"),
+        (lambda d: d.update(num_hidden_layers=3), "num_hidden_layers is 3"),
+        (lambda d: d.update(rope_scaling={"rope_type": "yarn", "factor": 2.0}), "rope_type 'yarn'"),
+        (lambda d: d.update(moecompose_format=2), "moecompose_format 2"),
+        (lambda d: d.update(num_key_value_heads=3), "multiple of num_key_value_heads"),
+        (lambda d: d.update(dtype="float64"), "dtype 'float64'"),
+        (lambda d: d["layers"][1]["ffn"].pop("num_experts"), "missing required key 'num_experts'"),
+    ],
+)
+def test_invalid_configs_fail_naming_the_field(mutate: Any, message: str) -> None:
+    d = config_dict()
+    mutate(d)
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_dict(d)
+
+
+# --------------------------------------------------------------------------- model
+
+
+def test_state_dict_names_follow_the_artifact_format() -> None:
+    model = MoECausalLM.from_config(config_dict())
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    assert shapes["model.embed_tokens.weight"] == (64, 32)
+    assert shapes["lm_head.weight"] == (64, 32)
+    assert shapes["model.norm.weight"] == (32,)
+    assert shapes["model.layers.0.self_attn.q_proj.weight"] == (32, 32)
+    assert shapes["model.layers.0.self_attn.k_proj.weight"] == (16, 32)
+    assert shapes["model.layers.0.mlp.gate_proj.weight"] == (48, 32)
+    assert shapes["model.layers.0.mlp.down_proj.weight"] == (32, 48)
+    assert shapes["model.layers.1.mlp.router.weight"] == (4, 32)
+    assert shapes["model.layers.1.mlp.experts.gate_proj"] == (4, 32, 32)
+    assert shapes["model.layers.1.mlp.experts.down_proj"] == (4, 32, 32)
+    assert shapes["model.layers.1.mlp.shared_expert.up_proj.weight"] == (16, 32)
+    assert shapes["model.layers.1.mlp.shared_expert_gate.weight"] == (1, 32)
+    assert not any(name.endswith(".bias") for name in shapes)
+    assert len(shapes) == 1 + 2 + 2 * (2 + 4) + 3 + (1 + 3 + 3 + 1)
+
+
+def test_forward_returns_logits_and_summed_aux_loss() -> None:
+    model = MoECausalLM.from_config(config_dict(layers=[copy.deepcopy(MOE), copy.deepcopy(MOE)]))
+    out = model(ids(3, 7))
+    assert isinstance(out, CausalLMOutput)
+    assert out.logits.shape == (3, 7, 64)
+    layer_losses = []
+    h = model.model.embed_tokens(ids(3, 7))
+    pos = torch.arange(7)
+    cos, sin = model.model.rotary_emb(pos, h.dtype)
+    for layer in model.model.layers:
+        h, aux = layer(h, cos, sin, None)
+        layer_losses.append(aux)
+    torch.testing.assert_close(out.aux_loss, sum(layer_losses))
+    assert out.aux_loss.item() > 0
+
+
+def test_dense_model_aux_loss_is_a_zero_scalar() -> None:
+    out = MoECausalLM.from_config(config_dict(layers=[DENSE, DENSE]))(ids())
+    assert out.aux_loss.shape == () and out.aux_loss.item() == 0.0
+
+
+def test_load_weights_names_missing_and_unexpected_tensors() -> None:
+    model = MoECausalLM.from_config(config_dict())
+    state = dict(model.state_dict())
+    del state["model.layers.1.mlp.router.weight"]
+    state["model.layers.1.mlp.gate.weight"] = torch.zeros(4, 32)
+    with pytest.raises(KeyError) as error:
+        model.load_weights(state)
+    assert "model.layers.1.mlp.router.weight" in str(error.value)
+    assert "model.layers.1.mlp.gate.weight" in str(error.value)
+    missing, unexpected = model.load_weights(state, strict=False)
+    assert missing == ["model.layers.1.mlp.router.weight"]
+    assert unexpected == ["model.layers.1.mlp.gate.weight"]
+
+
+def test_load_weights_rejects_wrong_shapes() -> None:
+    model = MoECausalLM.from_config(config_dict())
+    state = dict(model.state_dict())
+    state["model.layers.1.mlp.experts.up_proj"] = torch.zeros(3, 32, 32)
+    with pytest.raises(ValueError, match=r"experts.up_proj: expected \(4, 32, 32\), got \(3, 32, 32\)"):
+        model.load_weights(state)
+
+
+def test_load_weights_copies_values() -> None:
+    source = MoECausalLM.from_config(config_dict())
+    target = MoECausalLM.from_config(config_dict())
+    target.load_weights(source.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(target(ids()).logits, source(ids()).logits, atol=0, rtol=0)
+
+
+def test_only_listed_tensors_are_trainable() -> None:
+    names = ["model.layers.1.mlp.router.weight", "model.layers.1.mlp.experts.up_proj"]
+    model = MoECausalLM.from_config(config_dict(trainable=names))
+    assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == sorted(names)
+    assert len(model.trainable_parameters()) == 2
+    out = model(ids())
+    (out.logits.sum() + out.aux_loss).backward()
+    assert all((p.grad is not None) == p.requires_grad for p in model.parameters())
+
+
+def test_trainable_null_makes_everything_trainable() -> None:
+    model = MoECausalLM.from_config(config_dict())
+    assert len(model.trainable_parameters()) == len(list(model.parameters()))
+
+
+def test_trainable_unknown_name_is_rejected() -> None:
+    with pytest.raises(ValueError, match="model.layers.9.mlp.router.weight"):
+        MoECausalLM.from_config(config_dict(trainable=["model.layers.9.mlp.router.weight"]))
+
+
+def test_parameters_take_the_config_dtype() -> None:
+    model = MoECausalLM.from_config(config_dict(dtype="bfloat16"))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert model(ids()).logits.dtype == torch.bfloat16
+
+
+def test_parallel_block_feeds_both_branches_the_same_residual() -> None:
+    torch.manual_seed(0)
+    model = MoECausalLM.from_config(config_dict(block="parallel", num_hidden_layers=1, layers=[DENSE]))
+    layer = model.model.layers[0]
+    x = torch.randn(2, 5, 32)
+    cos, sin = model.model.rotary_emb(torch.arange(5), x.dtype)
+    expected = (
+        x
+        + layer.self_attn(layer.input_layernorm(x), cos, sin, None)
+        + layer.mlp(layer.post_attention_layernorm(x))
+    )
+    torch.testing.assert_close(layer(x, cos, sin, None)[0], expected)
+
+    sequential = MoECausalLM.from_config(config_dict(num_hidden_layers=1, layers=[DENSE]))
+    sequential.load_weights(model.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(sequential(ids()).logits, model(ids()).logits)
+
+
+def test_set_dispatch_switches_every_moe_layer() -> None:
+    model = MoECausalLM.from_config(config_dict(layers=[copy.deepcopy(MOE), copy.deepcopy(MOE)]))
+    with torch.no_grad():
+        grouped = model(ids()).logits
+        model.set_dispatch("loop")
+        loop = model(ids()).logits
+    assert all(layer.mlp.experts.dispatch == "loop" for layer in model.model.layers)
+    torch.testing.assert_close(grouped, loop, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="dispatch"):
+        model.set_dispatch("fast")
+
+
+def test_explicit_positions_match_default_positions() -> None:
+    model = MoECausalLM.from_config(config_dict())
+    x = ids(2, 6)
+    with torch.no_grad():
+        default = model(x).logits
+        explicit = model(x, position_ids=torch.arange(6).expand(2, 6)).logits
+    torch.testing.assert_close(default, explicit)

@@ -1,0 +1,88 @@
+"""The model compiles to one graph, once, for every batch size and sequence length."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+from moecompose.model import MoECausalLM, compile_model
+
+pytestmark = pytest.mark.slow
+
+MOE = {
+    "ffn": {
+        "kind": "moe",
+        "num_experts": 4,
+        "intermediate_size": 32,
+        "router": {"kind": "topk", "k": 2, "normalize": True},
+        "shared_expert": {"intermediate_size": 16, "gate": True},
+        "aux_loss": {"load_balance": 0.01, "z_loss": 0.001},
+    }
+}
+CONFIG: dict[str, Any] = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "layers": [{"ffn": {"kind": "dense"}}, MOE],
+}
+SHAPES = [(b, s) for b in (1, 2, 3) for s in (1, 7, 64, 200)]
+
+
+@pytest.fixture
+def model() -> MoECausalLM:
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    return MoECausalLM.from_config(copy.deepcopy(CONFIG))
+
+
+def ids(batch: int, seq: int) -> torch.Tensor:
+    return torch.randint(0, 64, (batch, seq), generator=torch.Generator().manual_seed(batch * seq))
+
+
+def compiled_graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def test_forward_has_no_graph_breaks(model: MoECausalLM) -> None:
+    explanation = torch._dynamo.explain(model)(ids(2, 7))
+    assert explanation.graph_break_count == 0
+    assert explanation.graph_count == 1
+
+
+def test_compiled_model_does_not_recompile_for_new_batch_or_sequence_lengths(
+    model: MoECausalLM,
+) -> None:
+    compiled = compile_model(model)
+    with torch.no_grad():
+        for batch, seq in SHAPES:
+            x = ids(batch, seq)
+            out = compiled(x)
+            assert compiled_graphs() == 1, f"recompiled at batch={batch}, seq={seq}"
+            reference = model(x)
+            torch.testing.assert_close(out.logits, reference.logits, atol=1e-4, rtol=0)
+            torch.testing.assert_close(out.aux_loss, reference.aux_loss, atol=1e-6, rtol=1e-4)
+
+
+def test_compiled_training_step_matches_eager_without_recompiling(model: MoECausalLM) -> None:
+    compiled = compile_model(model)
+    for batch, seq in [(2, 7), (1, 1), (3, 33)]:
+        x = ids(batch, seq)
+        grads = []
+        for run in (compiled, model):
+            model.zero_grad()
+            out = run(x)
+            (out.logits.square().mean() + out.aux_loss).backward()
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        assert compiled_graphs() == 1, f"recompiled at batch={batch}, seq={seq}"
+        for name in grads[1]:
+            torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)

@@ -1,0 +1,192 @@
+"""The MoE FFN: grouped dispatch against the reference loop, routing, aux losses, shared expert."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moecompose.model.config import AuxLossSpec, MoEFFNSpec, SharedExpertSpec, TopKRouterSpec
+from moecompose.model.grouped_swiglu import _grouped_down, _grouped_gate_up
+from moecompose.model.moe import MoEFFN, expert_counts
+
+DIM, HIDDEN = 16, 24
+
+
+def moe_spec(
+    num_experts: int = 6,
+    k: int = 2,
+    normalize: bool = True,
+    shared: SharedExpertSpec | None = None,
+    load_balance: float = 0.01,
+    z_loss: float = 0.001,
+) -> MoEFFNSpec:
+    return MoEFFNSpec(
+        num_experts=num_experts,
+        intermediate_size=HIDDEN,
+        router=TopKRouterSpec(k=k, normalize=normalize),
+        shared_expert=shared,
+        aux_loss=AuxLossSpec(load_balance=load_balance, z_loss=z_loss),
+    )
+
+
+def grads_of(layer: MoEFFN, x: torch.Tensor, upstream: torch.Tensor) -> dict[str, torch.Tensor]:
+    x = x.clone().requires_grad_()
+    y, aux = layer(x)
+    torch.autograd.backward((y, aux), (upstream, torch.ones_like(aux)))
+    grads = {name: p.grad for name, p in layer.named_parameters()}
+    grads["x"] = x.grad
+    grads["y"] = y.detach()
+    grads["aux"] = aux.detach()
+    return grads
+
+
+@pytest.mark.parametrize(
+    ("num_experts", "k", "tokens", "shared"),
+    [
+        (6, 2, 37, None),
+        (4, 1, 50, None),
+        (5, 3, 20, SharedExpertSpec(intermediate_size=12, gate=True)),
+        (16, 2, 3, None),  # most experts receive no token
+    ],
+)
+def test_grouped_dispatch_matches_loop_forward_and_gradients(
+    num_experts: int, k: int, tokens: int, shared: SharedExpertSpec | None
+) -> None:
+    torch.manual_seed(0)
+    spec = moe_spec(num_experts, k, shared=shared)
+    grouped = MoEFFN(DIM, spec, dispatch="grouped")
+    loop = MoEFFN(DIM, spec, dispatch="loop")
+    loop.load_state_dict(grouped.state_dict())
+    x, upstream = torch.randn(tokens, DIM), torch.randn(tokens, DIM)
+    fast, reference = grads_of(grouped, x, upstream), grads_of(loop, x, upstream)
+    assert fast.keys() == reference.keys()
+    for name in fast:
+        torch.testing.assert_close(fast[name], reference[name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_experts_without_tokens_get_zero_gradients() -> None:
+    torch.manual_seed(0)
+    layer = MoEFFN(DIM, moe_spec(num_experts=16, k=1))
+    x = torch.randn(2, DIM)
+    y, _ = layer(x)
+    y.sum().backward()
+    used = layer.router(x).indices.unique()
+    unused = torch.ones(16, dtype=torch.bool)
+    unused[used] = False
+    for p in (layer.experts.gate_proj, layer.experts.up_proj, layer.experts.down_proj):
+        assert torch.all(p.grad[unused] == 0)
+        assert torch.all(p.grad[used].abs().sum(dim=(1, 2)) > 0)
+
+
+def test_custom_ops_pass_opcheck() -> None:
+    torch.manual_seed(0)
+    T, k, E = 9, 2, 4
+    indices = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    order = indices.reshape(-1).argsort(stable=True)
+    counts = expert_counts(indices, E)
+    x = torch.randn(T, DIM, requires_grad=True)
+    gate, up = (torch.randn(E, HIDDEN, DIM, requires_grad=True) for _ in range(2))
+    down = torch.randn(E, DIM, HIDDEN, requires_grad=True)
+    h = torch.randn(T * k, HIDDEN, requires_grad=True)
+    torch.library.opcheck(_grouped_gate_up, (x, order, counts, gate, up))
+    torch.library.opcheck(_grouped_down, (h, order, counts, down))
+
+
+def test_expert_counts_count_assignments() -> None:
+    indices = torch.tensor([[0, 2], [2, 1], [2, 0]])
+    assert expert_counts(indices, 4).tolist() == [2, 1, 3, 0]
+
+
+def test_router_renormalises_only_when_asked() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(11, DIM)
+    normalized = MoEFFN(DIM, moe_spec(k=2, normalize=True)).router
+    raw = MoEFFN(DIM, moe_spec(k=2, normalize=False)).router
+    raw.load_state_dict(normalized.state_dict())
+    w_norm, idx, logits = normalized(x)
+    w_raw, idx_raw, _ = raw(x)
+    assert torch.equal(idx, idx_raw)
+    assert logits.dtype == torch.float32 and logits.shape == (11, 6)
+    torch.testing.assert_close(w_norm.sum(-1), torch.ones(11))
+    torch.testing.assert_close(w_raw, logits.softmax(-1).gather(1, idx))
+    assert torch.all(w_raw.sum(-1) < 1)
+
+
+def test_aux_losses_equal_the_formulas() -> None:
+    torch.manual_seed(0)
+    E, k, T, lb, z = 4, 2, 10, 0.01, 0.001
+    layer = MoEFFN(DIM, moe_spec(num_experts=E, k=k, load_balance=lb, z_loss=z))
+    x = torch.randn(T, DIM)
+    _, aux = layer(x)
+
+    logits = x @ layer.router.weight.T
+    probs = logits.softmax(-1)
+    chosen = probs.topk(k, dim=-1).indices
+    balance = 0.0
+    for i in range(E):
+        f_i = (chosen == i).sum().item() / (T * k)
+        p_i = probs[:, i].mean().item()
+        balance += f_i * p_i
+    balance *= E
+    z_term = sum(torch.log(torch.exp(logits[t]).sum()).item() ** 2 for t in range(T)) / T
+    assert aux.item() == pytest.approx(lb * balance + z * z_term, rel=1e-5)
+
+
+def test_aux_loss_is_zero_without_coefficients() -> None:
+    layer = MoEFFN(DIM, moe_spec(load_balance=0.0, z_loss=0.0))
+    _, aux = layer(torch.randn(5, DIM))
+    assert aux.item() == 0.0
+
+
+def test_load_balance_gradient_reaches_router() -> None:
+    torch.manual_seed(0)
+    layer = MoEFFN(DIM, moe_spec(load_balance=1.0, z_loss=0.0))
+    _, aux = layer(torch.randn(8, DIM))
+    aux.backward()
+    assert layer.router.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_shared_expert_adds_its_output_scaled_by_its_gate(gated: bool) -> None:
+    torch.manual_seed(0)
+    with_shared = MoEFFN(DIM, moe_spec(shared=SharedExpertSpec(intermediate_size=12, gate=gated)))
+    routed_only = MoEFFN(DIM, moe_spec())
+    routed_only.load_state_dict(with_shared.state_dict(), strict=False)
+    x = torch.randn(7, DIM)
+    with torch.no_grad():
+        shared = with_shared.shared_expert(x)
+        if gated:
+            shared = shared * torch.sigmoid(x @ with_shared.shared_expert_gate.weight.T)
+        expected = routed_only(x)[0] + shared
+        torch.testing.assert_close(with_shared(x)[0], expected, atol=1e-6, rtol=0)
+    names = set(with_shared.state_dict())
+    assert ("shared_expert_gate.weight" in names) == gated
+    assert {"shared_expert.gate_proj.weight", "shared_expert.up_proj.weight"} <= names
+
+
+def test_moe_tensor_names_and_shapes_follow_the_artifact_format() -> None:
+    layer = MoEFFN(DIM, moe_spec(num_experts=3, shared=SharedExpertSpec(12, gate=True)))
+    shapes = {name: tuple(t.shape) for name, t in layer.state_dict().items()}
+    assert shapes == {
+        "router.weight": (3, DIM),
+        "experts.gate_proj": (3, HIDDEN, DIM),
+        "experts.up_proj": (3, HIDDEN, DIM),
+        "experts.down_proj": (3, DIM, HIDDEN),
+        "shared_expert.gate_proj.weight": (12, DIM),
+        "shared_expert.up_proj.weight": (12, DIM),
+        "shared_expert.down_proj.weight": (DIM, 12),
+        "shared_expert_gate.weight": (1, DIM),
+    }
+
+
+def test_grouped_dispatch_in_bfloat16_is_close_to_loop() -> None:
+    torch.manual_seed(0)
+    grouped = MoEFFN(DIM, moe_spec()).to(torch.bfloat16)
+    loop = MoEFFN(DIM, moe_spec(), dispatch="loop").to(torch.bfloat16)
+    loop.load_state_dict(grouped.state_dict())
+    x = torch.randn(13, DIM, dtype=torch.bfloat16)
+    with torch.no_grad():
+        fast, reference = grouped(x)[0], loop(x)[0]
+    assert fast.dtype == torch.bfloat16
+    torch.testing.assert_close(fast.float(), reference.float(), atol=2e-2, rtol=2e-2)
+

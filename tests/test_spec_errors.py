@@ -1,0 +1,467 @@
+"""Malformed specs and sources: each ends in one located, actionable line, exit status 2,
+no traceback, and nothing written (no output folder, no partial folder, sources untouched).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import struct
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import moecompose as mc
+from moecompose import MoeComposeError
+from moecompose.testing import make_dense
+
+# ------------------------------------------------------------------------ the table
+
+# Spec texts use <name> placeholders: the `sources` fixture's folders and the broken
+# folders of `broken` below. Four-line heads keep line numbers easy to read off.
+BASE = "moecompose: 1\nsources:\n  seed: <seed>\n  code: <code>\n"  # body starts at line 5
+WITH_X = "moecompose: 1\nsources:\n  seed: <seed>\n  x: <{}>\n"  # 'x' path at 4:6
+RULE = "layers:\n  - select: all\n    ffn:\n"  # lines 5-7; the ffn body starts at line 8
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    text: str
+    expect: tuple[str, ...]  # substrings of the message
+    at: str | None  # "line:col" in the spec, or None when the problem has no spec location
+    cli: bool = False  # also run through `moecompose validate` and `moecompose build`
+
+
+CASES = [
+    # --- keys and values
+    Case("unknown-top-key", "moecompose: 1\nsorces:\n  seed: <seed>\n",
+         ("unknown top-level key 'sorces'", "did you mean 'sources'?"), "2:1", cli=True),
+    Case("unknown-nested-key", BASE + RULE + "      exprts: [seed, code]\n",
+         ("unknown key 'exprts' in layers[0].ffn", "did you mean 'experts'?"), "8:7", cli=True),
+    Case("bad-router-kind",
+         BASE + RULE + "      experts: [seed, code]\n      router: {kind: topp, k: 2}\n",
+         ("unknown router kind 'topp'", "did you mean 'topk'?"), "9:22", cli=True),
+    Case("router-without-kind",
+         BASE + RULE + "      experts: [seed, code]\n      router: {k: 2}\n",
+         ("missing 'kind'", "'topk'"), "9:15"),
+    Case("bad-format-enum", BASE + "output:\n  format: mixtrl\n",
+         ("output.format: expected", "got 'mixtrl'", "did you mean 'mixtral'?"), "6:11"),
+    Case("bad-dtype-enum", BASE + "output:\n  dtype: fp32\n",
+         ("output.dtype: expected 'float32'", "got 'fp32'", "did you mean 'float32'?"), "6:10",
+         cli=True),
+    Case("bad-train-name", BASE + "train: [routers]\n",
+         ("train[0]: expected", "did you mean 'router'?"), "5:9"),
+    Case("bad-shard-size", BASE + "output: {max_shard_size: lots}\n",
+         ("expected a size such as 2GB",), "5:26"),
+    Case("seed-not-a-number", BASE + "seed: abc\n",
+         ("seed: expected a whole number", "'abc'"), "5:7"),
+    Case("seed-negative", BASE + "seed: -1\n", ("seed must be at least 0", "-1"), "5:7"),
+    # --- version, required keys, shape of the document
+    Case("version-2", "moecompose: 2\nsources:\n  seed: <seed>\n",
+         ("spec format version 2", "'moecompose: 1'"), "1:13", cli=True),
+    Case("version-bool", "moecompose: true\nsources:\n  seed: <seed>\n",
+         ("unknown spec format version true",), "1:13"),
+    Case("missing-version", "sources:\n  seed: <seed>\n",
+         ("missing required key 'moecompose'", "'moecompose: 1'"), "1:1"),
+    Case("missing-sources", "moecompose: 1\nname: x\n",
+         ("missing required key 'sources'",), "1:1", cli=True),
+    Case("sources-empty", "moecompose: 1\nsources: {}\n",
+         ("sources must have at least 1 entry",), "2:10"),
+    Case("sources-a-list", "moecompose: 1\nsources: [<seed>]\n",
+         ("sources: expected a mapping", "got a list"), "2:10"),
+    Case("source-path-empty", "moecompose: 1\nsources:\n  seed:\n",
+         ("sources.seed: expected the path of a model folder",), "3:3"),
+    Case("source-bad-name", "moecompose: 1\nsources:\n  1x: <seed>\n",
+         ("'1x' is not a valid name",), "3:3"),
+    Case("not-a-mapping", "- moecompose: 1\n- sources: {}\n",
+         ("a spec must be a mapping", "not a list"), "1:1", cli=True),
+    Case("empty-file", "", ("the spec is empty",), "1:1"),
+    # --- YAML itself
+    Case("duplicate-key", BASE + "seed: 1\nseed: 2\n", ("duplicate key 'seed'",), "6:1", cli=True),
+    Case("unclosed-bracket", "moecompose: 1\nsources: {seed: <seed>\n",
+         ("YAML syntax", "'{' opened here is never closed", "add the closing '}'"), "2:10",
+         cli=True),
+    Case("tab-indentation", "moecompose: 1\nsources:\n\tseed: <seed>\n",
+         ("YAML syntax", "tab", "indent with spaces"), "3:1"),
+    Case("two-documents", BASE + "---\nname: other\n", ("one YAML document",), "5:1"),
+    Case("bad-indentation", "moecompose: 1\nsources:\n  seed: <seed>\n code: <code>\n",
+         ("YAML syntax", "indentation"), "4:2"),
+    Case("control-character", BASE + "name: a\x07b\n",
+         ("YAML syntax", "'\\x07' is not allowed"), "5:8"),
+    Case("yaml-merge-key", BASE + "common: &c {k: 2}\nouter:\n  <<: *c\n",
+         ("merge keys ('<<') are not supported",), "7:3"),
+    Case("recursive-alias", BASE + "name: &n [*n]\n", ("alias refers to a node that contains it",),
+         "5:7"),
+    # --- names that must be sources
+    Case("expert-not-a-source", BASE + RULE + "      experts: [seed, cod]\n",
+         ("expert 'cod' is not defined in 'sources'", "did you mean 'code'?"), "8:23", cli=True),
+    Case("copy-not-a-source", BASE + RULE + "      experts: {copy: base, count: 2}\n",
+         ("copy source 'base' is not defined in 'sources'", "'seed', 'code'"), "8:23"),
+    Case("shared-not-a-source", BASE + RULE + "      experts: [seed, code]\n      shared: law\n",
+         ("shared expert 'law' is not defined in 'sources'",), "9:15"),
+    Case("merge-from-not-a-source", BASE + "merge: {from: law}\n",
+         ("merge source 'law' is not defined in 'sources'",), "5:15"),
+    Case("merge-weights-all-zero", BASE + "merge: {weights: {seed: 0, code: 0}}\n",
+         ("merge weights sum to 0", "positive weight"), "5:18"),
+    Case("merge-weight-negative", BASE + "merge: {weights: {seed: -1, code: 1}}\n",
+         ("merge.weights.seed must be at least 0",), "5:25"),
+    # --- experts and routers
+    Case("k-above-experts",
+         BASE + RULE + "      experts: [seed, code]\n      router: {kind: topk, k: 3}\n",
+         ("k = 3 but the layer has only 2 experts", "k <= 2"), "9:31", cli=True),
+    Case("default-k-above-experts", BASE + RULE + "      experts: [seed]\n",
+         ("default router k = 2", "only 1 expert", "k: 1"), "8:16"),
+    Case("k-zero",
+         BASE + RULE + "      experts: [seed, code]\n      router: {kind: topk, k: 0}\n",
+         ("router.k must be at least 1",), "9:31"),
+    Case("experts-empty", BASE + RULE + "      experts: []\n", ("'experts' is empty",), "8:16"),
+    Case("copy-without-count", BASE + RULE + "      experts: {copy: seed}\n",
+         ("missing required key 'count' in layers[0].ffn.experts",), "8:16"),
+    Case("count-zero", BASE + RULE + "      experts: {copy: seed, count: 0}\n",
+         ("experts.count must be at least 1", "got 0"), "8:36"),
+    Case("drop-above-one", BASE + RULE + "      experts: {copy: seed, count: 2, drop: 1.5}\n",
+         ("experts.drop must be less than 1", "got 1.5"), "8:45"),
+    Case("rule-without-ffn", BASE + "layers:\n  - select: all\n",
+         ("needs an 'ffn' section",), "6:5"),
+    # --- layer selections (checked against the sources' 4 layers)
+    Case("layer-out-of-range", BASE + "layers:\n  - select: [0, 9]\n    ffn:\n"
+         "      experts: [seed, code]\n",
+         ("layer 9 does not exist", "4 layers", "0 to 3"), "6:17", cli=True),
+    Case("range-to-beyond-layers", BASE + "layers:\n  - select: {from: 0, to: 8}\n    ffn:\n"
+         "      experts: [seed, code]\n", ("ends at 8", "4 layers", "to: 4"), "6:27"),
+    Case("range-from-beyond-layers", BASE + "layers:\n  - select: {from: 5}\n    ffn:\n"
+         "      experts: [seed, code]\n", ("starts at 5", "4 layers"), "6:20"),
+    Case("range-to-not-after-from", BASE + "layers:\n  - select: {from: 2, to: 2}\n    ffn:\n"
+         "      experts: [seed, code]\n", ("empty layer range", "exclusive"), "6:13"),
+    Case("layer-listed-twice", BASE + "layers:\n  - select: [1, 1]\n    ffn:\n"
+         "      experts: [seed, code]\n", ("layer 1 is listed twice",), "6:17"),
+    Case("select-unknown-word", BASE + "layers:\n  - select: some\n    ffn:\n"
+         "      experts: [seed, code]\n", ("expected 'all', a list of layer indices",), "6:13"),
+    # --- features this version refuses
+    Case("attention-experts", BASE + "layers:\n  - select: all\n    attention:\n"
+         "      experts: [seed, code]\n",
+         ("attention experts are not supported by this version",), "7:5", cli=True),
+    Case("nexus-router",
+         BASE + RULE + "      experts: [seed, code]\n      router: {kind: nexus, k: 1}\n",
+         ("router kind 'nexus' is not supported by this version",), "9:22"),
+    Case("adapter-experts", BASE + RULE + "      experts: {adapters: seed, count: 4}\n",
+         ("adapter experts are not supported by this version",), "8:17"),
+    Case("parallel-block", BASE + "block: parallel\n",
+         ("block: parallel is not supported by this version",), "5:8"),
+    Case("domains", BASE + "domains:\n  code: {texts: ./data/*.py}\n",
+         ("'domains' are not supported by this version",), "5:1"),
+    Case("train-empty", BASE + "train: []\n", ("'train' is empty",), "5:8"),
+    # --- output formats that cannot express the model
+    Case("mixtral-with-shared-expert",
+         BASE + RULE + "      experts: [seed, code]\n      shared: seed\noutput: {format: mixtral}\n",
+         ("format 'mixtral' cannot express this model", "shared expert", "format: native"),
+         "10:18", cli=True),
+    Case("mixtral-on-qwen2",
+         "moecompose: 1\nsources:\n  a: <qwen_seed>\n  b: <qwen_code>\n"
+         + RULE + "      experts: [a, b]\noutput: {format: mixtral}\n",
+         ("format 'mixtral' cannot express this model", "q/k/v biases"), "9:18"),
+    # --- sources
+    Case("source-missing", "moecompose: 1\nsources:\n  seed: ./no/such/folder\n",
+         ("source 'seed'", "does not exist", "check the path"), "3:9", cli=True),
+    Case("source-is-a-file", WITH_X.format("file"), ("is not a folder",), "4:6"),
+    Case("source-without-config", WITH_X.format("noconfig"), ("has no config.json",), "4:6"),
+    Case("source-config-bad-json", WITH_X.format("badjson"),
+         ("config.json is not valid JSON",), "4:6"),
+    Case("source-config-bad-value", WITH_X.format("badvalue"),
+         ("config.json has an invalid value",), "4:6"),
+    Case("source-unknown-family", WITH_X.format("gpt2"),
+         ("model_type 'gpt2'", "supported: llama"), "4:6"),
+    Case("source-only-bin-weights", WITH_X.format("binonly"),
+         ("has no safetensors weights", "save_pretrained"), "4:6"),
+    Case("source-truncated-weights", WITH_X.format("truncated"),
+         ("truncated", "model.safetensors"), "4:6", cli=True),
+    Case("source-garbage-header", WITH_X.format("garbage"),
+         ("corrupted safetensors header", "not JSON"), "4:6", cli=True),
+    Case("source-huge-header", WITH_X.format("hugeheader"),
+         ("corrupted safetensors header", "header length"), "4:6"),
+    Case("source-config-contradicts-weights", "moecompose: 1\nsources:\n  x: <shapes>\n",
+         ("tensor 'model.layers.0.mlp.gate_proj.weight' has shape [96, 64]", "[128, 64]"),
+         "3:6"),
+    Case("source-lacks-a-tensor", WITH_X.format("lacking"),
+         ("source 'x' lacks tensor 'model.layers.2.mlp.up_proj.weight'",), "4:6"),
+    Case("sources-different-dtypes", WITH_X.format("bf16"),
+         ("different dtypes", "'seed' is float32", "'x' is bfloat16", "output.dtype"), "2:1"),
+    Case("sources-mismatched-widths", WITH_X.format("wide"),
+         ("sources 'seed' and 'x' differ in hidden_size: 64 vs 96",), "4:6", cli=True),
+    Case("sources-different-families", WITH_X.format("qwen_seed"),
+         ("differ in model_type", "'llama' vs 'qwen2'"), "4:6", cli=True),
+    Case("sources-different-tokenizers", WITH_X.format("tokenizer"),
+         ("tokenizers of 'seed' and 'x' differ", "tokenizer.json"), "4:6", cli=True),
+]
+CLI_CASES = [c for c in CASES if c.cli]
+
+assert len({c.id for c in CASES}) == len(CASES)
+
+# ----------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def broken(sources: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Source folders with one thing wrong each, made from copies of the seed."""
+    root = tmp_path_factory.mktemp("broken")
+    seed = sources["seed"]
+
+    def copy(name: str) -> Path:
+        return Path(shutil.copytree(seed, root / name))
+
+    def edit_config(path: Path, **changes: object) -> None:
+        config = json.loads((path / "config.json").read_text())
+        config.update(changes)
+        (path / "config.json").write_text(json.dumps(config))
+
+    out: dict[str, Path] = {}
+    out["file"] = root / "file"
+    out["file"].write_text("not a folder\n")
+    out["noconfig"] = root / "noconfig"
+    out["noconfig"].mkdir()
+    shutil.copyfile(seed / "model.safetensors", out["noconfig"] / "model.safetensors")
+    out["badjson"] = copy("badjson")
+    (out["badjson"] / "config.json").write_text("{not json")
+    out["badvalue"] = copy("badvalue")
+    edit_config(out["badvalue"], hidden_size="big")
+    out["gpt2"] = copy("gpt2")
+    edit_config(out["gpt2"], model_type="gpt2")
+    out["binonly"] = copy("binonly")
+    (out["binonly"] / "model.safetensors").rename(out["binonly"] / "pytorch_model.bin")
+
+    out["truncated"] = copy("truncated")
+    weights = out["truncated"] / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    out["garbage"] = copy("garbage")
+    weights = out["garbage"] / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[8:40] = b"\xff" * 32
+    weights.write_bytes(bytes(data))
+    out["hugeheader"] = copy("hugeheader")
+    weights = out["hugeheader"] / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[:8] = struct.pack("<Q", 2**62)
+    weights.write_bytes(bytes(data))
+
+    out["shapes"] = copy("shapes")
+    edit_config(out["shapes"], intermediate_size=128)
+    out["lacking"] = copy("lacking")
+    tensors = load_file(out["lacking"] / "model.safetensors")
+    del tensors["model.layers.2.mlp.up_proj.weight"]
+    save_file(tensors, out["lacking"] / "model.safetensors", metadata={"format": "pt"})
+    out["bf16"] = make_dense(root / "bf16", seed=0, dtype=torch.bfloat16)
+
+    out["tokenizer"] = copy("tokenizer")
+    tok = json.loads((out["tokenizer"] / "tokenizer.json").read_text())
+    tok["model"]["vocab"]["zebra"] = len(tok["model"]["vocab"])
+    (out["tokenizer"] / "tokenizer.json").write_text(json.dumps(tok))
+    return out
+
+
+@pytest.fixture
+def spec_text(sources: dict[str, Path], broken: dict[str, Path]):
+    paths = {**{k: str(v) for k, v in sources.items()}, **{k: str(v) for k, v in broken.items()}}
+
+    def fill(text: str) -> str:
+        for name, path in paths.items():
+            text = text.replace(f"<{name}>", path)
+        assert not re.search(r"<\w+>", text), text
+        return text
+
+    return fill
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    folder = tmp_path / "specs"
+    folder.mkdir(exist_ok=True)
+    path = folder / "spec.yaml"
+    path.write_text(text)
+    return path
+
+
+def _tree_hashes(*folders: Path) -> dict[str, str]:
+    out = {}
+    for folder in folders:
+        if folder.is_file():
+            out[str(folder)] = hashlib.sha256(folder.read_bytes()).hexdigest()
+            continue
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                out[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def _check_message(message: str, spec: Path, case: Case) -> None:
+    assert "\n" not in message, message
+    assert "Traceback" not in message
+    for jargon in ("Input should", "validation error", "[type=", "pydantic"):
+        assert jargon not in message, message
+    prefix = f"{spec}:{case.at}: " if case.at else f"{spec}: "
+    assert message.startswith(prefix), f"expected location {prefix!r} in: {message}"
+    for part in case.expect:
+        assert part in message, f"expected {part!r} in: {message}"
+
+
+def _run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "moecompose.cli", *args],
+        capture_output=True, text=True, cwd=cwd, timeout=300,
+    )
+
+
+def _check_cli_error(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].strip(), result.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    return lines[0][len("error: "):]
+
+
+# -------------------------------------------------------------------------- tests
+
+
+def test_the_table_is_large_enough() -> None:
+    assert len(CASES) >= 25
+    assert len(CLI_CASES) >= 10
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_validate_gives_one_located_line(case: Case, spec_text, tmp_path: Path) -> None:
+    spec = _write(tmp_path, spec_text(case.text))
+    with pytest.raises(MoeComposeError) as info:
+        mc.validate(spec)
+    _check_message(info.value.format(), spec, case)
+    assert str(info.value) == info.value.format()
+
+
+@pytest.mark.parametrize("case", CLI_CASES, ids=[c.id for c in CLI_CASES])
+def test_cli_validate_exits_2_with_one_line(case: Case, spec_text, tmp_path: Path) -> None:
+    spec = _write(tmp_path, spec_text(case.text))
+    message = _check_cli_error(_run_cli("validate", str(spec)))
+    _check_message(message, spec, case)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CLI_CASES, ids=[c.id for c in CLI_CASES])
+def test_cli_build_fails_cleanly(
+    case: Case, spec_text, tmp_path: Path, sources: dict[str, Path], broken: dict[str, Path]
+) -> None:
+    spec = _write(tmp_path, spec_text(case.text))
+    watched = [*sources.values(), *broken.values()]
+    before = _tree_hashes(*watched)
+    out_parent = tmp_path / "artifacts"
+    out_parent.mkdir()
+    out = out_parent / "model"
+
+    message = _check_cli_error(_run_cli("build", str(spec), "-o", str(out)))
+    _check_message(message, spec, case)
+
+    assert not out.exists()
+    assert list(out_parent.iterdir()) == [], "a failed build left files behind"
+    assert _tree_hashes(*watched) == before, "a failed build modified a source"
+
+
+def test_plan_reports_the_same_error_as_validate(spec_text, tmp_path: Path) -> None:
+    case = next(c for c in CASES if c.id == "mixtral-with-shared-expert")
+    spec = _write(tmp_path, spec_text(case.text))
+    message = _check_cli_error(_run_cli("plan", str(spec)))
+    _check_message(message, spec, case)
+
+
+def test_spec_file_not_found(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(MoeComposeError) as info:
+        mc.validate(missing)
+    assert info.value.format() == f"{missing}: spec file not found"
+    message = _check_cli_error(_run_cli("validate", str(missing)))
+    assert message.startswith(f"{missing}: ") and "not found" in message
+    out = tmp_path / "out"
+    message = _check_cli_error(_run_cli("build", str(missing), "-o", str(out)))
+    assert "not found" in message
+    assert not out.exists()
+
+
+def test_relative_spec_path_is_reported_as_given(spec_text, tmp_path: Path) -> None:
+    case = next(c for c in CASES if c.id == "unknown-top-key")
+    _write(tmp_path, spec_text(case.text))
+    message = _check_cli_error(_run_cli("validate", "specs/spec.yaml", cwd=tmp_path))
+    assert message.startswith("specs/spec.yaml:2:1: "), message
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["inside-a-source", "under-a-file"],
+)
+def test_build_refuses_bad_output_paths(
+    where: str, tmp_path: Path, sources: dict[str, Path], write_spec
+) -> None:
+    spec = write_spec(
+        """
+        moecompose: 1
+        sources: {seed: $seed, code: $code}
+        layers:
+          - select: all
+            ffn:
+              experts: [seed, code]
+              router: {kind: topk, k: 1}
+        """
+    )
+    before = _tree_hashes(sources["seed"], sources["code"])
+    if where == "inside-a-source":
+        out = sources["seed"] / "moe"
+        expect = "overlaps source 'seed'"
+    else:
+        blocker = tmp_path / "a-file"
+        blocker.write_text("x")
+        out = blocker / "moe"
+        expect = "cannot write"
+    message = _check_cli_error(_run_cli("build", str(spec), "-o", str(out), "-q"))
+    assert expect in message, message
+    assert not out.exists()
+    assert _tree_hashes(sources["seed"], sources["code"]) == before
+    leftovers = [p for p in out.parent.iterdir() if ".partial" in p.name] if out.parent.is_dir() else []
+    assert leftovers == []
+
+
+def test_build_that_fails_midway_leaves_nothing(
+    tmp_path: Path, sources: dict[str, Path]
+) -> None:
+    """A source that changes between planning and building stops the build after its
+    temporary folder exists: the folder is removed and the target never appears."""
+    copy = Path(shutil.copytree(sources["seed"], tmp_path / "seed"))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        f"moecompose: 1\nsources: {{seed: {copy}, code: {sources['code']}}}\n"
+        "layers:\n  - select: all\n    ffn:\n      experts: [seed, code]\n"
+    )
+    plan = mc.plan(spec)
+    weights = copy / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) - 1024])
+    before = _tree_hashes(copy, sources["code"])
+
+    out = tmp_path / "artifacts" / "model"
+    with pytest.raises(MoeComposeError) as info:
+        mc.build(plan, out)
+    assert "\n" not in info.value.format()
+    assert not out.exists()
+    assert [p.name for p in out.parent.iterdir()] == []
+    assert _tree_hashes(copy, sources["code"]) == before
+
+
+def test_api_messages_are_one_line_for_in_memory_specs() -> None:
+    with pytest.raises(MoeComposeError) as info:
+        mc.parse_spec("moecompose: 1\nsources: {a: x}\nsorces: {}\n")
+    assert info.value.format() == (
+        "<spec>:3:1: unknown top-level key 'sorces' (did you mean 'sources'?)"
+    )
