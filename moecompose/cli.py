@@ -22,6 +22,23 @@ err = Console(stderr=True, highlight=False)
 class _Group(click.Group):
     """Turns every user error into one line on stderr and exit status 2."""
 
+    def main(self, *args: object, **kwargs: object) -> object:  # type: ignore[override]
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)  # type: ignore[arg-type]
+        except click.exceptions.NoArgsIsHelpError as exc:
+            click.echo(exc.ctx.get_help() if exc.ctx else "")
+            sys.exit(2)
+        except click.UsageError as exc:
+            command = exc.ctx.command_path if exc.ctx else "moecompose"
+            err.print(f"[bold red]error:[/bold red] {exc.format_message()} "
+                      f"(see '{command} --help')", soft_wrap=True)
+            sys.exit(2)
+        except click.exceptions.Abort:
+            err.print("[bold red]aborted[/bold red]")
+            sys.exit(130)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
@@ -53,7 +70,8 @@ def validate(spec: Path) -> None:
     moe = len(resolved.moe_layers)
     out.print(
         f"[green]ok[/green] {spec}: {len(resolved.sources)} source(s), {resolved.family.name}, "
-        f"{moe}/{len(resolved.layers)} MoE layers"
+        f"{moe}/{len(resolved.layers)} MoE layers",
+        soft_wrap=True,
     )
     for warning in resolved.warnings:
         out.print(f"[yellow]warning:[/yellow] {warning}")
@@ -98,7 +116,10 @@ def build(spec: Path, output: Path, force: bool, quiet: bool) -> None:
             bar.update(task, completed=done, total=total, description=name)
 
         result = api.build(the_plan, output, force=force, progress=progress)
-    out.print(f"[green]built[/green] {result.path} ({the_plan.format}, {human(the_plan.totals.bytes)}B)")
+    out.print(
+        f"[green]built[/green] {result.path} ({the_plan.format}, {human(the_plan.totals.bytes)}B)",
+        soft_wrap=True,
+    )
 
 
 @main.command()

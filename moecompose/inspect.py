@@ -25,9 +25,16 @@ def read_plan(artifact: Path) -> Plan:
 
 def verify_files(artifact: Path) -> list[str]:
     """Files whose sha256 differs from manifest.json (or that are missing)."""
-    manifest = json.loads((artifact / "manifest.json").read_text())
+    path = artifact / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+        listed = dict(manifest["files"])
+    except FileNotFoundError:
+        raise BuildError(f"{artifact} has no manifest.json", hint="nothing to verify against") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise BuildError(f"{path} is corrupted: {exc}") from None
     bad = []
-    for name, digest in manifest["files"].items():
+    for name, digest in listed.items():
         path = artifact / name
         if not path.is_file():
             bad.append(f"{name} (missing)")

@@ -64,6 +64,8 @@ def build(plan: Plan, out: str | Path, *, force: bool = False, progress: Progres
 def check_target(plan: Plan, out: Path, force: bool) -> None:
     """Refuse an output that overlaps a source, exists (without ``force``), or is not ours."""
     out = Path(out).resolve()
+    if out.exists() and not out.is_dir():
+        raise BuildError(f"output {out} is a file", hint="choose a folder path for the artifact")
     for name, src in plan.sources.items():
         source = Path(src["path"]).resolve()
         if out == source or source.is_relative_to(out) or out.is_relative_to(source):

@@ -32,8 +32,16 @@ def load_spec(path: str | Path, *, check: bool = True) -> Spec:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SpecError("spec file not found", location=Location(str(path))) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(f"cannot read spec file: {exc}", location=Location(str(path))) from None
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise SpecError(
+            "the spec is not UTF-8 text", location=Location(str(path), line),
+            hint="save the file as UTF-8",
+        ) from None
+    except OSError as exc:
+        raise SpecError(
+            f"cannot read spec file: {exc.strerror or exc}", location=Location(str(path))
+        ) from None
     return parse_spec(text, file=str(path), base_dir=path.parent, check=check)
 
 
