@@ -37,7 +37,7 @@ class DenseFFN(nn.Module):
         return self.ffn(x), None
 
 
-def forward_step(layer: Callable, x: Tensor) -> Callable[[], None]:
+def forward_step(layer: nn.Module, x: Tensor) -> Callable[[], None]:
     def step() -> None:
         with torch.no_grad():
             layer(x)
@@ -45,8 +45,13 @@ def forward_step(layer: Callable, x: Tensor) -> Callable[[], None]:
     return step
 
 
-def forward_backward_step(layer: Callable, x: Tensor, grad: Tensor) -> Callable[[], None]:
+def forward_backward_step(layer: nn.Module, x: Tensor, grad: Tensor) -> Callable[[], None]:
+    """One training step's forward and backward; gradients start from None as after
+    `optimizer.zero_grad()`."""
+
     def step() -> None:
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
         y, aux = layer(x)
         if aux is None:
             y.backward(grad)
@@ -108,7 +113,7 @@ def main() -> None:
         f"MoE FFN E={E} top-{k} d={d} f={f} vs dense f={k * f}; T={T}, fp32, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}"
     )
-    layers: dict[str, Callable] = {
+    layers: dict[str, nn.Module] = {
         "dense eager": dense,
         "moe loop eager (reference)": loop,
         "moe grouped eager": moe,
@@ -139,7 +144,9 @@ def main() -> None:
     ratio("moe eager / dense eager", "moe grouped eager", "dense eager")
     ratio("moe compiled / dense compiled", "moe grouped compiled", "dense compiled")
     ratio("moe eager / reference loop eager", "moe grouped eager", "moe loop eager (reference)")
-    ratio("moe compiled / reference loop eager", "moe grouped compiled", "moe loop eager (reference)")
+    ratio(
+        "moe compiled / reference loop eager", "moe grouped compiled", "moe loop eager (reference)"
+    )
 
 
 if __name__ == "__main__":

@@ -69,6 +69,14 @@ def test_config_round_trips_through_dict() -> None:
     assert ModelConfig.from_dict(config.to_dict()) == config
 
 
+def test_rope_scaling_in_rope_parameters_form_is_accepted() -> None:
+    scaling = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    config = ModelConfig.from_dict(config_dict(rope_scaling=scaling))
+    assert config.rope_scaling is not None and config.rope_scaling.factor == 2.0
+    default = {"rope_type": "default", "rope_theta": 10000.0}
+    assert ModelConfig.from_dict(config_dict(rope_scaling=default)).rope_scaling is None
+
+
 def test_unknown_router_kind_is_rejected_by_name() -> None:
     d = config_dict()
     d["layers"][1]["ffn"]["router"]["kind"] = "nexus"
@@ -86,6 +94,17 @@ def test_unknown_router_kind_is_rejected_by_name() -> None:
         (lambda d: d.update(block="diagonal"), "block 'diagonal'"),
         (lambda d: d.update(num_hidden_layers=3), "num_hidden_layers is 3"),
         (lambda d: d.update(rope_scaling={"rope_type": "yarn", "factor": 2.0}), "rope_type 'yarn'"),
+        (lambda d: d.update(rope_scaling={"rope_type": "linear", "factor": 0}), "positive"),
+        (
+            lambda d: d.update(
+                rope_scaling={"rope_type": "linear", "factor": 2.0, "rope_theta": 1.0}
+            ),
+            "differs from rope_theta",
+        ),
+        (
+            lambda d: d.update(rope_scaling={"rope_type": "linear", "factor": 2.0, "beta": 1}),
+            "unknown key",
+        ),
         (lambda d: d.update(moecompose_format=2), "moecompose_format 2"),
         (lambda d: d.update(num_key_value_heads=3), "multiple of num_key_value_heads"),
         (lambda d: d.update(dtype="float64"), "dtype 'float64'"),
@@ -160,7 +179,9 @@ def test_load_weights_rejects_wrong_shapes() -> None:
     model = MoECausalLM.from_config(config_dict())
     state = dict(model.state_dict())
     state["model.layers.1.mlp.experts.up_proj"] = torch.zeros(3, 32, 32)
-    with pytest.raises(ValueError, match=r"experts.up_proj: expected \(4, 32, 32\), got \(3, 32, 32\)"):
+    with pytest.raises(
+        ValueError, match=r"experts.up_proj: expected \(4, 32, 32\), got \(3, 32, 32\)"
+    ):
         model.load_weights(state)
 
 
@@ -188,7 +209,7 @@ def test_trainable_null_makes_everything_trainable() -> None:
 
 
 def test_trainable_unknown_name_is_rejected() -> None:
-    with pytest.raises(ValueError, match="model.layers.9.mlp.router.weight"):
+    with pytest.raises(ValueError, match=r"model\.layers\.9\.mlp\.router\.weight"):
         MoECausalLM.from_config(config_dict(trainable=["model.layers.9.mlp.router.weight"]))
 
 
@@ -201,7 +222,9 @@ def test_parameters_take_the_config_dtype() -> None:
 
 def test_parallel_block_feeds_both_branches_the_same_residual() -> None:
     torch.manual_seed(0)
-    model = MoECausalLM.from_config(config_dict(block="parallel", num_hidden_layers=1, layers=[DENSE]))
+    model = MoECausalLM.from_config(
+        config_dict(block="parallel", num_hidden_layers=1, layers=[DENSE])
+    )
     layer = model.model.layers[0]
     x = torch.randn(2, 5, 32)
     cos, sin = model.model.rotary_emb(torch.arange(5), x.dtype)

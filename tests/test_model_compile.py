@@ -11,6 +11,7 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 from moecompose.model import MoECausalLM, compile_model
+from moecompose.model.compile import supports_shapes_spec
 
 pytestmark = pytest.mark.slow
 
@@ -34,6 +35,9 @@ CONFIG: dict[str, Any] = {
     "head_dim": 8,
     "layers": [{"ffn": {"kind": "dense"}}, MOE],
 }
+needs_shapes_spec = pytest.mark.skipif(
+    not supports_shapes_spec(), reason="shape-stable compile needs torch.compile(shapes_spec=)"
+)
 SHAPES = [(b, s) for b in (1, 2, 3) for s in (1, 7, 64, 200)]
 
 
@@ -59,6 +63,7 @@ def test_forward_has_no_graph_breaks(model: MoECausalLM) -> None:
     assert explanation.graph_count == 1
 
 
+@needs_shapes_spec
 def test_compiled_model_does_not_recompile_for_new_batch_or_sequence_lengths(
     model: MoECausalLM,
 ) -> None:
@@ -73,6 +78,7 @@ def test_compiled_model_does_not_recompile_for_new_batch_or_sequence_lengths(
             torch.testing.assert_close(out.aux_loss, reference.aux_loss, atol=1e-6, rtol=1e-4)
 
 
+@needs_shapes_spec
 def test_compiled_training_step_matches_eager_without_recompiling(model: MoECausalLM) -> None:
     compiled = compile_model(model)
     for batch, seq in [(2, 7), (1, 1), (3, 33)]:
@@ -85,4 +91,6 @@ def test_compiled_training_step_matches_eager_without_recompiling(model: MoECaus
             grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
         assert compiled_graphs() == 1, f"recompiled at batch={batch}, seq={seq}"
         for name in grads[1]:
-            torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
+            torch.testing.assert_close(
+                grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name
+            )

@@ -172,7 +172,9 @@ def test_moe_and_dense_layers_mix() -> None:
     model = MoECausalLM.from_config(config)
     state = upcycled_state_dict(hf, 3)
     for proj in ("gate_proj", "up_proj", "down_proj"):
-        state[f"model.layers.0.mlp.{proj}.weight"] = state.pop(f"model.layers.0.mlp.experts.{proj}")[0]
+        state[f"model.layers.0.mlp.{proj}.weight"] = state.pop(
+            f"model.layers.0.mlp.experts.{proj}"
+        )[0]
     del state["model.layers.0.mlp.router.weight"]
     model.load_weights(state)
     assert max_logit_diff(model, hf, tokens()) <= 1e-5
@@ -180,7 +182,9 @@ def test_moe_and_dense_layers_mix() -> None:
 
 def test_loop_dispatch_reproduces_dense_logits() -> None:
     hf = hf_model()
-    model = MoECausalLM.from_config(native_config(hf, layers=[moe_layer(4, 2)] * LAYERS), dispatch="loop")
+    model = MoECausalLM.from_config(
+        native_config(hf, layers=[moe_layer(4, 2)] * LAYERS), dispatch="loop"
+    )
     model.load_weights(upcycled_state_dict(hf, 4))
     assert max_logit_diff(model, hf, tokens()) <= 1e-5
 

@@ -183,7 +183,9 @@ class MoECausalLM(nn.Module):
             if name in state_dict and own[name].shape != state_dict[name].shape
         ]
         if wrong:
-            raise ValueError("tensor shapes do not match the model config:\n  " + "\n  ".join(wrong))
+            raise ValueError(
+                "tensor shapes do not match the model config:\n  " + "\n  ".join(wrong)
+            )
         with torch.no_grad():
             for name, tensor in own.items():
                 if name in state_dict:

@@ -31,7 +31,8 @@ from torch import nn
 _SHAPED_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
-def _supports_shapes_spec() -> bool:
+def supports_shapes_spec() -> bool:
+    """Whether this torch has `torch.compile(shapes_spec=...)`."""
     return "shapes_spec" in inspect.signature(torch.compile).parameters
 
 
@@ -51,7 +52,7 @@ def compile_model(model: nn.Module, **kwargs: Any) -> nn.Module:
     """
     kwargs.setdefault("fullgraph", True)
     if "dynamic" not in kwargs and "shapes_spec" not in kwargs:
-        if _supports_shapes_spec():
+        if supports_shapes_spec():
             kwargs["shapes_spec"] = token_shapes_spec()
         else:
             kwargs["dynamic"] = True

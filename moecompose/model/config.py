@@ -27,12 +27,18 @@ DTYPES: dict[str, torch.dtype] = {
 
 BLOCKS = ("sequential", "parallel")
 ROPE_TYPES = ("default", "linear", "llama3")
+_ROPE_KEYS = {
+    "rope_type", "type", "factor", "low_freq_factor", "high_freq_factor",
+    "original_max_position_embeddings", "rope_theta", "partial_rotary_factor",
+}  # fmt: skip
 
 
 def _check_keys(d: Mapping[str, Any], allowed: set[str], where: str) -> None:
     unknown = sorted(set(d) - allowed)
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; expected a subset of {sorted(allowed)}")
+        raise ValueError(
+            f"{where}: unknown key(s) {unknown}; expected a subset of {sorted(allowed)}"
+        )
 
 
 def _require(d: Mapping[str, Any], key: str, where: str) -> Any:
@@ -181,7 +187,9 @@ class MoEFFNSpec:
             num_experts=num_experts,
             intermediate_size=size,
             router=router,
-            shared_expert=None if shared is None else SharedExpertSpec.from_dict(shared, f"{where}.shared_expert"),
+            shared_expert=None
+            if shared is None
+            else SharedExpertSpec.from_dict(shared, f"{where}.shared_expert"),
             aux_loss=AuxLossSpec.from_dict(d.get("aux_loss"), f"{where}.aux_loss"),
         )
 
@@ -222,7 +230,9 @@ class LayerSpec:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str) -> LayerSpec:
         if "attention" in d:
-            raise ValueError(f"{where}: attention mixtures ('attention' key) are not supported by this version")
+            raise ValueError(
+                f"{where}: attention mixtures ('attention' key) are not supported by this version"
+            )
         _check_keys(d, {"ffn"}, where)
         return cls(ffn=parse_ffn(_require(d, "ffn", where), f"{where}.ffn"))
 
@@ -244,22 +254,38 @@ class RopeScaling:
     original_max_position_embeddings: int | None = None
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None, max_position_embeddings: int) -> RopeScaling | None:
+    def from_dict(
+        cls, d: Mapping[str, Any] | None, max_position_embeddings: int, rope_theta: float
+    ) -> RopeScaling | None:
+        """None for no scaling; `rope_theta` and `partial_rotary_factor` (HF's newer
+        `rope_parameters` form) are accepted only when they change nothing."""
         if d is None:
             return None
+        _check_keys(d, _ROPE_KEYS, "rope_scaling")
+        if float(d.get("rope_theta", rope_theta)) != rope_theta:
+            raise ValueError(
+                f"rope_scaling.rope_theta ({d['rope_theta']}) differs from rope_theta ({rope_theta})"
+            )
+        if d.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError(
+                "rope_scaling.partial_rotary_factor != 1 is not supported by this version"
+            )
         rope_type = d.get("rope_type", d.get("type"))
         if rope_type == "default":
             return None
         if rope_type not in ROPE_TYPES:
             raise ValueError(
-                f"rope_scaling: rope_type {rope_type!r} is not supported by this version (supported: {list(ROPE_TYPES)})"
+                f"rope_scaling: rope_type {rope_type!r} is not supported by this version "
+                f"(supported: {list(ROPE_TYPES)})"
             )
-        factor = _non_negative_float(_require(d, "factor", "rope_scaling"), "rope_scaling.factor")
+        factor = _require(d, "factor", "rope_scaling")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 0:
+            raise ValueError(f"rope_scaling.factor must be a positive number, got {factor!r}")
         if rope_type == "linear":
-            return cls(rope_type=rope_type, factor=factor)
+            return cls(rope_type=rope_type, factor=float(factor))
         return cls(
             rope_type=rope_type,
-            factor=factor,
+            factor=float(factor),
             low_freq_factor=float(_require(d, "low_freq_factor", "rope_scaling")),
             high_freq_factor=float(_require(d, "high_freq_factor", "rope_scaling")),
             original_max_position_embeddings=int(
@@ -324,20 +350,28 @@ class ModelConfig:
         """Parse and check a native config dict; raises ValueError naming the offending field."""
         version = d.get("moecompose_format", FORMAT_VERSION)
         if version != FORMAT_VERSION:
-            raise ValueError(f"moecompose_format {version!r} is not supported by this version (expected {FORMAT_VERSION})")
+            raise ValueError(
+                f"moecompose_format {version!r} is not supported by this version (expected {FORMAT_VERSION})"
+            )
         model_type = d.get("model_type", "moecompose")
         if model_type != "moecompose":
-            raise ValueError(f"model_type {model_type!r} is not a native moecompose config; convert it first")
+            raise ValueError(
+                f"model_type {model_type!r} is not a native moecompose config; convert it first"
+            )
 
         hidden = _positive_int(_require(d, "hidden_size", "config"), "hidden_size")
         heads = _positive_int(_require(d, "num_attention_heads", "config"), "num_attention_heads")
         kv_heads = _positive_int(d.get("num_key_value_heads", heads), "num_key_value_heads")
         if heads % kv_heads:
-            raise ValueError(f"num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})")
+            raise ValueError(
+                f"num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})"
+            )
         head_dim = d.get("head_dim")
         if head_dim is None:
             if hidden % heads:
-                raise ValueError(f"hidden_size ({hidden}) is not divisible by num_attention_heads ({heads}); set head_dim")
+                raise ValueError(
+                    f"hidden_size ({hidden}) is not divisible by num_attention_heads ({heads}); set head_dim"
+                )
             head_dim = hidden // heads
         head_dim = _positive_int(head_dim, "head_dim")
         if head_dim % 2:
@@ -346,17 +380,25 @@ class ModelConfig:
         raw_layers = _require(d, "layers", "config")
         if not isinstance(raw_layers, list):
             raise ValueError("layers must be a list with one entry per decoder layer")
-        layers = tuple(LayerSpec.from_dict(layer, f"layers[{i}]") for i, layer in enumerate(raw_layers))
+        layers = tuple(
+            LayerSpec.from_dict(layer, f"layers[{i}]") for i, layer in enumerate(raw_layers)
+        )
         declared = d.get("num_hidden_layers", len(layers))
         if declared != len(layers):
-            raise ValueError(f"num_hidden_layers is {declared} but layers has {len(layers)} entries")
+            raise ValueError(
+                f"num_hidden_layers is {declared} but layers has {len(layers)} entries"
+            )
 
         hidden_act = d.get("hidden_act", "silu")
         if hidden_act != "silu":
-            raise ValueError(f"hidden_act {hidden_act!r} is not supported by this version (supported: ['silu'])")
+            raise ValueError(
+                f"hidden_act {hidden_act!r} is not supported by this version (supported: ['silu'])"
+            )
         block = d.get("block", "sequential")
         if block not in BLOCKS:
-            raise ValueError(f"block {block!r} is not supported by this version (supported: {list(BLOCKS)})")
+            raise ValueError(
+                f"block {block!r} is not supported by this version (supported: {list(BLOCKS)})"
+            )
         dtype = d.get("dtype", "float32")
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not supported (supported: {list(DTYPES)})")
@@ -367,10 +409,13 @@ class ModelConfig:
             trainable = tuple(trainable)
 
         max_pos = _positive_int(d.get("max_position_embeddings", 2048), "max_position_embeddings")
+        rope_theta = float(d.get("rope_theta", 10000.0))
         return cls(
             vocab_size=_positive_int(_require(d, "vocab_size", "config"), "vocab_size"),
             hidden_size=hidden,
-            intermediate_size=_positive_int(_require(d, "intermediate_size", "config"), "intermediate_size"),
+            intermediate_size=_positive_int(
+                _require(d, "intermediate_size", "config"), "intermediate_size"
+            ),
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
             head_dim=head_dim,
@@ -378,8 +423,8 @@ class ModelConfig:
             family=d.get("family", "llama"),
             hidden_act=hidden_act,
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
-            rope_theta=float(d.get("rope_theta", 10000.0)),
-            rope_scaling=RopeScaling.from_dict(d.get("rope_scaling"), max_pos),
+            rope_theta=rope_theta,
+            rope_scaling=RopeScaling.from_dict(d.get("rope_scaling"), max_pos, rope_theta),
             max_position_embeddings=max_pos,
             tie_word_embeddings=_bool(d.get("tie_word_embeddings", False), "tie_word_embeddings"),
             attention_bias=_bool(d.get("attention_bias", False), "attention_bias"),

@@ -95,7 +95,9 @@ class GroupedExperts(nn.Module):
     `one_hot` / `where` (data-dependent shapes, so it breaks compiled graphs).
     """
 
-    def __init__(self, num_experts: int, dim: int, hidden: int, dispatch: Dispatch = "grouped") -> None:
+    def __init__(
+        self, num_experts: int, dim: int, hidden: int, dispatch: Dispatch = "grouped"
+    ) -> None:
         super().__init__()
         if dispatch not in DISPATCHES:
             raise ValueError(f"dispatch must be one of {DISPATCHES}, got {dispatch!r}")
