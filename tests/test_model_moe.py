@@ -64,6 +64,31 @@ def test_grouped_dispatch_matches_loop_forward_and_gradients(
         torch.testing.assert_close(fast[name], reference[name], atol=1e-5, rtol=0, msg=name)
 
 
+@pytest.mark.parametrize("frozen", ["experts", "input"])
+def test_grouped_dispatch_matches_loop_with_frozen_parts(frozen: str) -> None:
+    torch.manual_seed(0)
+    layers = [MoEFFN(DIM, moe_spec(), dispatch=d) for d in ("grouped", "loop")]
+    layers[1].load_state_dict(layers[0].state_dict())
+    x, upstream = torch.randn(19, DIM), torch.randn(19, DIM)
+    results = []
+    for layer in layers:
+        if frozen == "experts":
+            layer.experts.requires_grad_(False)
+        xi = x.clone().requires_grad_(frozen != "input")
+        y, _ = layer(xi)
+        y.backward(upstream)
+        grads = {n: p.grad for n, p in layer.named_parameters() if p.requires_grad}
+        results.append((y.detach(), xi.grad, grads))
+    (y_fast, dx_fast, fast), (y_ref, dx_ref, reference) = results
+    torch.testing.assert_close(y_fast, y_ref, atol=1e-5, rtol=0)
+    assert (dx_fast is None) == (frozen == "input")
+    if dx_fast is not None:
+        torch.testing.assert_close(dx_fast, dx_ref, atol=1e-5, rtol=0)
+    assert fast.keys() == reference.keys()
+    for name in fast:
+        torch.testing.assert_close(fast[name], reference[name], atol=1e-5, rtol=0, msg=name)
+
+
 def test_inference_path_matches_training_path() -> None:
     torch.manual_seed(0)
     layer = MoEFFN(DIM, moe_spec(num_experts=5, k=2))

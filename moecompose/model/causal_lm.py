@@ -18,16 +18,28 @@ from moecompose.model.config import DenseFFNSpec, FFNSpec, LayerSpec, ModelConfi
 from moecompose.model.moe import DISPATCHES, Dispatch, GroupedExperts, MoEFFN
 from moecompose.model.parts import Attention, RMSNorm, RotaryEmbedding, SwiGLU, padding_mask
 
+
+def _dense_ffn(config: ModelConfig, spec: DenseFFNSpec, dispatch: Dispatch) -> nn.Module:
+    return SwiGLU(config.hidden_size, config.intermediate_size)
+
+
+def _moe_ffn(config: ModelConfig, spec: MoEFFNSpec, dispatch: Dispatch) -> nn.Module:
+    return MoEFFN(config.hidden_size, spec, dispatch)
+
+
 FFN_BUILDERS: dict[str, Callable[[ModelConfig, Any, Dispatch], nn.Module]] = {
-    DenseFFNSpec.kind: lambda config, spec, dispatch: SwiGLU(
-        config.hidden_size, config.intermediate_size
-    ),
-    MoEFFNSpec.kind: lambda config, spec, dispatch: MoEFFN(config.hidden_size, spec, dispatch),
+    DenseFFNSpec.kind: _dense_ffn,
+    MoEFFNSpec.kind: _moe_ffn,
 }
 
 
 def build_ffn(config: ModelConfig, spec: FFNSpec, dispatch: Dispatch) -> nn.Module:
     return FFN_BUILDERS[spec.kind](config, spec, dispatch)
+
+
+def _names(names: list[str], limit: int = 20) -> str:
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown}, ... ({len(names) - limit} more)"
 
 
 class CausalLMOutput(NamedTuple):
@@ -62,12 +74,12 @@ class DecoderLayer(nn.Module):
         self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None
     ) -> tuple[Tensor, Tensor | None]:
         """x [B, S, d] -> (x [B, S, d], this layer's aux loss or None)."""
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        if not self.parallel:
-            x = x + attn
-        ffn, aux = self._ffn(self.post_attention_layernorm(x))
         if self.parallel:
+            attn = self.self_attn(self.input_layernorm(x), cos, sin, mask)
+            ffn, aux = self._ffn(self.post_attention_layernorm(x))
             return x + attn + ffn, aux
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        ffn, aux = self._ffn(self.post_attention_layernorm(x))
         return x + ffn, aux
 
     def _ffn(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -164,8 +176,8 @@ class MoECausalLM(nn.Module):
     ) -> tuple[list[str], list[str]]:
         """Copy tensors into the parameters (cast to their dtype); returns (missing, unexpected).
 
-        With `strict`, any missing or unexpected name raises a `KeyError` listing them; a
-        shape mismatch always raises a `ValueError` naming the tensor and both shapes.
+        Raises `ValueError` naming the tensors: with `strict`, for any missing or unexpected
+        name; always, for a shape that differs from the config's.
         """
         own = self.state_dict()
         missing = sorted(set(own) - set(state_dict))
@@ -173,10 +185,10 @@ class MoECausalLM(nn.Module):
         if strict and (missing or unexpected):
             lines = []
             if missing:
-                lines.append(f"missing tensors ({len(missing)}): {', '.join(missing)}")
+                lines.append(f"missing tensors ({len(missing)}): {_names(missing)}")
             if unexpected:
-                lines.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected)}")
-            raise KeyError("state dict does not match the model config:\n  " + "\n  ".join(lines))
+                lines.append(f"unexpected tensors ({len(unexpected)}): {_names(unexpected)}")
+            raise ValueError("state dict does not match the model config:\n  " + "\n  ".join(lines))
         wrong = [
             f"{name}: expected {tuple(own[name].shape)}, got {tuple(state_dict[name].shape)}"
             for name in own

@@ -13,11 +13,15 @@ symbols (`ShapeVar(min=1)`) for `input_ids`, `attention_mask` and `position_ids`
 ([B, S] each). Unbacked sizes are never specialised and never guarded on, so the graph
 compiled on the first call serves every later shape; nothing in the forward pass
 branches on a size (MoE dispatch reads expert counts only inside the opaque
-`moecompose::grouped_swiglu` op). Passing a mask where an earlier call passed None (or
-switching grad mode) compiles one more graph, as for any compiled module.
+`moecompose::grouped_swiglu*` ops). Marking the inputs with
+`torch._dynamo.decorators.mark_unbacked` on every call (plus `torch._check(size >= 1)` in
+the forward for attention) works too, but needs a wrapper module around the compiled
+one; `shapes_spec` keeps the result of `compile_model` a plain compiled module.
+Passing a mask where an earlier call passed None, or switching grad mode, compiles one
+more graph, as for any compiled module.
 
-On a torch without `shapes_spec` this falls back to `dynamic=True`: correct, but a
-first call at size 1 then recompiles once.
+On a torch without `shapes_spec` this falls back to `dynamic=True`: correct, but the
+first calls with a batch or a length of 1 each compile one more graph.
 """
 
 from __future__ import annotations

@@ -92,10 +92,15 @@ def _grouped_swiglu_backward(
     down: Tensor,
     g: Tensor,
     u: Tensor,
+    input_grad: bool,
+    weight_grads: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of x and of the three weights; the ones not asked for come back empty."""
     token = order // (order.numel() // x.shape[0])
-    dx = torch.zeros_like(x)  # [T, d]
-    dgate, dup, ddown = torch.empty_like(gate), torch.empty_like(up), torch.empty_like(down)
+    dx = torch.zeros_like(x) if input_grad else x.new_empty(0)  # [T, d]
+    dgate, dup, ddown = (
+        torch.empty_like(w) if weight_grads else w.new_empty(0) for w in (gate, up, down)
+    )
     spans = _spans(counts)
     for e, s, t in spans:
         xe = x.index_select(0, token[s:t])  # [n, d]
@@ -104,19 +109,25 @@ def _grouped_swiglu_backward(
         act = F.silu(ge)
         dh = torch.mm(dye, down[e])  # [n, f]
         du = dh * act
-        torch.mm(dye.t(), act.mul_(ue), out=ddown[e])  # [d, f], act * u = h
+        if weight_grads:
+            torch.mm(dye.t(), act.mul_(ue), out=ddown[e])  # [d, f], act * u = h
         dg = torch.ops.aten.silu_backward.grad_input(dh.mul_(ue), ge, grad_input=dh)
-        torch.mm(dg.t(), xe, out=dgate[e])  # [f, d]
-        torch.mm(du.t(), xe, out=dup[e])
-        dx.index_add_(0, token[s:t], torch.mm(dg, gate[e]).addmm_(du, up[e]))
-    for e in sorted(set(range(gate.shape[0])) - {e for e, _, _ in spans}):
-        dgate[e].zero_(), dup[e].zero_(), ddown[e].zero_()
+        if weight_grads:
+            torch.mm(dg.t(), xe, out=dgate[e])  # [f, d]
+            torch.mm(du.t(), xe, out=dup[e])
+        if input_grad:
+            dx.index_add_(0, token[s:t], torch.mm(dg, gate[e]).addmm_(du, up[e]))
+    if weight_grads:
+        for e in sorted(set(range(gate.shape[0])) - {e for e, _, _ in spans}):
+            dgate[e].zero_(), dup[e].zero_(), ddown[e].zero_()
     return dx, dgate, dup, ddown
 
 
 @_grouped_swiglu_backward.register_fake
-def _(dy, x, order, counts, gate, up, down, g, u):
-    return torch.empty_like(x), torch.empty_like(gate), torch.empty_like(up), torch.empty_like(down)
+def _(dy, x, order, counts, gate, up, down, g, u, input_grad, weight_grads):
+    dx = torch.empty_like(x) if input_grad else x.new_empty(0)
+    dws = (torch.empty_like(w) if weight_grads else w.new_empty(0) for w in (gate, up, down))
+    return (dx, *dws)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -127,8 +138,14 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, dy, _dg, _du):
     x, order, counts, gate, up, down, g, u = ctx.saved_tensors
-    dx, dgate, dup, ddown = _grouped_swiglu_backward(dy, x, order, counts, gate, up, down, g, u)
-    return dx, None, None, dgate, dup, ddown
+    input_grad = ctx.needs_input_grad[0]
+    weight_grads = any(ctx.needs_input_grad[3:])
+    dx, dgate, dup, ddown = _grouped_swiglu_backward(
+        dy, x, order, counts, gate, up, down, g, u, input_grad, weight_grads
+    )
+    if not weight_grads:
+        dgate = dup = ddown = None
+    return dx if input_grad else None, None, None, dgate, dup, ddown
 
 
 _grouped_swiglu.register_autograd(_backward, setup_context=_setup_context)
