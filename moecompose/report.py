@@ -43,14 +43,16 @@ def print_plan(plan: Plan, console: Console, *, tensors: bool = False) -> None:
         console.print(f"[yellow]warning:[/yellow] {warning}")
 
     layers = Table(title="Layers", title_justify="left")
-    for col in ("layers", "ffn", "experts", "router", "shared"):
+    for col in ("layers", "attention", "ffn", "experts", "router", "shared"):
         layers.add_column(col)
     for label, row in _layer_groups(plan.layers):
+        attention = row.get("attention", "dense")
         if row["ffn"] == "dense":
-            layers.add_row(label, "dense", f"merged: {row['merge']}", "", "")
+            layers.add_row(label, attention, "dense", f"merged: {row['merge']}", "", "")
         else:
             drop = f" (drop {row['drop']:g})" if row.get("drop") else ""
-            layers.add_row(label, "MoE", f"{row['experts']}{drop}", row["router"], row["shared"] or "")
+            layers.add_row(label, attention, "MoE", f"{row['experts']}{drop}", row["router"],
+                           row["shared"] or "")
     console.print(layers)
 
     if tensors:
@@ -69,6 +71,7 @@ def print_plan(plan: Plan, console: Console, *, tensors: bool = False) -> None:
     totals.add_row("active parameters / token", f"{human(t.active_params)} ({t.active_params:,})")
     totals.add_row("trainable parameters", f"{human(t.trainable_params)} ({t.trainable_params:,})")
     totals.add_row(f"forward FLOPs / token (context {t.flops_context})", human(t.flops_per_token))
+    totals.add_row("KV cache / token", f"{human(t.kv_cache_bytes_per_token)}B")
     totals.add_row("weights", f"{human(t.bytes)}B")
     totals.add_row("output tensors", str(len(plan.tensors)))
     console.print(totals)

@@ -21,6 +21,7 @@ from moecompose.spec.schema import (
     LayerRange,
     MergeFrom,
     MergeWeights,
+    SoftRouter,
     Spec,
     TopKRouter,
 )
@@ -46,9 +47,20 @@ class FFNMixture:
 
 
 @dataclass(frozen=True)
+class AttentionMixture:
+    """The resolved mixture of attention (BAM) of one layer."""
+
+    experts: tuple[str, ...]  # one attention expert per source
+    share_kv: bool  # k and v merged and shared by every expert (one KV cache)
+    router: SoftRouter | TopKRouter
+    rule: int
+
+
+@dataclass(frozen=True)
 class LayerPlanInput:
     index: int
     ffn: FFNMixture | None  # None: the layer stays dense
+    attention: AttentionMixture | None = None  # None: ordinary attention
 
 
 @dataclass
@@ -62,6 +74,7 @@ class Resolved:
     merge_weights: dict[str, float]  # normalised, sums to 1
     dtype: str
     train: frozenset[str] | None  # None: everything trainable
+    block: str = "sequential"
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -99,6 +112,12 @@ def resolve(spec: Spec) -> Resolved:
     arch = first.arch
     dtype = _output_dtype(spec, sources)
     layers = _layers(spec, arch.num_hidden_layers)
+    block = spec.block or "sequential"  # every supported family has sequential blocks
+    if block == "parallel":
+        warnings.append(
+            "block: parallel changes the function of the sequential sources; the built "
+            "model does not reproduce them before training"
+        )
     name = spec.name or (Path(origin.file).stem if origin.file else "moecompose-model")
     resolved = Resolved(
         spec=spec,
@@ -110,6 +129,7 @@ def resolve(spec: Spec) -> Resolved:
         merge_weights=_merge_weights(spec),
         dtype=dtype,
         train=frozenset(spec.train) if spec.train is not None and "all" not in spec.train else None,
+        block=block,
         warnings=warnings,
     )
     _check_format(resolved)
@@ -266,8 +286,17 @@ def _selected(select: object, n_layers: int, at: DataPath, spec: Spec) -> list[i
 
 def _layers(spec: Spec, n_layers: int) -> list[LayerPlanInput]:
     ffn: dict[int, FFNMixture] = {}
+    attention: dict[int, AttentionMixture] = {}
     for r, rule in enumerate(spec.layers):
         indices = _selected(rule.select, n_layers, ("layers", r, "select"), spec)
+        if rule.attention is not None:
+            router = rule.attention.router
+            assert isinstance(router, (SoftRouter, TopKRouter))  # check_spec refuses the others
+            attn = AttentionMixture(
+                tuple(rule.attention.experts), bool(rule.attention.share), router, r
+            )
+            for i in indices:
+                attention[i] = attn
         if rule.ffn is None:
             continue
         experts_spec = rule.ffn.experts
@@ -280,4 +309,4 @@ def _layers(spec: Spec, n_layers: int) -> list[LayerPlanInput]:
         mixture = FFNMixture(experts, rule.ffn.shared, router, rule.ffn.aux_loss, r)
         for i in indices:
             ffn[i] = mixture
-    return [LayerPlanInput(i, ffn.get(i)) for i in range(n_layers)]
+    return [LayerPlanInput(i, ffn.get(i), attention.get(i)) for i in range(n_layers)]

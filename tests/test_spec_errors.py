@@ -146,16 +146,39 @@ CASES = [
     Case("select-unknown-word", BASE + "layers:\n  - select: some\n    ffn:\n"
          "      experts: [seed, code]\n", ("expected 'all', a list of layer indices",), "6:13"),
     # --- features this version refuses
-    Case("attention-experts", BASE + "layers:\n  - select: all\n    attention:\n"
-         "      experts: [seed, code]\n",
-         ("attention experts are not supported by this version",), "7:5", cli=True),
+    # --- attention experts (BAM)
+    Case("attention-share-q", BASE + "layers:\n  - select: all\n    attention:\n"
+         "      experts: [seed, code]\n      share: [q]\n",
+         ("share[0]: expected 'k' or 'v'", "got 'q'"), "9:15", cli=True),
+    Case("attention-share-k-only", BASE + "layers:\n  - select: all\n    attention:\n"
+         "      experts: [seed, code]\n      share: [k]\n",
+         ("keys and values are shared together", "share: [k, v]"), "9:14"),
+    Case("attention-share-single-expert", BASE + "layers:\n  - select: all\n    attention:\n"
+         "      experts: [seed]\n      share: [k, v]\n",
+         ("share needs at least two attention experts",), "9:14"),
+    Case("attention-soft-with-k", BASE + "layers:\n  - select: all\n    attention:\n"
+         "      experts: [seed, code]\n      router: {kind: soft, k: 1}\n",
+         ("unknown key 'k'", "use kind: topk to choose k"), "9:28"),
+    Case("attention-k-above-experts", BASE + "layers:\n  - select: all\n    attention:\n"
+         "      experts: [seed, code]\n      router: {kind: topk, k: 3}\n",
+         ("k = 3 but the layer has only 2 attention experts",), "9:31"),
+    Case("attention-nexus-router", BASE + "layers:\n  - select: all\n    attention:\n"
+         "      experts: [seed, code]\n      router: {kind: nexus}\n",
+         ("cannot route attention experts", "kind: soft"), "9:22"),
+    Case("attention-expert-not-a-source", BASE + "layers:\n  - select: all\n    attention:\n"
+         "      experts: [seed, cod]\n",
+         ("attention expert 'cod' is not defined", "did you mean 'code'"), "8:23"),
+    Case("mixtral-with-attention-experts", BASE + "layers:\n  - select: all\n    attention:\n"
+         "      experts: [seed, code]\n    ffn:\n      experts: [seed, code]\n"
+         "output: {format: mixtral}\n",
+         ("format 'mixtral' cannot express this model", "attention experts"), "11:18"),
     Case("nexus-router",
          BASE + RULE + "      experts: [seed, code]\n      router: {kind: nexus, k: 1}\n",
          ("router kind 'nexus' is not supported by this version",), "9:22"),
     Case("adapter-experts", BASE + RULE + "      experts: {adapters: seed, count: 4}\n",
          ("adapter experts are not supported by this version",), "8:17"),
-    Case("parallel-block", BASE + "block: parallel\n",
-         ("block: parallel is not supported by this version",), "5:8"),
+    Case("block-unknown", BASE + "block: paralel\n",
+         ("expected 'sequential' or 'parallel'", "did you mean 'parallel'"), "5:8"),
     Case("domains", BASE + "domains:\n  code: {texts: ./data/*.py}\n",
          ("'domains' are not supported by this version",), "5:1"),
     Case("train-empty", BASE + "train: []\n", ("'train' is empty",), "5:8"),

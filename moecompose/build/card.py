@@ -30,14 +30,17 @@ def model_card(plan: Plan) -> str:
     ]
     for name, src in plan.sources.items():
         lines.append(f"* `{name}`: `{src['path']}`")
-    lines += ["", "## Layers", "", "| layer | FFN | experts | router | shared |", "|---|---|---|---|---|"]
+    lines += ["", "## Layers", "", "| layer | attention | FFN | experts | router | shared |",
+              "|---|---|---|---|---|---|"]
     for row in plan.layers:
+        attention = row.get("attention", "dense")
         if row["ffn"] == "dense":
-            lines.append(f"| {row['layer']} | dense ({row['merge']}) | | | |")
+            lines.append(f"| {row['layer']} | {attention} | dense ({row['merge']}) | | | |")
         else:
             drop = f", drop {row['drop']:g}" if row.get("drop") else ""
             lines.append(
-                f"| {row['layer']} | MoE | {row['experts']}{drop} | {row['router']} | {row['shared'] or ''} |"
+                f"| {row['layer']} | {attention} | MoE | {row['experts']}{drop} | {row['router']} "
+                f"| {row['shared'] or ''} |"
             )
     lines += [
         "",

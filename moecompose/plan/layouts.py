@@ -83,6 +83,8 @@ class MoEShape:
     top_k: frozenset[int]
     normalize: frozenset[bool]
     shared: frozenset[bool]  # per MoE layer: has a shared expert
+    attention_layers: tuple[int, ...]  # layers with attention experts
+    block: str
     load_balance: float
     z_loss: float
 
@@ -92,6 +94,10 @@ def blockers(fmt: str, arch: ArchFacts, moe: MoEShape) -> list[str]:
     if fmt == "native":
         return []
     out: list[str] = []
+    if moe.attention_layers:
+        out.append(f"attention experts (layers {_ranges(moe.attention_layers)})")
+    if moe.block != "sequential":
+        out.append(f"block: {moe.block}")
     if not moe.moe_layers:
         out.append("no layer is MoE")
     if len(moe.num_experts) > 1:

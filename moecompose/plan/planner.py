@@ -8,12 +8,24 @@ from typing import Any
 from moecompose.errors import SpecError
 from moecompose.plan.layouts import LAYOUTS, Layout, MoEShape, blockers, hf_config
 from moecompose.plan.recipe import Plan, PlannedTensor, Recipe, TensorRef, Totals
-from moecompose.resolve import FFNMixture, Resolved
+from moecompose.resolve import AttentionMixture, FFNMixture, Resolved
 from moecompose.sources.families import Family
+from moecompose.spec.schema import SoftRouter, TopKRouter
 
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 FLOPS_CONTEXT = 2048
 PROJECTIONS = ("gate", "up", "down")
+ATTENTION_ROLES = ("q", "k", "v", "o", "q_bias", "k_bias", "v_bias")
+MOA_ROUTER = "model.layers.{i}.self_attn.router.weight"
+MOA_EXPERTS = {
+    "q": "model.layers.{i}.self_attn.experts.q_proj",
+    "k": "model.layers.{i}.self_attn.experts.k_proj",
+    "v": "model.layers.{i}.self_attn.experts.v_proj",
+    "o": "model.layers.{i}.self_attn.experts.o_proj",
+    "q_bias": "model.layers.{i}.self_attn.experts.q_bias",
+    "k_bias": "model.layers.{i}.self_attn.experts.k_bias",
+    "v_bias": "model.layers.{i}.self_attn.experts.v_bias",
+}
 FFN_ROLE = {"gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down"}
 
 
@@ -33,6 +45,8 @@ def moe_shape(resolved: Resolved) -> MoEShape:
         top_k=frozenset(m.router.k for m in mixtures),
         normalize=frozenset(m.router.normalize for m in mixtures),
         shared=frozenset(m.shared is not None for m in mixtures),
+        attention_layers=tuple(x.index for x in resolved.layers if x.attention is not None),
+        block=resolved.block,
         load_balance=max((m.aux_loss.load_balance for m in mixtures), default=0.0),
         z_loss=max((m.aux_loss.z_loss for m in mixtures), default=0.0),
     )
@@ -104,11 +118,12 @@ class _Planner:
         for layer in self.r.layers:
             i = layer.index
             self.add_merged("attn_norm", "norms", i)
-            for role in ("q", "k", "v", "o"):
-                self.add_merged(role, "attention", i)
-            if arch.attention_bias:
-                for role in ("q_bias", "k_bias", "v_bias"):
-                    self.add_merged(role, "attention", i)
+            if layer.attention is None:
+                for role in ATTENTION_ROLES:
+                    if arch.attention_bias or not role.endswith("_bias"):
+                        self.add_merged(role, "attention", i)
+            else:
+                self.moa(i, layer.attention)
             self.add_merged("ffn_norm", "norms", i)
             if layer.ffn is None:
                 for p in PROJECTIONS:
@@ -116,9 +131,35 @@ class _Planner:
                 self.rows.append({"layer": i, "ffn": "dense", "merge": self.merged("ffn_up", i).summary()})
             else:
                 self.moe(i, layer.ffn)
+            self.rows[-1]["attention"] = _attention_row(layer.attention)
         self.add_merged("final_norm", "norms")
         if not arch.tie_word_embeddings:
             self.add_merged("lm_head", "embeddings")
+
+    def router_recipe(self, router: TopKRouter | SoftRouter, *key: object) -> Recipe:
+        if router.init == "zeros":
+            return Recipe("init", args={"init": "zeros"})
+        return Recipe(
+            "init",
+            args={"init": "normal", "std": router.init_std, "seed": derive_seed(self.seed, *key)},
+        )
+
+    def moa(self, i: int, mix: AttentionMixture) -> None:
+        """BAM: attention expert j is source j's q, k, v, o; k and v merged when shared."""
+        d, n = self.r.arch.hidden_size, len(mix.experts)
+        active = mix.router.k / n if isinstance(mix.router, TopKRouter) else 1.0
+        self.add(MOA_ROUTER.format(i=i), (n, d),
+                 self.router_recipe(mix.router, "attention-router", i), "router", i)
+        for role in ATTENTION_ROLES:
+            if role.endswith("_bias") and not self.r.arch.attention_bias:
+                continue
+            if mix.share_kv and role[0] in "kv":
+                self.add_merged(role, "attention", i)
+                continue
+            tensor = self.family.tensor(role, i)
+            parts = tuple(Recipe("copy", (TensorRef(src, tensor),)) for src in mix.experts)
+            self.add(MOA_EXPERTS[role].format(i=i), (n, *self.source_shape(tensor)),
+                     Recipe("stack", parts=parts), "attention", i, active)
 
     def expert_recipe(self, mix: FFNMixture, i: int, j: int, proj: str) -> Recipe:
         expert = mix.experts[j]
@@ -141,15 +182,7 @@ class _Planner:
         n = len(mix.experts)
         k = mix.router.k
         router_name = self.layout.router.format(i=i)
-        if mix.router.init == "zeros":
-            router = Recipe("init", args={"init": "zeros"})
-        else:
-            router = Recipe(
-                "init",
-                args={"init": "normal", "std": mix.router.init_std,
-                      "seed": derive_seed(self.seed, "router", i)},
-            )
-        self.add(router_name, (n, d), router, "router", i)
+        self.add(router_name, (n, d), self.router_recipe(mix.router, "router", i), "router", i)
         for proj in PROJECTIONS:
             shape = self.source_shape(self.family.tensor(FFN_ROLE[proj], i))
             recipes = [self.expert_recipe(mix, i, j, proj) for j in range(n)]
@@ -189,8 +222,21 @@ class _Planner:
         layers: list[dict[str, Any]] = []
         for layer in self.r.layers:
             mix = layer.ffn
+            entry: dict[str, Any] = {}
+            if layer.attention is not None:
+                attn = layer.attention
+                router: dict[str, Any] = {"kind": attn.router.kind}
+                if isinstance(attn.router, TopKRouter):
+                    router.update(k=attn.router.k, normalize=attn.router.normalize)
+                entry["attention"] = {
+                    "kind": "moa",
+                    "num_experts": len(attn.experts),
+                    "share": ["k", "v"] if attn.share_kv else [],
+                    "router": router,
+                }
+            layers.append(entry)
             if mix is None:
-                layers.append({"ffn": {"kind": "dense"}})
+                entry["ffn"] = {"kind": "dense"}
                 continue
             shared = None
             if mix.shared is not None:
@@ -198,7 +244,7 @@ class _Planner:
                     "intermediate_size": arch.intermediate_size,
                     "gate": self.layout.shared_expert_gate is not None,
                 }
-            layers.append({"ffn": {
+            entry["ffn"] = {
                 "kind": "moe",
                 "num_experts": len(mix.experts),
                 "intermediate_size": arch.intermediate_size,
@@ -206,7 +252,7 @@ class _Planner:
                 "shared_expert": shared,
                 "aux_loss": {"load_balance": mix.aux_loss.load_balance,
                              "z_loss": mix.aux_loss.z_loss},
-            }})
+            }
         trainable = None
         if self.r.train is not None:
             trainable = [t.name for t in self.tensors if t.trainable]
@@ -229,7 +275,7 @@ class _Planner:
             "max_position_embeddings": arch.max_position_embeddings,
             "tie_word_embeddings": arch.tie_word_embeddings,
             "attention_bias": arch.attention_bias,
-            "block": "sequential",
+            "block": self.r.block,
             "dtype": self.dtype,
             "bos_token_id": arch.bos_token_id,
             "eos_token_id": arch.eos_token_id,
@@ -249,10 +295,25 @@ class _Planner:
         )
         head = arch.vocab_size * arch.hidden_size  # lm_head (tied or not); the lookup is free
         ctx = min(FLOPS_CONTEXT, arch.max_position_embeddings)
-        attention = 4 * arch.num_hidden_layers * arch.num_attention_heads * arch.head_dim * (ctx + 1) / 2
-        flops = round(2 * (matmul + head) + attention)
+        kv_row = 2 * arch.num_key_value_heads * arch.head_dim * ITEMSIZE[self.dtype]
+        scores, kv_cache = 0.0, 0
+        for layer in self.r.layers:
+            attn = layer.attention
+            computed = 1 if attn is None else len(attn.experts)  # every expert runs
+            caches = 1 if attn is None or attn.share_kv else len(attn.experts)
+            scores += 4 * computed * arch.num_attention_heads * arch.head_dim * (ctx + 1) / 2
+            kv_cache += caches * kv_row
+        flops = round(2 * (matmul + head) + scores)
         nbytes = sum(t.numel * ITEMSIZE[t.dtype] for t in self.tensors)
-        return Totals(params, active, trainable, flops, ctx, nbytes)
+        return Totals(params, active, trainable, flops, ctx, nbytes, kv_cache)
+
+
+def _attention_row(attn: AttentionMixture | None) -> str:
+    if attn is None:
+        return "dense"
+    router = "soft" if isinstance(attn.router, SoftRouter) else f"topk k={attn.router.k}"
+    kv = ", shared kv" if attn.share_kv else ""
+    return f"MoA {_compact(list(attn.experts))} ({router}{kv})"
 
 
 def _compact(names: list[str]) -> str:

@@ -123,6 +123,7 @@ class Totals:
     flops_per_token: int
     flops_context: int
     bytes: int
+    kv_cache_bytes_per_token: int = 0  # all layers, in the output dtype
 
 
 @dataclass(frozen=True)

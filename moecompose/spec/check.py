@@ -7,7 +7,16 @@ from collections.abc import Callable
 
 from moecompose.errors import SpecError, did_you_mean, one_of
 from moecompose.spec.origin import DataPath, Origin
-from moecompose.spec.schema import CopyExperts, FFNMix, MergeFrom, MergeWeights, Spec, TopKRouter
+from moecompose.spec.schema import (
+    AttentionMix,
+    CopyExperts,
+    FFNMix,
+    MergeFrom,
+    MergeWeights,
+    SoftRouter,
+    Spec,
+    TopKRouter,
+)
 
 NOT_YET = "not supported by this version of moecompose"
 
@@ -35,9 +44,6 @@ def check_spec(spec: Spec) -> None:
         for name in spec.merge.weights:
             source(("merge", "weights", name), name, "merge weight source", key=True)
 
-    if spec.block == "parallel":
-        bad(("block",), f"block: parallel is {NOT_YET}",
-            "remove 'block' to keep the sources' sequential blocks")
     if spec.domains is not None:
         bad(("domains",), f"'domains' are {NOT_YET}",
             "remove the 'domains' section; it comes with the nexus router", key=True)
@@ -47,8 +53,7 @@ def check_spec(spec: Spec) -> None:
     for i, rule in enumerate(spec.layers):
         at: DataPath = ("layers", i)
         if rule.attention is not None:
-            bad((*at, "attention"), f"attention experts are {NOT_YET}",
-                "remove the 'attention' section; FFN experts ('ffn') are supported", key=True)
+            _check_attention(rule.attention, (*at, "attention"), source, bad)
         if rule.ffn is not None:
             _check_ffn(rule.ffn, (*at, "ffn"), spec.origin, source, bad)
 
@@ -104,3 +109,26 @@ def _check_ffn(ffn: FFNMix, at: DataPath, origin: Origin, source: SourceCheck, b
                 f"the default router k = {router.k} but the layer has only {count} "
                 f"expert{plural}",
                 f"add router: {{kind: topk, k: {count}}} or list more experts")
+
+
+def _check_attention(attn: AttentionMix, at: DataPath, source: SourceCheck, bad: Bad) -> None:
+    if not attn.experts:
+        bad((*at, "experts"), "attention 'experts' is empty", "list at least one source")
+        return
+    for j, name in enumerate(attn.experts):
+        source((*at, "experts", j), name, "attention expert")
+    if attn.share and sorted(set(attn.share)) != ["k", "v"]:
+        bad((*at, "share"), f"share {list(attn.share)}: keys and values are shared together",
+            "use share: [k, v] (one KV cache) or omit it (each expert its own k, v)")
+    elif attn.share and len(attn.experts) < 2:
+        bad((*at, "share"), "share needs at least two attention experts",
+            "omit 'share' for a single attention expert")
+    router = attn.router
+    if not isinstance(router, (SoftRouter, TopKRouter)):
+        bad((*at, "router", "kind"),
+            f"router kind '{router.kind}' cannot route attention experts",
+            "use kind: soft (BAM's choice) or kind: topk")
+    elif isinstance(router, TopKRouter) and router.k > len(attn.experts):
+        bad((*at, "router", "k"),
+            f"k = {router.k} but the layer has only {len(attn.experts)} attention experts",
+            f"use k <= {len(attn.experts)}")

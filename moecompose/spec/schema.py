@@ -46,11 +46,20 @@ class Node(BaseModel):
             known = [f.alias or name for name, f in cls.model_fields.items()]
             for key in data:
                 if key not in known and key not in cls.model_fields:
-                    hint = did_you_mean(key, known) or f"valid keys: {one_of(known)}"
+                    hint = (
+                        cls.key_hints().get(key)
+                        or did_you_mean(key, known)
+                        or f"valid keys: {one_of(known)}"
+                    )
                     raise PydanticCustomError(
                         "unknown_key", "unknown key '{key}' ({hint})", {"key": key, "hint": hint}
                     )
         return data
+
+    @classmethod
+    def key_hints(cls) -> dict[str, str]:
+        """Hints for keys that are plausible but wrong here."""
+        return {}
 
 
 # ---------------------------------------------------------------------------- layers
@@ -163,6 +172,11 @@ class SoftRouter(Node):
 
     kind: Literal["soft"]
     init: Literal["random", "zeros"] = "random"
+
+    @classmethod
+    def key_hints(cls) -> dict[str, str]:
+        hint = "soft routing weights every expert; use kind: topk to choose k"
+        return {"k": hint, "normalize": hint}
     init_std: float = Field(0.02, gt=0.0)
 
 
