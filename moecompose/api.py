@@ -32,8 +32,14 @@ def _spec(spec: SpecLike) -> Spec:
 
 
 def validate(spec: SpecLike) -> Resolved:
-    """Check a spec against its sources' metadata; raises a located error on any problem."""
-    return resolve(_spec(spec))
+    """Check a spec against its sources' metadata; raises a located error on any problem.
+
+    Planning is part of checking (it is cheap and reads no weights): a plan that cannot be
+    made, e.g. a ``train`` group matching no tensor, is a validation error too.
+    """
+    resolved = resolve(_spec(spec))
+    _plan(resolved)
+    return resolved
 
 
 def plan(spec: SpecLike) -> Plan:

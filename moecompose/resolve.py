@@ -16,6 +16,7 @@ from moecompose.sources.families import GLOBAL_ROLES, LAYER_ROLES, Family
 from moecompose.spec.check import check_spec
 from moecompose.spec.origin import DataPath
 from moecompose.spec.schema import (
+    AdapterExperts,
     AuxLoss,
     CopyExperts,
     LayerRange,
@@ -23,6 +24,7 @@ from moecompose.spec.schema import (
     MergeWeights,
     SoftRouter,
     Spec,
+    TokenMixingRouter,
     TopKRouter,
 )
 
@@ -39,11 +41,12 @@ class Expert:
 class FFNMixture:
     """The resolved FFN mixture of one layer."""
 
-    experts: tuple[Expert, ...]
+    experts: tuple[Expert, ...]  # for adapters: the shared FFN's source, once per expert
     shared: str | None
-    router: TopKRouter
+    router: TopKRouter | TokenMixingRouter
     aux_loss: AuxLoss
     rule: int  # index of the spec's layer rule that set it
+    adapters: AdapterExperts | None = None  # PESC: experts are adapters on one shared FFN
 
 
 @dataclass(frozen=True)
@@ -300,13 +303,17 @@ def _layers(spec: Spec, n_layers: int) -> list[LayerPlanInput]:
         if rule.ffn is None:
             continue
         experts_spec = rule.ffn.experts
+        adapters = None
         if isinstance(experts_spec, CopyExperts):
             experts = tuple(Expert(experts_spec.copy_, experts_spec.drop) for _ in range(experts_spec.count))
+        elif isinstance(experts_spec, AdapterExperts):
+            adapters = experts_spec
+            experts = tuple(Expert(experts_spec.adapters) for _ in range(experts_spec.count))
         else:
-            experts = tuple(Expert(name) for name in experts_spec)  # type: ignore[union-attr]
+            experts = tuple(Expert(name) for name in experts_spec)
         router = rule.ffn.router
-        assert isinstance(router, TopKRouter)  # check_spec refuses the others
-        mixture = FFNMixture(experts, rule.ffn.shared, router, rule.ffn.aux_loss, r)
+        assert isinstance(router, (TopKRouter, TokenMixingRouter))  # check_spec refuses others
+        mixture = FFNMixture(experts, rule.ffn.shared, router, rule.ffn.aux_loss, r, adapters)
         for i in indices:
             ffn[i] = mixture
     return [LayerPlanInput(i, ffn.get(i), attention.get(i)) for i in range(n_layers)]

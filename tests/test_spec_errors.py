@@ -175,8 +175,24 @@ CASES = [
     Case("nexus-router",
          BASE + RULE + "      experts: [seed, code]\n      router: {kind: nexus, k: 1}\n",
          ("router kind 'nexus' is not supported by this version",), "9:22"),
-    Case("adapter-experts", BASE + RULE + "      experts: {adapters: seed, count: 4}\n",
-         ("adapter experts are not supported by this version",), "8:17"),
+    # --- adapter experts (PESC) and Mixture of Tokens
+    Case("adapters-from-non-source", BASE + RULE + "      experts: {adapters: sed, count: 4}\n",
+         ("adapter source 'sed' is not defined", "did you mean 'seed'"), "8:27"),
+    Case("train-name-matching-nothing", BASE + RULE + "      experts: [seed, code]\n"
+         "train: [router, adapters]\n",
+         ("train group 'adapters' matches no tensor",), "9:17"),
+    Case("token-mixing-group-of-one", BASE + RULE + "      experts: {copy: seed, count: 4}\n"
+         "      router: {kind: token_mixing, group_size: 1}\n",
+         ("group_size = 1", "at least 2"), "9:48"),
+    Case("token-mixing-group-above-batch", BASE + RULE + "      experts: {copy: seed, count: 4}\n"
+         "      router: {kind: token_mixing, group_size: 64, batch_size: 16}\n",
+         ("group_size = 64 is larger than batch_size = 16",), "9:48"),
+    Case("token-mixing-with-k", BASE + RULE + "      experts: {copy: seed, count: 4}\n"
+         "      router: {kind: token_mixing, group_size: 8, k: 2}\n",
+         ("unknown key 'k'", "'k' applies to kind: topk"), "9:51"),
+    Case("token-mixing-with-adapters", BASE + RULE + "      experts: {adapters: seed, count: 4}\n"
+         "      router: {kind: token_mixing, group_size: 8}\n",
+         ("token mixing needs FFN experts",), "9:22"),
     Case("block-unknown", BASE + "block: paralel\n",
          ("expected 'sequential' or 'parallel'", "did you mean 'parallel'"), "5:8"),
     Case("domains", BASE + "domains:\n  code: {texts: ./data/*.py}\n",

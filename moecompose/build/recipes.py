@@ -83,6 +83,12 @@ def _generator(seed: int) -> torch.Generator:
 def _init(recipe: Recipe, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     if recipe.args["init"] == "zeros":
         return torch.zeros(shape, dtype=dtype)
+    if recipe.args["init"] == "constant":
+        return torch.full(shape, float(recipe.args["value"]), dtype=dtype)
+    if recipe.args["init"] == "uniform":
+        bound = recipe.args["bound"]
+        values = torch.rand(shape, generator=_generator(recipe.args["seed"]), dtype=torch.float32)
+        return ((values * 2 - 1) * bound).to(dtype)
     values = torch.randn(shape, generator=_generator(recipe.args["seed"]), dtype=torch.float32)
     return (values * recipe.args["std"]).to(dtype)
 

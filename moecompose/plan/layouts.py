@@ -83,6 +83,7 @@ class MoEShape:
     top_k: frozenset[int]
     normalize: frozenset[bool]
     shared: frozenset[bool]  # per MoE layer: has a shared expert
+    unexpressible: frozenset[str]  # expert/router kinds only the native format has
     attention_layers: tuple[int, ...]  # layers with attention experts
     block: str
     load_balance: float
@@ -94,6 +95,8 @@ def blockers(fmt: str, arch: ArchFacts, moe: MoEShape) -> list[str]:
     if fmt == "native":
         return []
     out: list[str] = []
+    for kind in sorted(moe.unexpressible):
+        out.append({"adapters": "adapter experts", "token_mixing": "token mixing"}.get(kind, kind))
     if moe.attention_layers:
         out.append(f"attention experts (layers {_ranges(moe.attention_layers)})")
     if moe.block != "sequential":

@@ -10,12 +10,15 @@ from moecompose.plan.layouts import LAYOUTS, Layout, MoEShape, blockers, hf_conf
 from moecompose.plan.recipe import Plan, PlannedTensor, Recipe, TensorRef, Totals
 from moecompose.resolve import AttentionMixture, FFNMixture, Resolved
 from moecompose.sources.families import Family
-from moecompose.spec.schema import SoftRouter, TopKRouter
+from moecompose.spec.schema import SoftRouter, TokenMixingRouter, TopKRouter
 
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 FLOPS_CONTEXT = 2048
 PROJECTIONS = ("gate", "up", "down")
 ATTENTION_ROLES = ("q", "k", "v", "o", "q_bias", "k_bias", "v_bias")
+ADAPTER_DOWN = "model.layers.{i}.mlp.adapters.down_proj"
+ADAPTER_UP = "model.layers.{i}.mlp.adapters.up_proj"
+TEMPERATURE = "model.layers.{i}.mlp.router.temperature"
 MOA_ROUTER = "model.layers.{i}.self_attn.router.weight"
 MOA_EXPERTS = {
     "q": "model.layers.{i}.self_attn.experts.q_proj",
@@ -42,8 +45,9 @@ def moe_shape(resolved: Resolved) -> MoEShape:
         moe_layers=tuple(layer.index for layer in moe),
         dense_layers=tuple(layer.index for layer in resolved.layers if layer.ffn is None),
         num_experts=frozenset(len(m.experts) for m in mixtures),
-        top_k=frozenset(m.router.k for m in mixtures),
-        normalize=frozenset(m.router.normalize for m in mixtures),
+        top_k=frozenset(getattr(m.router, "k", 0) for m in mixtures),
+        normalize=frozenset(getattr(m.router, "normalize", True) for m in mixtures),
+        unexpressible=frozenset(_expert_kind(m) for m in mixtures) - {"topk"},
         shared=frozenset(m.shared is not None for m in mixtures),
         attention_layers=tuple(x.index for x in resolved.layers if x.attention is not None),
         block=resolved.block,
@@ -136,7 +140,9 @@ class _Planner:
         if not arch.tie_word_embeddings:
             self.add_merged("lm_head", "embeddings")
 
-    def router_recipe(self, router: TopKRouter | SoftRouter, *key: object) -> Recipe:
+    def router_recipe(
+        self, router: TopKRouter | SoftRouter | TokenMixingRouter, *key: object
+    ) -> Recipe:
         if router.init == "zeros":
             return Recipe("init", args={"init": "zeros"})
         return Recipe(
@@ -180,19 +186,48 @@ class _Planner:
     def moe(self, i: int, mix: FFNMixture) -> None:
         d = self.r.arch.hidden_size
         n = len(mix.experts)
-        k = mix.router.k
         router_name = self.layout.router.format(i=i)
         self.add(router_name, (n, d), self.router_recipe(mix.router, "router", i), "router", i)
+        if isinstance(mix.router, TokenMixingRouter):
+            # Each expert processes one mixed token per group of G tokens.
+            active = min(1.0, n / mix.router.group_size)
+            describe = f"token mixing G={mix.router.group_size} T={mix.router.temperature:g}"
+            if mix.router.learn_temperature:
+                self.add(TEMPERATURE.format(i=i), (),
+                         Recipe("init", args={"init": "constant", "value": mix.router.temperature}),
+                         "router", i)
+        else:
+            active = mix.router.k / n
+            describe = f"topk k={mix.router.k}" + ("" if mix.router.normalize else " unnormalised")
+        if mix.adapters is not None:
+            self.adapters(i, mix, active)
+        else:
+            self.ffn_experts(i, mix, active)
+        sources = [e.source for e in mix.experts]
+        self.rows.append({
+            "layer": i,
+            "ffn": "moe",
+            "experts": (f"{n} adapters on {sources[0]} (r={mix.adapters.bottleneck})"
+                        if mix.adapters is not None else _compact(sources)),
+            "drop": max(e.drop for e in mix.experts),
+            "router": describe,
+            "shared": mix.shared,
+            "rule": mix.rule,
+        })
+
+    def ffn_experts(self, i: int, mix: FFNMixture, active: float) -> None:
+        n = len(mix.experts)
         for proj in PROJECTIONS:
             shape = self.source_shape(self.family.tensor(FFN_ROLE[proj], i))
             recipes = [self.expert_recipe(mix, i, j, proj) for j in range(n)]
             if self.layout.stacked:
                 name = self.layout.expert[proj].format(i=i)
-                self.add(name, (n, *shape), Recipe("stack", parts=tuple(recipes)), "experts", i, k / n)
+                self.add(name, (n, *shape), Recipe("stack", parts=tuple(recipes)), "experts", i, active)
             else:
                 for j, recipe in enumerate(recipes):
-                    self.add(self.layout.expert[proj].format(i=i, j=j), shape, recipe, "experts", i, k / n)
+                    self.add(self.layout.expert[proj].format(i=i, j=j), shape, recipe, "experts", i, active)
         if mix.shared is not None:
+            d = self.r.arch.hidden_size
             gated = self.layout.shared_expert_gate is not None
             for proj in PROJECTIONS:
                 tensor = self.family.tensor(FFN_ROLE[proj], i)
@@ -205,16 +240,23 @@ class _Planner:
                 assert self.layout.shared_expert_gate is not None
                 self.add(self.layout.shared_expert_gate.format(i=i), (1, d),
                          Recipe("init", args={"init": "zeros"}), "shared", i)
-        sources = [e.source for e in mix.experts]
-        self.rows.append({
-            "layer": i,
-            "ffn": "moe",
-            "experts": _compact(sources),
-            "drop": max(e.drop for e in mix.experts),
-            "router": f"topk k={k}" + ("" if mix.router.normalize else " unnormalised"),
-            "shared": mix.shared,
-            "rule": mix.rule,
-        })
+
+    def adapters(self, i: int, mix: FFNMixture, active: float) -> None:
+        """PESC: the FFN copied once (shared), then per-expert bottleneck adapters whose
+        up-projection starts at zero, so the layer equals the dense FFN at build time."""
+        assert mix.adapters is not None
+        d, n, r = self.r.arch.hidden_size, len(mix.experts), mix.adapters.bottleneck
+        for proj in PROJECTIONS:
+            tensor = self.family.tensor(FFN_ROLE[proj], i)
+            self.add(tensor, self.source_shape(tensor),
+                     Recipe("copy", (TensorRef(mix.adapters.adapters, tensor),)), "ffn", i)
+        bound = 1.0 / d**0.5  # nn.Linear's default init for the down-projection
+        self.add(ADAPTER_DOWN.format(i=i), (n, r, d),
+                 Recipe("init", args={"init": "uniform", "bound": bound,
+                                      "seed": derive_seed(self.seed, "adapter", i)}),
+                 "adapters", i, active)
+        self.add(ADAPTER_UP.format(i=i), (n, d, r), Recipe("init", args={"init": "zeros"}),
+                 "adapters", i, active)
 
     # -- config and totals
     def native_config(self) -> dict[str, Any]:
@@ -244,14 +286,37 @@ class _Planner:
                     "intermediate_size": arch.intermediate_size,
                     "gate": self.layout.shared_expert_gate is not None,
                 }
+            if isinstance(mix.router, TokenMixingRouter):
+                router_cfg: dict[str, Any] = {
+                    "kind": "token_mixing",
+                    "group_size": mix.router.group_size,
+                    "temperature": mix.router.temperature,
+                    "learn_temperature": mix.router.learn_temperature,
+                }
+            else:
+                router_cfg = {"kind": "topk", "k": mix.router.k, "normalize": mix.router.normalize}
+            aux = {"load_balance": mix.aux_loss.load_balance, "z_loss": mix.aux_loss.z_loss}
+            if mix.adapters is not None:
+                a = mix.adapters
+                entry["ffn"] = {
+                    "kind": "adapters",
+                    "num_experts": len(mix.experts),
+                    "intermediate_size": arch.intermediate_size,
+                    "bottleneck": a.bottleneck,
+                    "scale": a.scale,
+                    "activation": a.activation,
+                    "dropout": a.dropout,
+                    "router": router_cfg,
+                    "aux_loss": aux,
+                }
+                continue
             entry["ffn"] = {
                 "kind": "moe",
                 "num_experts": len(mix.experts),
                 "intermediate_size": arch.intermediate_size,
-                "router": {"kind": "topk", "k": mix.router.k, "normalize": mix.router.normalize},
+                "router": router_cfg,
                 "shared_expert": shared,
-                "aux_loss": {"load_balance": mix.aux_loss.load_balance,
-                             "z_loss": mix.aux_loss.z_loss},
+                "aux_loss": aux,
             }
         trainable = None
         if self.r.train is not None:
@@ -308,6 +373,12 @@ class _Planner:
         return Totals(params, active, trainable, flops, ctx, nbytes, kv_cache)
 
 
+def _expert_kind(mix: FFNMixture) -> str:
+    if mix.adapters is not None:
+        return "adapters"
+    return mix.router.kind
+
+
 def _attention_row(attn: AttentionMixture | None) -> str:
     if attn is None:
         return "dense"
@@ -320,6 +391,18 @@ def _compact(names: list[str]) -> str:
     if len(set(names)) == 1 and len(names) > 1:
         return f"{len(names)} x {names[0]}"
     return ", ".join(names)
+
+
+def _check_train_groups(resolved: Resolved, tensors: list[PlannedTensor]) -> None:
+    """Every group named in ``train`` must select at least one tensor."""
+    present = {t.group for t in tensors}
+    for j, name in enumerate(resolved.spec.train or []):
+        if name != "all" and name not in present:
+            raise SpecError(
+                f"train group '{name}' matches no tensor of this model",
+                location=resolved.spec.origin.locate(("train", j)),
+                hint=f"groups in this model: {', '.join(sorted(present))}",
+            )
 
 
 def normalised_spec(resolved: Resolved) -> dict[str, Any]:
@@ -340,6 +423,7 @@ def plan(resolved: Resolved) -> Plan:
     fmt, why = choose_format(resolved, shape)
     planner = _Planner(resolved, fmt)
     planner.run()
+    _check_train_groups(resolved, planner.tensors)
     native = planner.native_config()
     config = hf_config(fmt, resolved.arch, resolved.dtype, shape, native)
     if fmt != "native" and native["trainable"] is not None:

@@ -6,7 +6,8 @@ Recipe ops (``Recipe.op``):
 * ``mean``      uniform mean of the inputs (computed in float32)
 * ``weighted``  ``sum_i weights[i] * inputs[i]`` (float32)
 * ``stack``     ``parts`` (each a recipe) stacked along a new first dimension
-* ``init``      ``init: normal`` with ``std`` and ``seed``, or ``init: zeros``
+* ``init``      ``init: normal`` (``std``, ``seed``), ``uniform`` (``bound``, ``seed``),
+                ``constant`` (``value``) or ``zeros``
 * ``drop``      copy of one input whose neurons ``drop_rows``/``drop_cols`` (chosen by
                 ``neuron_seed``, fraction ``rate``) are redrawn from N(mean, std) of the
                 replaced values (Drop-Upcycling)
@@ -58,7 +59,14 @@ class Recipe:
                 return f"stack({len(inner)} x {inner[0]})"
             return f"stack({', '.join(inner)})"
         if self.op == "init":
-            return "zeros" if self.args.get("init") == "zeros" else f"normal(std={self.args['std']:g})"
+            init = self.args.get("init")
+            if init == "zeros":
+                return "zeros"
+            if init == "constant":
+                return f"constant({self.args['value']:g})"
+            if init == "uniform":
+                return f"uniform(+-{self.args['bound']:.3g})"
+            return f"normal(std={self.args['std']:g})"
         names = ", ".join(r.source for r in self.inputs)
         if self.op == "copy":
             scale = self.args.get("scale")

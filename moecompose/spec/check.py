@@ -8,6 +8,7 @@ from collections.abc import Callable
 from moecompose.errors import SpecError, did_you_mean, one_of
 from moecompose.spec.origin import DataPath, Origin
 from moecompose.spec.schema import (
+    AdapterExperts,
     AttentionMix,
     CopyExperts,
     FFNMix,
@@ -15,6 +16,7 @@ from moecompose.spec.schema import (
     MergeWeights,
     SoftRouter,
     Spec,
+    TokenMixingRouter,
     TopKRouter,
 )
 
@@ -57,13 +59,8 @@ def check_spec(spec: Spec) -> None:
         if rule.ffn is not None:
             _check_ffn(rule.ffn, (*at, "ffn"), spec.origin, source, bad)
 
-    if spec.train is not None:
-        if not spec.train:
-            bad(("train",), "'train' is empty", "omit it to train everything, or name groups")
-        for j, name in enumerate(spec.train):
-            if name == "adapters":
-                bad(("train", j), f"training 'adapters' is {NOT_YET} (no adapter experts can "
-                    "be built yet)", "remove 'adapters' from 'train'")
+    if spec.train is not None and not spec.train:
+        bad(("train",), "'train' is empty", "omit it to train everything, or name groups")
 
     if problems:
         origin = spec.origin
@@ -86,16 +83,31 @@ def _check_ffn(ffn: FFNMix, at: DataPath, origin: Origin, source: SourceCheck, b
         source((*at, "experts", "copy"), experts.copy_, "copy source")
         count = experts.count
     else:
-        bad((*at, "experts", "adapters"), f"adapter experts are {NOT_YET}",
-            "use {copy: SOURCE, count: N} for copied FFN experts", key=True)
+        source((*at, "experts", "adapters"), experts.adapters, "adapter source")
         count = experts.count
     if ffn.shared is not None:
         source((*at, "shared"), ffn.shared, "shared expert")
 
     router = ffn.router
+    if isinstance(router, TokenMixingRouter):
+        if isinstance(experts, AdapterExperts):
+            bad((*at, "router", "kind"), "token mixing needs FFN experts, not adapters",
+                "use experts: {copy: SOURCE, count: N} or a list of sources")
+        if ffn.shared is not None:
+            bad((*at, "shared"), "a shared expert cannot be combined with token mixing",
+                "remove 'shared'")
+        if router.group_size < 2:
+            bad((*at, "router", "group_size"),
+                f"group_size = {router.group_size}: token mixing needs groups of at least 2",
+                "the paper uses 32 to 128")
+        elif router.batch_size is not None and router.group_size > router.batch_size:
+            bad((*at, "router", "group_size"),
+                f"group_size = {router.group_size} is larger than batch_size = {router.batch_size}",
+                "groups are formed across the sequences of one batch; use group_size <= batch_size")
+        return
     if not isinstance(router, TopKRouter):
         bad((*at, "router", "kind"), f"router kind '{router.kind}' is {NOT_YET}",
-            f"use {one_of(['topk'])}")
+            "use kind: topk or kind: token_mixing")
         return
     if router.k > count:
         plural = "s" if count > 1 else ""

@@ -124,10 +124,12 @@ class CopyExperts(Node):
 class AdapterExperts(Node):
     """PESC: one shared FFN copied from ``adapters``; experts are bottleneck adapters."""
 
-    adapters: SourceName
-    count: int = Field(ge=1, le=1024)
-    bottleneck: int = Field(64, ge=1)
-    scale: float = 1.0
+    adapters: SourceName = Field(description="Source whose FFN every expert shares.")
+    count: int = Field(ge=1, le=1024, description="Number of adapter experts.")
+    bottleneck: int = Field(64, ge=1, description="Adapter width r (512 in the released models).")
+    scale: float = Field(1.0, description="Adapter output scale s (0.25 in the released models).")
+    activation: Literal["gelu", "relu", "silu"] = Field("gelu", description="Adapter activation.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
 
 
 def _experts_tag(value: Any) -> str | None:
@@ -192,9 +194,19 @@ class TokenMixingRouter(Node):
     """Mixture of Tokens: tokens at one position of G sequences are mixed per expert."""
 
     kind: Literal["token_mixing"]
-    group_size: int = Field(ge=1)
-    temperature: float = Field(1.0, gt=0.0)
-    learn_temperature: bool = False
+    group_size: int = Field(ge=1, description="G: sequences of the batch mixed at each position.")
+    temperature: float = Field(1.0, gt=0.0, description="Softmax temperature T.")
+    learn_temperature: bool = Field(False, description="Make T a trainable parameter.")
+    batch_size: int | None = Field(
+        None, ge=1, description="The batch size you will train with; G must not exceed it."
+    )
+    init: Literal["random", "zeros"] = Field("random", description="Controller init.")
+    init_std: float = Field(0.02, gt=0.0)
+
+    @classmethod
+    def key_hints(cls) -> dict[str, str]:
+        hint = "token mixing sends every token to every expert; 'k' applies to kind: topk"
+        return {"k": hint, "normalize": hint}
 
 
 Router = Annotated[
