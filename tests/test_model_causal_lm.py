@@ -21,6 +21,7 @@ MOE = {
         "aux_loss": {"load_balance": 0.01, "z_loss": 0.001},
     }
 }
+MOA = {"kind": "moa", "num_experts": 3, "share": [], "router": {"kind": "soft"}}
 
 
 def config_dict(**overrides: Any) -> dict[str, Any]:
@@ -69,6 +70,18 @@ def test_config_round_trips_through_dict() -> None:
     assert ModelConfig.from_dict(config.to_dict()) == config
 
 
+def test_attention_descriptors_round_trip() -> None:
+    d = config_dict()
+    d["layers"][0]["attention"] = {**MOA, "share": ["v", "k"]}
+    d["layers"][1]["attention"] = {"kind": "dense"}
+    config = ModelConfig.from_dict(d)
+    assert config.layers[0].attention.shared_kv
+    assert config.layers[1].attention.kind == "dense"
+    assert config.to_dict()["layers"][0]["attention"]["share"] == ["k", "v"]
+    assert "attention" not in config.to_dict()["layers"][1]
+    assert ModelConfig.from_dict(config.to_dict()) == config
+
+
 def test_rope_scaling_in_rope_parameters_form_is_accepted() -> None:
     scaling = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
     config = ModelConfig.from_dict(config_dict(rope_scaling=scaling))
@@ -88,7 +101,23 @@ def test_unknown_router_kind_is_rejected_by_name() -> None:
     ("mutate", "message"),
     [
         (lambda d: d["layers"][0]["ffn"].update(kind="adapter"), "ffn kind 'adapter'"),
-        (lambda d: d["layers"][0].update(attention={"kind": "soft"}), "layers\\[0\\]: attention"),
+        (
+            lambda d: d["layers"][0].update(attention={"kind": "soft"}),
+            "layers\\[0\\].attention: attention kind 'soft' is not supported",
+        ),
+        (
+            lambda d: d["layers"][0].update(attention={**MOA, "share": ["k"]}),
+            "layers\\[0\\].attention.share",
+        ),
+        (
+            lambda d: d["layers"][0].update(attention={**MOA, "router": {"kind": "expert"}}),
+            "router kind 'expert'",
+        ),
+        (
+            lambda d: d["layers"][0].update(attention={**MOA, "router": {"kind": "topk", "k": 4}}),
+            "exceeds num_experts",
+        ),
+        (lambda d: d["layers"][1]["ffn"]["router"].update(kind="soft"), "router kind 'soft'"),
         (lambda d: d["layers"][1]["ffn"].update(top_k=2), "unknown key"),
         (lambda d: d["layers"][1]["ffn"]["router"].update(k=5), "exceeds num_experts"),
         (lambda d: d.update(block="diagonal"), "block 'diagonal'"),

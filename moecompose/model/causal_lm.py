@@ -1,7 +1,7 @@
 """`MoECausalLM`: the decoder-only language model a native artifact loads into.
 
-Layer `i` is attention plus the FFN that `config.layers[i]` describes (dense SwiGLU or
-MoE). Tensor names are those of `docs/artifact-format.md`, so `state_dict()` of this
+Layer `i` is the attention (dense or a mixture of attention experts) and the FFN (dense
+SwiGLU or MoE) that `config.layers[i]` describes. Tensor names are those of `docs/artifact-format.md`, so `state_dict()` of this
 module and the artifact's safetensors agree key for key.
 """
 
@@ -14,9 +14,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moecompose.model.config import DenseFFNSpec, FFNSpec, LayerSpec, ModelConfig, MoEFFNSpec
+from moecompose.model.attention_mix import ATTENTION_IMPLS, AttentionImpl, MixtureOfAttention
+from moecompose.model.cache import KVCache, LayerKV
+from moecompose.model.config import (
+    AttentionSpec,
+    DenseAttentionSpec,
+    DenseFFNSpec,
+    FFNSpec,
+    LayerSpec,
+    MoAAttentionSpec,
+    ModelConfig,
+    MoEFFNSpec,
+)
 from moecompose.model.moe import DISPATCHES, Dispatch, GroupedExperts, MoEFFN
-from moecompose.model.parts import Attention, RMSNorm, RotaryEmbedding, SwiGLU, padding_mask
+from moecompose.model.parts import Attention, RMSNorm, RotaryEmbedding, SwiGLU, causal_mask
 
 
 def _dense_ffn(config: ModelConfig, spec: DenseFFNSpec, dispatch: Dispatch) -> nn.Module:
@@ -37,16 +48,51 @@ def build_ffn(config: ModelConfig, spec: FFNSpec, dispatch: Dispatch) -> nn.Modu
     return FFN_BUILDERS[spec.kind](config, spec, dispatch)
 
 
+def _dense_attention(config: ModelConfig, spec: DenseAttentionSpec) -> nn.Module:
+    return Attention(
+        config.hidden_size,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.head_dim,
+        bias=config.attention_bias,
+    )
+
+
+def _mixture_of_attention(config: ModelConfig, spec: MoAAttentionSpec) -> nn.Module:
+    return MixtureOfAttention(
+        config.hidden_size,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.head_dim,
+        spec,
+        bias=config.attention_bias,
+    )
+
+
+ATTENTION_BUILDERS: dict[str, Callable[[ModelConfig, Any], nn.Module]] = {
+    DenseAttentionSpec.kind: _dense_attention,
+    MoAAttentionSpec.kind: _mixture_of_attention,
+}
+
+
+def build_attention(config: ModelConfig, spec: AttentionSpec) -> nn.Module:
+    """Every attention module is called as `(x, cos, sin, mask, cache) -> y` and has
+    `cached_kv_heads`."""
+    return ATTENTION_BUILDERS[spec.kind](config, spec)
+
+
 def _names(names: list[str], limit: int = 20) -> str:
     shown = ", ".join(names[:limit])
     return shown if len(names) <= limit else f"{shown}, ... ({len(names) - limit} more)"
 
 
 class CausalLMOutput(NamedTuple):
-    """logits [B, S, V]; aux_loss: weighted auxiliary losses summed over MoE layers, fp32 []."""
+    """logits [B, S, V]; aux_loss: weighted auxiliary losses summed over MoE layers, fp32 [];
+    cache: the KV cache passed in, now holding this call's tokens too (None without one)."""
 
     logits: Tensor
     aux_loss: Tensor
+    cache: KVCache | None = None
 
 
 class DecoderLayer(nn.Module):
@@ -58,27 +104,21 @@ class DecoderLayer(nn.Module):
         super().__init__()
         d = config.hidden_size
         self.parallel = config.block == "parallel"
-        self.self_attn = Attention(
-            d,
-            config.num_attention_heads,
-            config.num_key_value_heads,
-            config.head_dim,
-            bias=config.attention_bias,
-        )
+        self.self_attn = build_attention(config, spec.attention)
         self.mlp = build_ffn(config, spec.ffn, dispatch)
         self.routed = isinstance(self.mlp, MoEFFN)
         self.input_layernorm = RMSNorm(d, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(d, config.rms_norm_eps)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: LayerKV | None = None
     ) -> tuple[Tensor, Tensor | None]:
         """x [B, S, d] -> (x [B, S, d], this layer's aux loss or None)."""
         if self.parallel:
-            attn = self.self_attn(self.input_layernorm(x), cos, sin, mask)
+            attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
             ffn, aux = self._ffn(self.post_attention_layernorm(x))
             return x + attn + ffn, aux
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         ffn, aux = self._ffn(self.post_attention_layernorm(x))
         return x + ffn, aux
 
@@ -103,18 +143,29 @@ class Decoder(nn.Module):
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """input_ids [B, S] -> (hidden [B, S, d], aux loss [])."""
+        """input_ids [B, S] -> (hidden [B, S, d], aux loss []).
+
+        Without a cache, `attention_mask` is [B, S]; with one, it covers the cached tokens
+        too, [B, past + S], and default positions continue at `past`.
+        """
+        S = input_ids.shape[1]
+        past = 0 if cache is None else cache.length
         x = self.embed_tokens(input_ids)  # [B, S, d]
         if position_ids is None:
-            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)  # [S]
+            position_ids = torch.arange(past, past + S, device=input_ids.device)  # [S]
         else:
             position_ids = position_ids[:, None]  # [B, 1, S]: broadcast over heads
         cos, sin = self.rotary_emb(position_ids, x.dtype)  # [S, dh] or [B, 1, S, dh]
-        mask = None if attention_mask is None else padding_mask(attention_mask)  # [B, 1, S, S]
+        if cache is None and attention_mask is None:
+            mask = None  # causal
+        else:
+            mask = causal_mask(S, past, attention_mask, x.device)  # [B or 1, 1, S, past + S]
+            mask = mask.expand(x.shape[0], 1, S, past + S)  # no size-1 broadcast to guard on
         aux = torch.zeros((), device=x.device)
-        for layer in self.layers:
-            x, layer_aux = layer(x, cos, sin, mask)
+        for i, layer in enumerate(self.layers):
+            x, layer_aux = layer(x, cos, sin, mask, None if cache is None else cache.layers[i])
             if layer_aux is not None:
                 aux = aux + layer_aux
         return self.norm(x), aux
@@ -154,14 +205,52 @@ class MoECausalLM(nn.Module):
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> CausalLMOutput:
-        """input_ids [B, S]; attention_mask [B, S] (1 = token, 0 = padding); position_ids [B, S]."""
-        h, aux = self.model(input_ids, attention_mask, position_ids)  # [B, S, d]
+        """input_ids [B, S]; attention_mask [B, S] (1 = token, 0 = padding); position_ids [B, S].
+
+        With a `cache` (from `new_cache()`), the call continues the cached sequences: keys
+        and values of `input_ids` are appended to it, positions start after the cached
+        tokens and `attention_mask`, if given, is [B, past + S].
+        """
+        h, aux = self.model(input_ids, attention_mask, position_ids, cache)  # [B, S, d]
         if self.lm_head is None:
             logits = F.linear(h, self.model.embed_tokens.weight)  # [B, S, V]
         else:
             logits = self.lm_head(h)
-        return CausalLMOutput(logits, aux)
+        return CausalLMOutput(logits, aux, cache)
+
+    def new_cache(self) -> KVCache:
+        """An empty KV cache for this model, to pass to `forward` for incremental decoding."""
+        return KVCache(len(self.model.layers))
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, max_new_tokens: int) -> Tensor:
+        """Greedy decoding with the KV cache: input_ids [B, S] -> [B, S + max_new_tokens]."""
+        cache = self.new_cache()
+        tokens = [input_ids]
+        step = input_ids
+        for _ in range(max_new_tokens):
+            logits = self(step, cache=cache).logits  # [B, s, V]
+            step = logits[:, -1].argmax(dim=-1, keepdim=True)  # [B, 1]
+            tokens.append(step)
+        return torch.cat(tokens, dim=1)
+
+    def kv_cache_bytes_per_token(self) -> list[int]:
+        """Bytes of KV cache each layer holds per cached token (per sequence)."""
+        size = torch.empty((), dtype=self.config.torch_dtype).element_size()
+        return [
+            2 * layer.self_attn.cached_kv_heads * self.config.head_dim * size
+            for layer in self.model.layers
+        ]
+
+    def set_attention_impl(self, impl: AttentionImpl) -> None:
+        """Switch every mixture-of-attention layer between `"fused"` and the `"loop"` reference."""
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+        for module in self.modules():
+            if isinstance(module, MixtureOfAttention):
+                module.impl = impl
 
     def set_dispatch(self, dispatch: Dispatch) -> None:
         """Switch every MoE layer between the `"grouped"` and the `"loop"` expert kernels."""

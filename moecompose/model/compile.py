@@ -20,6 +20,11 @@ one; `shapes_spec` keeps the result of `compile_model` a plain compiled module.
 Passing a mask where an earlier call passed None, or switching grad mode, compiles one
 more graph, as for any compiled module.
 
+Decoding with a `KVCache` is not shape-stable under `compile_model`: the cached tensors
+grow by one token per step and are not covered by `shapes_spec`, so every new cache length
+compiles another graph until the recompile limit. Decode eagerly (`MoECausalLM.generate`
+does).
+
 On a torch without `shapes_spec` this falls back to `dynamic=True`: correct, but the
 first calls with a batch or a length of 1 each compile one more graph.
 """

@@ -3,9 +3,10 @@
 `ModelConfig.from_dict` checks every field the model code reads and fails with a message
 naming the field; `to_dict` writes the same JSON back. See `docs/artifact-format.md`.
 
-Layer descriptors are parsed through small registries (`FFN_KINDS`, `ROUTER_KINDS`), so a
-new FFN or router kind is one parser plus one module, and a kind this version does not
-know fails here, at load time, with its name in the message.
+Layer descriptors are parsed through small registries (`FFN_KINDS`, `ATTENTION_KINDS`,
+`ROUTER_KINDS`, `ATTENTION_ROUTER_KINDS`), so a new kind is one parser plus one module,
+and a kind this version does not know fails here, at load time, with its name in the
+message.
 """
 
 from __future__ import annotations
@@ -86,21 +87,46 @@ class TopKRouterSpec:
         return {"kind": self.kind, "k": self.k, "normalize": self.normalize}
 
 
-RouterSpec = TopKRouterSpec
+@dataclass(frozen=True)
+class SoftRouterSpec:
+    """Every expert runs, weighted by `softmax(x @ W.T)` over all experts (BAM attention)."""
 
-ROUTER_KINDS: dict[str, Callable[[Mapping[str, Any], str], RouterSpec]] = {
+    kind: ClassVar[str] = "soft"
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str) -> SoftRouterSpec:
+        _check_keys(d, {"kind"}, where)
+        return cls()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind}
+
+
+RouterSpec = TopKRouterSpec | SoftRouterSpec
+RouterParser = Callable[[Mapping[str, Any], str], RouterSpec]
+
+ROUTER_KINDS: dict[str, RouterParser] = {
     TopKRouterSpec.kind: TopKRouterSpec.from_dict,
 }
+"""Routers of an MoE FFN layer."""
+
+ATTENTION_ROUTER_KINDS: dict[str, RouterParser] = {
+    SoftRouterSpec.kind: SoftRouterSpec.from_dict,
+    TopKRouterSpec.kind: TopKRouterSpec.from_dict,
+}
+"""Routers of a mixture-of-attention layer."""
 
 
-def parse_router(d: Mapping[str, Any], where: str) -> RouterSpec:
+def parse_router(
+    d: Mapping[str, Any], where: str, kinds: Mapping[str, RouterParser] = ROUTER_KINDS
+) -> RouterSpec:
     kind = _require(d, "kind", where)
-    if kind not in ROUTER_KINDS:
+    if kind not in kinds:
         raise ValueError(
             f"{where}: router kind '{kind}' is not supported by this version "
-            f"(supported: {sorted(ROUTER_KINDS)})"
+            f"(supported: {sorted(kinds)})"
         )
-    return ROUTER_KINDS[kind](d, where)
+    return kinds[kind](d, where)
 
 
 # --------------------------------------------------------------------------- FFN parts
@@ -221,23 +247,111 @@ def parse_ffn(d: Mapping[str, Any], where: str) -> FFNSpec:
     return FFN_KINDS[kind](d, where)
 
 
+# --------------------------------------------------------------------------- attention
+
+
+@dataclass(frozen=True)
+class DenseAttentionSpec:
+    """The source's grouped-query attention."""
+
+    kind: ClassVar[str] = "dense"
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str) -> DenseAttentionSpec:
+        _check_keys(d, {"kind"}, where)
+        return cls()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind}
+
+
+SHARES = ((), ("k", "v"))
+
+
+@dataclass(frozen=True)
+class MoAAttentionSpec:
+    """Mixture of attention (BAM): `num_experts` attention experts mixed by a router.
+
+    `share` is `()` for expert-KV (each expert its own q, k, v, o) or `("k", "v")` for
+    shared-KV (q, o per expert; one k, v projection and one KV cache for all experts).
+    """
+
+    num_experts: int
+    router: RouterSpec
+    share: tuple[str, ...] = ()
+    kind: ClassVar[str] = "moa"
+
+    @property
+    def shared_kv(self) -> bool:
+        return self.share == ("k", "v")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str) -> MoAAttentionSpec:
+        _check_keys(d, {"kind", "num_experts", "share", "router"}, where)
+        num_experts = _positive_int(_require(d, "num_experts", where), f"{where}.num_experts")
+        router = parse_router(
+            _require(d, "router", where), f"{where}.router", ATTENTION_ROUTER_KINDS
+        )
+        if isinstance(router, TopKRouterSpec) and router.k > num_experts:
+            raise ValueError(f"{where}.router.k = {router.k} exceeds num_experts = {num_experts}")
+        share = d.get("share", [])
+        if not isinstance(share, list) or tuple(sorted(share)) not in SHARES:
+            raise ValueError(
+                f"{where}.share must be [] (expert-KV) or ['k', 'v'] (shared-KV), got {share!r}"
+            )
+        return cls(num_experts=num_experts, router=router, share=tuple(sorted(share)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "num_experts": self.num_experts,
+            "share": list(self.share),
+            "router": self.router.to_dict(),
+        }
+
+
+AttentionSpec = DenseAttentionSpec | MoAAttentionSpec
+
+ATTENTION_KINDS: dict[str, Callable[[Mapping[str, Any], str], AttentionSpec]] = {
+    DenseAttentionSpec.kind: DenseAttentionSpec.from_dict,
+    MoAAttentionSpec.kind: MoAAttentionSpec.from_dict,
+}
+
+
+def parse_attention(d: Mapping[str, Any] | None, where: str) -> AttentionSpec:
+    """None (key absent) is dense attention."""
+    if d is None:
+        return DenseAttentionSpec()
+    kind = _require(d, "kind", where)
+    if kind not in ATTENTION_KINDS:
+        raise ValueError(
+            f"{where}: attention kind '{kind}' is not supported by this version "
+            f"(supported: {sorted(ATTENTION_KINDS)})"
+        )
+    return ATTENTION_KINDS[kind](d, where)
+
+
 @dataclass(frozen=True)
 class LayerSpec:
-    """What one decoder layer is made of. Attention is the source's attention."""
+    """What one decoder layer is made of: its attention and its FFN."""
 
     ffn: FFNSpec
+    attention: AttentionSpec = field(default_factory=DenseAttentionSpec)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str) -> LayerSpec:
-        if "attention" in d:
-            raise ValueError(
-                f"{where}: attention mixtures ('attention' key) are not supported by this version"
-            )
-        _check_keys(d, {"ffn"}, where)
-        return cls(ffn=parse_ffn(_require(d, "ffn", where), f"{where}.ffn"))
+        _check_keys(d, {"ffn", "attention"}, where)
+        return cls(
+            ffn=parse_ffn(_require(d, "ffn", where), f"{where}.ffn"),
+            attention=parse_attention(d.get("attention"), f"{where}.attention"),
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"ffn": self.ffn.to_dict()}
+        """Dense attention is written as an absent key."""
+        out: dict[str, Any] = {"ffn": self.ffn.to_dict()}
+        if not isinstance(self.attention, DenseAttentionSpec):
+            out["attention"] = self.attention.to_dict()
+        return out
 
 
 # --------------------------------------------------------------------------- the model

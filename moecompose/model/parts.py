@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moecompose.model.cache import LayerKV
 from moecompose.model.config import RopeScaling
 
 
@@ -76,6 +77,30 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotate_half(x) * sin
 
 
+def split_heads(x: Tensor, n_heads: int) -> Tensor:
+    """[B, S, n*dh] -> [B, n, S, dh] (a view)."""
+    B, S, _ = x.shape
+    return x.view(B, S, n_heads, -1).transpose(1, 2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """[B, n, S, dh] -> [B, S, n*dh]."""
+    B, n, S, dh = x.shape
+    return x.transpose(1, 2).reshape(B, S, n * dh)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """Grouped-query attention: q [B, hq, S, dh], k, v [B, hkv, L, dh] -> [B, hq, S, dh].
+
+    Query head i reads key/value head `i // (hq // hkv)`. `mask` None means causal with
+    S == L; otherwise a bool mask [B or 1, 1, S, L] (True = attend).
+    """
+    gqa = q.shape[1] != k.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
 class Attention(nn.Module):
     """Causal grouped-query self-attention with rotary positions (Llama; Qwen2 adds q/k/v bias)."""
 
@@ -91,20 +116,28 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
         self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None) -> Tensor:
-        """x: [B, S, d]; cos, sin: rotary tables; mask: None (causal) or bool [B, 1, S, S]."""
-        B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # [B, h, S, dh]
-        k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+    @property
+    def cached_kv_heads(self) -> int:
+        """Key (and value) heads a KV cache holds per token."""
+        return self.n_kv_heads
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None = None,
+        cache: LayerKV | None = None,
+    ) -> Tensor:
+        """x: [B, S, d]; cos, sin: rotary tables; mask: None (causal) or bool [B, 1, S, L];
+        cache: this layer's keys and values of earlier tokens, extended in place."""
+        q = split_heads(self.q_proj(x), self.n_heads)  # [B, h, S, dh]
+        k = split_heads(self.k_proj(x), self.n_kv_heads)  # [B, kv, S, dh]
+        v = split_heads(self.v_proj(x), self.n_kv_heads)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        gqa = self.n_heads != self.n_kv_heads
-        if mask is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        o = o.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)  # [B, S, h*dh]
-        return self.o_proj(o)
+        if cache is not None:
+            k, v = cache.update(k, v)  # [B, kv, L, dh]
+        return self.o_proj(merge_heads(attend(q, k, v, mask)))
 
 
 class SwiGLU(nn.Module):
@@ -120,13 +153,23 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def padding_mask(attention_mask: Tensor) -> Tensor:
-    """Causal mask that also hides padded keys: bool [B, 1, S, S] from `attention_mask` [B, S].
+def causal_mask(
+    query_len: int, past: int, attention_mask: Tensor | None, device: torch.device
+) -> Tensor:
+    """Bool mask [B or 1, 1, S, past + S] for S queries following `past` cached tokens.
 
-    A padded query still sees itself, so no row is empty; its output is never meaningful.
+    `attention_mask` [B, past + S] (1 = token, 0 = padding) hides padded keys; a padded
+    query still sees itself, so no row is empty; its output is never meaningful.
     """
-    S = attention_mask.shape[-1]
-    pos = torch.arange(S, device=attention_mask.device)
-    causal = pos[None, :] <= pos[:, None]  # [S, S]
-    keep = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, S]
-    return (causal & keep) | torch.eye(S, dtype=torch.bool, device=attention_mask.device)
+    q_pos = torch.arange(query_len, device=device) + past  # [S]
+    k_pos = torch.arange(past + query_len, device=device)  # [L]
+    mask = k_pos[None, :] <= q_pos[:, None]  # [S, L]
+    if attention_mask is None:
+        return mask[None, None]
+    keep = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, L]
+    return (mask & keep) | (k_pos[None, :] == q_pos[:, None])
+
+
+def padding_mask(attention_mask: Tensor) -> Tensor:
+    """Causal mask that also hides padded keys: bool [B, 1, S, S] from `attention_mask` [B, S]."""
+    return causal_mask(attention_mask.shape[-1], 0, attention_mask, attention_mask.device)

@@ -1,0 +1,234 @@
+"""Mixture of attention (BAM, Zhang et al. 2024): E attention experts mixed by a router.
+
+`y = sum_j a[:, j] * o_j(attn(q_j(x), k_j(x), v_j(x)))` with `a = softmax(x @ router.T)`
+(fp32) over all E experts; a top-k router keeps the k largest weights (renormalised if
+configured) and zeroes the rest. Every expert runs whatever its weight.
+
+Tensor names follow `docs/artifact-format.md`: `router.weight` [E, d];
+`experts.q_proj` [E, h*dh, d], `experts.o_proj` [E, d, h*dh]; expert-KV adds
+`experts.{k,v}_proj` [E, kv*dh, d]; shared-KV has one `k_proj`, `v_proj` (nn.Linear);
+with q/k/v biases, `experts.{q,k,v}_bias` [E, h*dh] / [E, kv*dh] (k/v: expert-KV only)
+and `{k,v}_proj.bias` (shared-KV).
+
+Two implementations, same numbers: `impl="fused"` projects all experts' queries (and
+keys, values) with one GEMM each over the stacked weights, rotates once over [B, E*h, S,
+dh], runs one `scaled_dot_product_attention` over experts x heads and folds the router
+weights into one output GEMM over [B, S, E*h*dh]; `impl="loop"` is the reference, one
+ordinary attention per expert, summed with the router weights.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moecompose.model.cache import LayerKV
+from moecompose.model.config import MoAAttentionSpec, TopKRouterSpec
+from moecompose.model.parts import apply_rotary, attend, merge_heads, split_heads
+
+AttentionImpl = Literal["fused", "loop"]
+ATTENTION_IMPLS: tuple[AttentionImpl, ...] = ("fused", "loop")
+
+
+def _uniform(*shape: int, fan_in: int) -> nn.Parameter:
+    """nn.Linear's default initialisation, for stacked weights and biases."""
+    bound = 1 / math.sqrt(fan_in)
+    return nn.Parameter(torch.empty(*shape).uniform_(-bound, bound))
+
+
+class AttentionRouter(nn.Module):
+    """Mixture weights [..., E] (fp32) from `softmax(x @ weight.T)`.
+
+    `k=None` is soft routing (all E weights); otherwise the top k are kept, renormalised
+    to sum to 1 when `normalize`, and the others are 0.
+    """
+
+    def __init__(
+        self, dim: int, num_experts: int, k: int | None = None, normalize: bool = True
+    ) -> None:
+        super().__init__()
+        self.k = k
+        self.normalize = normalize
+        self.weight = nn.Parameter(torch.empty(num_experts, dim))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [..., d] -> weights [..., E] (fp32)."""
+        probs = F.linear(x.float(), self.weight.float()).softmax(dim=-1)
+        if self.k is None:
+            return probs
+        top, idx = probs.topk(self.k, dim=-1)  # [..., k]
+        if self.normalize:
+            top = top / top.sum(dim=-1, keepdim=True)
+        return torch.zeros_like(probs).scatter(-1, idx, top)
+
+
+class AttentionExperts(nn.Module):
+    """Stacked projections of E attention experts (k, v only for expert-KV)."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        dim: int,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        shared_kv: bool,
+        bias: bool,
+    ) -> None:
+        super().__init__()
+        E, q_out, kv_out = num_experts, n_heads * head_dim, n_kv_heads * head_dim
+        self.q_proj = _uniform(E, q_out, dim, fan_in=dim)
+        self.k_proj = None if shared_kv else _uniform(E, kv_out, dim, fan_in=dim)
+        self.v_proj = None if shared_kv else _uniform(E, kv_out, dim, fan_in=dim)
+        self.o_proj = _uniform(E, dim, q_out, fan_in=q_out)
+        with_kv_bias = bias and not shared_kv
+        self.q_bias = _uniform(E, q_out, fan_in=dim) if bias else None
+        self.k_bias = _uniform(E, kv_out, fan_in=dim) if with_kv_bias else None
+        self.v_bias = _uniform(E, kv_out, fan_in=dim) if with_kv_bias else None
+
+
+def _flat(t: Tensor | None) -> Tensor | None:
+    """Stacked [E, n, ...] -> [E*n, ...]: all experts as one projection."""
+    return None if t is None else t.flatten(0, 1)
+
+
+def _row(t: Tensor | None, e: int) -> Tensor | None:
+    return None if t is None else t[e]
+
+
+class MixtureOfAttention(nn.Module):
+    """E causal grouped-query attention experts with rotary positions, mixed by a router.
+
+    Shared-KV: one k, v projection (and one cache entry [B, kv, L, dh]) for all experts;
+    expert-KV: a cache entry [B, E*kv, L, dh].
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        spec: MoAAttentionSpec,
+        bias: bool = False,
+        impl: AttentionImpl = "fused",
+    ) -> None:
+        super().__init__()
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+        self.impl = impl
+        self.num_experts = spec.num_experts
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads
+        self.head_dim = head_dim
+        self.shared_kv = spec.shared_kv
+        router = spec.router
+        if isinstance(router, TopKRouterSpec):
+            self.router = AttentionRouter(dim, spec.num_experts, router.k, router.normalize)
+        else:
+            self.router = AttentionRouter(dim, spec.num_experts)
+        self.experts = AttentionExperts(
+            spec.num_experts, dim, n_heads, n_kv_heads, head_dim, spec.shared_kv, bias
+        )
+        kv_out = n_kv_heads * head_dim
+        self.k_proj = nn.Linear(dim, kv_out, bias=bias) if spec.shared_kv else None
+        self.v_proj = nn.Linear(dim, kv_out, bias=bias) if spec.shared_kv else None
+
+    @property
+    def cached_kv_heads(self) -> int:
+        """Key (and value) heads a KV cache holds per token."""
+        return self.n_kv_heads if self.shared_kv else self.num_experts * self.n_kv_heads
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None = None,
+        cache: LayerKV | None = None,
+    ) -> Tensor:
+        """x [B, S, d]; cos, sin: rotary tables; mask: None (causal) or bool [B, 1, S, L];
+        cache: this layer's keys and values of earlier tokens, extended in place."""
+        weights = self.router(x).to(x.dtype)  # [B, S, E]
+        if self.impl == "loop":
+            return self._loop(x, weights, cos, sin, mask, cache)
+        return self._fused(x, weights, cos, sin, mask, cache)
+
+    def _fused(
+        self,
+        x: Tensor,
+        weights: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None,
+        cache: LayerKV | None,
+    ) -> Tensor:
+        B, S, _ = x.shape
+        E, h, kv, dh = self.num_experts, self.n_heads, self.n_kv_heads, self.head_dim
+        ex = self.experts
+        q = F.linear(x, _flat(ex.q_proj), _flat(ex.q_bias))  # [B, S, E*h*dh]
+        if self.shared_kv:
+            assert self.k_proj is not None and self.v_proj is not None
+            k = split_heads(self.k_proj(x), kv)  # [B, kv, S, dh]
+            v = split_heads(self.v_proj(x), kv)
+            # Query heads ordered (kv head, expert, head in group) so that grouped-query
+            # attention maps every expert's group to the one shared kv head.
+            q = q.view(B, S, E, kv, h // kv, dh).permute(0, 3, 2, 4, 1, 5)
+            q = q.reshape(B, E * h, S, dh)  # [B, kv*E*(h/kv), S, dh]
+        else:
+            assert ex.k_proj is not None and ex.v_proj is not None
+            k = split_heads(F.linear(x, _flat(ex.k_proj), _flat(ex.k_bias)), E * kv)
+            v = split_heads(F.linear(x, _flat(ex.v_proj), _flat(ex.v_bias)), E * kv)
+            q = split_heads(q, E * h)  # [B, E*h, S, dh]: expert e's heads read e's kv
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v)  # [B, E*kv or kv, L, dh]
+        o = attend(q, k, v, mask)  # [B, E*h, S, dh]
+        if self.shared_kv:
+            # [B, S, E, kv, h/kv, dh]
+            o = o.view(B, kv, E, h // kv, S, dh).permute(0, 4, 2, 1, 3, 5)
+        else:
+            o = o.view(B, E, h, S, dh).permute(0, 3, 1, 2, 4)  # [B, S, E, h, dh]
+        o = (o.reshape(B, S, E, h * dh) * weights[..., None]).view(B, S, E * h * dh)
+        o_proj = ex.o_proj.transpose(0, 1).reshape(-1, E * h * dh)  # [d, E*h*dh]
+        return F.linear(o, o_proj)  # the weighted sum over experts is part of this GEMM
+
+    def _loop(
+        self,
+        x: Tensor,
+        weights: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None,
+        cache: LayerKV | None,
+    ) -> Tensor:
+        E, h, kv = self.num_experts, self.n_heads, self.n_kv_heads
+        ex = self.experts
+        if self.shared_kv:
+            assert self.k_proj is not None and self.v_proj is not None
+            k = apply_rotary(split_heads(self.k_proj(x), kv), cos, sin)  # [B, kv, S, dh]
+            v = split_heads(self.v_proj(x), kv)
+            if cache is not None:
+                k, v = cache.update(k, v)
+            keys, values = [k] * E, [v] * E
+        else:
+            assert ex.k_proj is not None and ex.v_proj is not None
+            keys, values = [], []
+            for e in range(E):
+                k = F.linear(x, ex.k_proj[e], _row(ex.k_bias, e))
+                keys.append(apply_rotary(split_heads(k, kv), cos, sin))  # [B, kv, S, dh]
+                values.append(split_heads(F.linear(x, ex.v_proj[e], _row(ex.v_bias, e)), kv))
+            if cache is not None:
+                k, v = cache.update(torch.cat(keys, dim=1), torch.cat(values, dim=1))
+                keys, values = list(k.chunk(E, dim=1)), list(v.chunk(E, dim=1))
+        y = torch.zeros_like(x)
+        for e in range(E):
+            q = split_heads(F.linear(x, ex.q_proj[e], _row(ex.q_bias, e)), h)  # [B, h, S, dh]
+            o = attend(apply_rotary(q, cos, sin), keys[e], values[e], mask)
+            y = y + weights[..., e, None] * F.linear(merge_heads(o), ex.o_proj[e])
+        return y
