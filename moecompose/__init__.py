@@ -1,6 +1,7 @@
 """moecompose: compile dense transformer checkpoints into Mixture-of-Experts models."""
 
-from moecompose.api import build, load, plan, validate
+import moecompose.diff  # noqa: F401  (loaded first, so that `diff` below names the function)
+from moecompose.api import build, diff, load, plan, validate
 from moecompose.errors import BuildError, MoeComposeError, SourceError, SpecError
 from moecompose.spec import Spec, dump_yaml, load_spec, parse_spec
 
@@ -13,6 +14,7 @@ __all__ = [
     "Spec",
     "SpecError",
     "build",
+    "diff",
     "dump_yaml",
     "load",
     "load_spec",

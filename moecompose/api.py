@@ -1,11 +1,16 @@
 """The Python API: the same stages the CLI runs, as functions.
 
 >>> import moecompose as mc
->>> spec = mc.load_spec("specs/demo.yaml")
+>>> spec = mc.load_spec("specs/demo.yaml")  # or a .moe file
 >>> p = mc.plan(spec)                       # no weights read
 >>> p.totals.active_params
+>>> k1 = spec.with_({"layers[0].ffn.router.k": 1})   # a re-validated variant
+>>> mc.diff(spec, k1).changes               # [Change('ffn.router.k', 2, 1, layers=(0, 1, 2, 3))]
 >>> mc.build(spec, "out/demo", force=True)
 >>> model = mc.load("out/demo")             # a torch.nn.Module
+
+Every function raises a :class:`~moecompose.errors.MoeComposeError` (located, one line)
+for a mistake in the spec, a source or a path.
 """
 
 from __future__ import annotations
@@ -22,7 +27,10 @@ from moecompose.spec import Spec, load_spec
 
 if TYPE_CHECKING:
     from moecompose.build.executor import Progress
+    from moecompose.diff import Diff
     from moecompose.model import MoECausalLM
+
+__all__ = ["build", "diff", "load", "load_spec", "plan", "validate"]
 
 SpecLike = Spec | str | Path
 
@@ -60,3 +68,13 @@ def load(path: str | Path, *, dtype: str | None = None, device: str | None = Non
     from moecompose.export import load_artifact
 
     return load_artifact(Path(path), dtype=dtype, device=device)
+
+
+def diff(a: SpecLike, b: SpecLike) -> Diff:
+    """Compare two experiments: specs (``Spec`` objects, YAML or ``.moe`` files) or built
+    artifact folders. The result lists changed settings by path (per layer range), sources
+    added and removed, and, when both sides' sources can be read, the plans' differences
+    in totals and tensors; ``result.equal`` is True when both mean the same model."""
+    from moecompose.diff import diff as _diff
+
+    return _diff(a, b)

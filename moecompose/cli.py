@@ -44,6 +44,11 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except MoeComposeError as exc:
             err.print(f"[bold red]error:[/bold red] {exc.format()}", soft_wrap=True, markup=True)
+            from moecompose.spec.dsl import file_snippet
+
+            shown = exc.snippet or file_snippet(exc.location)
+            if shown:
+                err.print(shown, soft_wrap=True, markup=False, highlight=False)
             sys.exit(2)
 
 
@@ -55,10 +60,11 @@ SPEC = click.argument("spec", type=click.Path(path_type=Path, dir_okay=False))
 def main() -> None:
     """Compile dense Hugging Face checkpoints into Mixture-of-Experts models.
 
-    A mix spec (YAML) names the dense sources, which layers become MoE, the experts and
+    A mix spec (YAML, or the terser .moe text syntax) names the dense sources, which layers become MoE, the experts and
     the router. `validate` checks it against the sources' metadata, `plan` shows the
     recipe of every output tensor with parameter and FLOP totals, `build` writes the
-    model. See docs/spec.md for the format.
+    model. `fmt` converts between the two syntaxes, `diff` compares two experiments.
+    See docs/spec.md and docs/dsl.md for the formats.
     """
 
 
@@ -130,6 +136,51 @@ def inspect(artifact: Path, verify: bool) -> None:
     from moecompose.inspect import inspect_artifact
 
     inspect_artifact(artifact, out, verify=verify)
+
+
+@main.command()
+@SPEC
+@click.option("--to", "syntax", type=click.Choice(["yaml", "dsl"]), default=None,
+              help="Syntax to write (default: SPEC's own; .moe files are dsl).")
+@click.option("--full", is_flag=True, help="Write every default out instead of leaving defaults implicit.")
+@click.option("--check", is_flag=True,
+              help="Write nothing; exit 1 if SPEC's text differs from the canonical form.")
+def fmt(spec: Path, syntax: str | None, full: bool, check: bool) -> None:
+    """Print SPEC in canonical form (keys in schema order, defaults left out)."""
+    from moecompose.spec import syntax_of
+    from moecompose.spec.formatter import format_spec
+
+    the_spec = api.load_spec(spec, check=False)
+    text = format_spec(the_spec, syntax or syntax_of(spec), full=full)
+    if not check:
+        click.echo(text, nl=False)
+        return
+    if spec.read_text(encoding="utf-8") != text:
+        err.print(f"{spec}: not in canonical form (see 'moecompose fmt {spec}')", soft_wrap=True)
+        sys.exit(1)
+    out.print(f"[green]ok[/green] {spec} is in canonical form", soft_wrap=True)
+
+
+@main.command()
+@click.argument("a", type=click.Path(path_type=Path))
+@click.argument("b", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the differences as JSON.")
+def diff(a: Path, b: Path, as_json: bool) -> None:
+    """Compare two experiments: specs (either syntax) or built artifacts.
+
+    Shows the changed settings (per layer range), sources added or removed, and what the
+    change costs: parameters, active parameters and FLOPs per token, and the output
+    tensors added, removed or made differently. Exit status 1 when they differ, 0 when
+    they mean the same model.
+    """
+    from moecompose.diff import print_diff
+
+    result = api.diff(a, b)
+    if as_json:
+        click.echo(json.dumps(result.to_data(), indent=2))
+    else:
+        print_diff(result, out)
+    sys.exit(0 if result.equal else 1)
 
 
 @main.command()

@@ -1,4 +1,4 @@
-"""Spec front ends: text (YAML) -> the ``Spec`` IR, and back."""
+"""Spec front ends: text (YAML or the ``.moe`` syntax) -> the ``Spec`` IR, and back."""
 
 from __future__ import annotations
 
@@ -12,21 +12,48 @@ from moecompose.spec.origin import Origin
 from moecompose.spec.schema import Spec
 from moecompose.spec.yaml_front import parse_yaml
 
-__all__ = ["Origin", "Spec", "check_spec", "dump_yaml", "load_spec", "parse_spec"]
+__all__ = ["Origin", "Spec", "check_spec", "dump_yaml", "load_spec", "parse_spec", "syntax_of"]
+
+SYNTAXES = ("yaml", "dsl")
+
+
+def syntax_of(path: str | Path) -> str:
+    """``dsl`` for ``.moe`` files, else ``yaml``."""
+    return "dsl" if Path(path).suffix.lower() == ".moe" else "yaml"
 
 
 def parse_spec(
-    text: str, *, file: str | None = None, base_dir: Path | None = None, check: bool = True
+    text: str,
+    *,
+    file: str | None = None,
+    base_dir: Path | None = None,
+    check: bool = True,
+    syntax: str | None = None,
 ) -> Spec:
-    """Parse spec text (YAML). With ``check``, also run the source-independent checks."""
-    spec = parse_yaml(text, file=file, base_dir=base_dir)
+    """Parse spec text, ``syntax`` ``yaml`` or ``dsl`` (default: by ``file``'s suffix, else
+    YAML). With ``check``, also run the source-independent checks."""
+    syntax = syntax or (syntax_of(file) if file else "yaml")
+    if syntax not in SYNTAXES:
+        raise ValueError(f"syntax must be one of {SYNTAXES}, got {syntax!r}")
+    if syntax == "yaml":
+        spec = parse_yaml(text, file=file, base_dir=base_dir)
+        if check:
+            check_spec(spec)
+        return spec
+    from moecompose.spec.dsl import attach_snippet, parse_dsl
+
+    spec = parse_dsl(text, file=file, base_dir=base_dir)
     if check:
-        check_spec(spec)
+        try:
+            check_spec(spec)
+        except SpecError as exc:
+            raise attach_snippet(exc, text, file) from None
     return spec
 
 
 def load_spec(path: str | Path, *, check: bool = True) -> Spec:
-    """Read a spec file; relative source paths in it are taken from the file's folder."""
+    """Read a spec file (``.moe``: the text syntax, else YAML); relative source paths in it
+    are taken from the file's folder."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
