@@ -158,7 +158,7 @@ Experts = Annotated[
 class TopKRouter(Node):
     """Token-choice top-k: softmax over all experts, keep the k best (Mixtral, BTX)."""
 
-    kind: Literal["topk"]
+    kind: Literal["topk"] = Field(description="Token-choice top-k routing.")
     k: int = Field(2, ge=1, description="Experts per token.")
     normalize: bool = Field(
         True, description="Renormalise the k kept probabilities to sum to 1 (Mixtral)."
@@ -172,28 +172,30 @@ class TopKRouter(Node):
 class SoftRouter(Node):
     """Soft routing: every expert runs, weighted by softmax(x @ W) (BAM attention)."""
 
-    kind: Literal["soft"]
-    init: Literal["random", "zeros"] = "random"
+    kind: Literal["soft"] = Field(description="Every expert runs, weighted (attention only).")
+    init: Literal["random", "zeros"] = Field(
+        "random", description="Router weights: N(0, init_std) seeded by `seed`, or zeros."
+    )
 
     @classmethod
     def key_hints(cls) -> dict[str, str]:
         hint = "soft routing weights every expert; use kind: topk to choose k"
         return {"k": hint, "normalize": hint}
-    init_std: float = Field(0.02, gt=0.0)
+    init_std: float = Field(0.02, gt=0.0, description="Std of the random router init.")
 
 
 class NexusRouter(Node):
     """Router projected from domain embeddings (Nexus)."""
 
-    kind: Literal["nexus"]
-    k: int = Field(1, ge=1)
-    normalize: bool = False
+    kind: Literal["nexus"] = Field(description="Router projected from domain embeddings.")
+    k: int = Field(1, ge=1, description="Routed experts per token.")
+    normalize: bool = Field(False, description="Renormalise the k kept probabilities.")
 
 
 class TokenMixingRouter(Node):
     """Mixture of Tokens: tokens at one position of G sequences are mixed per expert."""
 
-    kind: Literal["token_mixing"]
+    kind: Literal["token_mixing"] = Field(description="Mixture of Tokens: no discrete routing.")
     group_size: int = Field(ge=1, description="G: sequences of the batch mixed at each position.")
     temperature: float = Field(1.0, gt=0.0, description="Softmax temperature T.")
     learn_temperature: bool = Field(False, description="Make T a trainable parameter.")
@@ -201,7 +203,7 @@ class TokenMixingRouter(Node):
         None, ge=1, description="The batch size you will train with; G must not exceed it."
     )
     init: Literal["random", "zeros"] = Field("random", description="Controller init.")
-    init_std: float = Field(0.02, gt=0.0)
+    init_std: float = Field(0.02, gt=0.0, description="Std of the random controller init.")
 
     @classmethod
     def key_hints(cls) -> dict[str, str]:
@@ -226,28 +228,46 @@ class AuxLoss(Node):
 class FFNMix(Node):
     """The FFN mixture of the selected layers."""
 
-    experts: Experts
+    experts: Experts = Field(
+        description="[a, b]: one FFN expert per source; {copy: SRC, count: N, drop: r}: "
+        "copies of one FFN; {adapters: SRC, count: N}: PESC adapters on one shared FFN."
+    )
     shared: SourceName | None = Field(
         None, description="Source whose FFN is an always-on shared expert."
     )
-    router: Router = Field(default_factory=lambda: TopKRouter(kind="topk"))
-    aux_loss: AuxLoss = Field(default_factory=AuxLoss)
+    router: Router = Field(
+        default_factory=lambda: TopKRouter(kind="topk"),
+        description="topk (default k=2) or token_mixing; nexus is not buildable yet.",
+    )
+    aux_loss: AuxLoss = Field(default_factory=AuxLoss, description="Router loss coefficients.")
 
 
 class AttentionMix(Node):
     """Mixture of attention (BAM): one attention expert per listed source."""
 
-    experts: list[SourceName]
-    share: list[Literal["k", "v"]] = Field(default_factory=list)
-    router: Router = Field(default_factory=lambda: SoftRouter(kind="soft"))
+    experts: list[SourceName] = Field(
+        description="One attention expert (q, k, v, o) per listed source."
+    )
+    share: list[Literal["k", "v"]] = Field(
+        default_factory=list,
+        description="[k, v]: keys and values merged and shared (one KV cache); [] = expert-KV.",
+    )
+    router: Router = Field(
+        default_factory=lambda: SoftRouter(kind="soft"),
+        description="soft (every expert, BAM's choice) or topk.",
+    )
 
 
 class LayerRule(Node):
     """Which layers become MoE and how; later rules override earlier ones, per part."""
 
-    select: Select
-    ffn: FFNMix | None = None
-    attention: AttentionMix | None = None
+    select: Select = Field(
+        description="all | [0, 2, 5] | {from: 0, to: 12, every: 2} (to exclusive)."
+    )
+    ffn: FFNMix | None = Field(None, description="The FFN mixture of the selected layers.")
+    attention: AttentionMix | None = Field(
+        None, description="Attention experts (BAM) of the selected layers."
+    )
 
     @model_validator(mode="after")
     def _has_a_mixture(self) -> LayerRule:
@@ -264,13 +284,15 @@ class LayerRule(Node):
 class MergeFrom(Node):
     """Take every non-expert tensor from one source."""
 
-    from_: SourceName = Field(alias="from")
+    from_: SourceName = Field(alias="from", description="The source every tensor comes from.")
 
 
 class MergeWeights(Node):
     """Weighted mean of the sources' non-expert tensors (weights are normalised)."""
 
-    weights: dict[SourceName, Annotated[float, Field(ge=0.0)]]
+    weights: dict[SourceName, Annotated[float, Field(ge=0.0)]] = Field(
+        description="source -> weight (>= 0, normalised to sum 1)."
+    )
 
     @model_validator(mode="after")
     def _positive(self) -> MergeWeights:
@@ -306,8 +328,8 @@ Merge = Annotated[
 class Domain(Node):
     """A routed expert's domain: texts to embed, or a stored embedding vector."""
 
-    texts: str | None = None
-    embedding: str | None = None
+    texts: str | None = Field(None, description="Glob of documents to embed with `embed_with`.")
+    embedding: str | None = Field(None, description="A stored embedding vector file.")
 
 
 TrainName = Literal[
@@ -345,13 +367,20 @@ class Spec(Node):
     block: Literal["sequential", "parallel"] | None = Field(
         None, description="Block form; default: the sources' (sequential for Llama)."
     )
-    domains: dict[SourceName, Domain] | None = None
-    embed_with: SourceName | None = None
-    layers: list[LayerRule] = Field(default_factory=list)
+    domains: dict[SourceName, Domain] | None = Field(
+        None, description="Nexus: one domain per routed expert (not buildable yet)."
+    )
+    embed_with: SourceName | None = Field(
+        None, description="Nexus: the source that embeds domain texts (not buildable yet)."
+    )
+    layers: list[LayerRule] = Field(
+        default_factory=list,
+        description="Which layers become MoE; later rules override earlier ones, per part.",
+    )
     train: list[TrainName] | None = Field(
         None, description="Trainable tensor groups; default: all."
     )
-    output: Output = Field(default_factory=Output)
+    output: Output = Field(default_factory=Output, description="What the build writes.")
 
     _origin: Any = PrivateAttr(default=None)
 
