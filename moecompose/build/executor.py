@@ -14,7 +14,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -39,13 +39,23 @@ def build(plan: Plan, out: str | Path, *, force: bool = False, progress: Progres
     """Write ``plan``'s artifact to ``out``; refuses an existing ``out`` unless ``force``."""
     out = Path(out).resolve()
     check_target(plan, out, force)
+    files = write_atomically(out, lambda tmp: _write_artifact(plan, tmp, progress))
+    return BuildResult(out, files, sum(t.numel for t in plan.tensors))
+
+
+T = TypeVar("T")
+
+
+def write_atomically(out: Path, fill: Callable[[Path], T]) -> T:
+    """Run ``fill`` on a hidden temporary folder beside ``out``, then put it in place of
+    ``out``. On any failure the temporary folder is removed and ``out`` is untouched."""
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
-        files = _write_artifact(plan, tmp, progress)
+        result = fill(tmp)
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)
@@ -58,7 +68,7 @@ def build(plan: Plan, out: str | Path, *, force: bool = False, progress: Progres
         if isinstance(exc, OSError):
             raise BuildError(f"cannot write {out}: {exc.strerror or exc}") from None
         raise
-    return BuildResult(out, files, sum(t.numel for t in plan.tensors))
+    return result
 
 
 def check_target(plan: Plan, out: Path, force: bool) -> None:
