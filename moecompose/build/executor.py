@@ -73,15 +73,22 @@ def write_atomically(out: Path, fill: Callable[[Path], T]) -> T:
 
 def check_target(plan: Plan, out: Path, force: bool) -> None:
     """Refuse an output that overlaps a source, exists (without ``force``), or is not ours."""
-    out = Path(out).resolve()
+    sources = {f"source '{name}'": Path(src["path"]) for name, src in plan.sources.items()}
+    check_output(Path(out), force, sources)
+
+
+def check_output(out: Path, force: bool, protected: dict[str, Path]) -> None:
+    """Refuse an output folder that overlaps a ``protected`` folder (what is read), that
+    exists (without ``force``), or that exists and is not a moecompose artifact."""
+    out = out.resolve()
     if out.exists() and not out.is_dir():
         raise BuildError(f"output {out} is a file", hint="choose a folder path for the artifact")
-    for name, src in plan.sources.items():
-        source = Path(src["path"]).resolve()
-        if out == source or source.is_relative_to(out) or out.is_relative_to(source):
+    for what, folder in protected.items():
+        folder = folder.resolve()
+        if out == folder or folder.is_relative_to(out) or out.is_relative_to(folder):
             raise BuildError(
-                f"output {out} overlaps source '{name}' ({source})",
-                hint="choose an output folder outside the sources",
+                f"output {out} overlaps {what} ({folder})",
+                hint="choose an output folder outside what is read",
             )
     if out.exists() and not force:
         raise BuildError(f"output {out} already exists", hint="pass --force to replace it")
@@ -150,13 +157,13 @@ def _write_artifact(plan: Plan, tmp: Path, progress: Progress | None) -> dict[st
             "metadata": {"total_size": total},
             "weight_map": {t.name: f for f, shard in zip(names, shards) for t in shard},
         }
-        files["model.safetensors.index.json"] = _write_text(
+        files["model.safetensors.index.json"] = write_text(
             tmp / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n"
         )
 
-    files["config.json"] = _write_text(tmp / "config.json", json.dumps(plan.config, indent=2) + "\n")
-    files["plan.json"] = _write_text(tmp / "plan.json", plan.to_json())
-    files["spec.yaml"] = _write_text(
+    files["config.json"] = write_text(tmp / "config.json", json.dumps(plan.config, indent=2) + "\n")
+    files["plan.json"] = write_text(tmp / "plan.json", plan.to_json())
+    files["spec.yaml"] = write_text(
         tmp / "spec.yaml", yaml.safe_dump(plan.spec, sort_keys=False, default_flow_style=None, width=100)
     )
     if plan.tokenizer_source is not None:
@@ -164,20 +171,20 @@ def _write_artifact(plan: Plan, tmp: Path, progress: Progress | None) -> dict[st
         for file in TOKENIZER_FILES:
             if (source_dir / file).is_file():
                 shutil.copyfile(source_dir / file, tmp / file)
-                files[file] = _sha256_file(tmp / file)
-    files["README.md"] = _write_text(tmp / "README.md", model_card(plan))
+                files[file] = sha256_file(tmp / file)
+    files["README.md"] = write_text(tmp / "README.md", model_card(plan))
     manifest = _manifest(plan, files)
-    _write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return files
 
 
-def _write_text(path: Path, text: str) -> str:
+def write_text(path: Path, text: str) -> str:
     data = text.encode("utf-8")
     path.write_bytes(data)
     return hashlib.sha256(data).hexdigest()
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(1 << 20):
@@ -185,7 +192,7 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
@@ -205,11 +212,11 @@ def _manifest(plan: Plan, files: dict[str, str]) -> dict[str, Any]:
         sources[name] = {
             "path": src["path"],
             "fingerprint": src["fingerprint"],
-            "files": {w: _sha256_file(folder / w) for w in weights},
+            "files": {w: sha256_file(folder / w) for w in weights},
         }
     return {
         "moecompose_manifest": 1,
-        "versions": _versions(),
+        "versions": versions(),
         "plan_digest": plan.digest(),
         "format": plan.format,
         "sources": sources,
