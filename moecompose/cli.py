@@ -184,6 +184,24 @@ def diff(a: Path, b: Path, as_json: bool) -> None:
 
 
 @main.command()
+@click.argument("artifact", type=click.Path(path_type=Path, file_okay=False))
+@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="Folder for the new artifact (must not exist unless --force).")
+@click.option("--force", is_flag=True, help="Replace an existing artifact at OUTPUT.")
+def transition(artifact: Path, output: Path, force: bool) -> None:
+    """Switch ARTIFACT's Mixture-of-Tokens layers to top-1 routing, into OUTPUT.
+
+    Each token-mixing controller becomes a top-1 token-choice router (weights divided by
+    the temperature), so single sequences and batch size 1 work; fine-tune briefly after.
+    ARTIFACT is only read.
+    """
+    from moecompose.derive import transition as run
+
+    path = run(artifact, output, force=force)
+    out.print(f"[green]transitioned[/green] {artifact} -> {path}", soft_wrap=True)
+
+
+@main.command()
 def schema() -> None:
     """Print the JSON Schema of the YAML spec format (for editor completion)."""
     from moecompose.spec.schema import Spec

@@ -14,9 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moecompose.model.adapters import AdapterMoEFFN, GroupedAdapters
 from moecompose.model.attention_mix import ATTENTION_IMPLS, AttentionImpl, MixtureOfAttention
 from moecompose.model.cache import KVCache, LayerKV
 from moecompose.model.config import (
+    AdapterFFNSpec,
     AttentionSpec,
     DenseAttentionSpec,
     DenseFFNSpec,
@@ -25,9 +27,11 @@ from moecompose.model.config import (
     MoAAttentionSpec,
     ModelConfig,
     MoEFFNSpec,
+    TokenMixingRouterSpec,
 )
 from moecompose.model.moe import DISPATCHES, Dispatch, GroupedExperts, MoEFFN
 from moecompose.model.parts import Attention, RMSNorm, RotaryEmbedding, SwiGLU, causal_mask
+from moecompose.model.token_mixing import TokenMixingFFN, transition_to_topk
 
 
 def _dense_ffn(config: ModelConfig, spec: DenseFFNSpec, dispatch: Dispatch) -> nn.Module:
@@ -35,12 +39,19 @@ def _dense_ffn(config: ModelConfig, spec: DenseFFNSpec, dispatch: Dispatch) -> n
 
 
 def _moe_ffn(config: ModelConfig, spec: MoEFFNSpec, dispatch: Dispatch) -> nn.Module:
+    if isinstance(spec.router, TokenMixingRouterSpec):
+        return TokenMixingFFN(config.hidden_size, spec, dispatch)
     return MoEFFN(config.hidden_size, spec, dispatch)
+
+
+def _adapter_ffn(config: ModelConfig, spec: AdapterFFNSpec, dispatch: Dispatch) -> nn.Module:
+    return AdapterMoEFFN(config.hidden_size, spec, dispatch)
 
 
 FFN_BUILDERS: dict[str, Callable[[ModelConfig, Any, Dispatch], nn.Module]] = {
     DenseFFNSpec.kind: _dense_ffn,
     MoEFFNSpec.kind: _moe_ffn,
+    AdapterFFNSpec.kind: _adapter_ffn,
 }
 
 
@@ -106,7 +117,7 @@ class DecoderLayer(nn.Module):
         self.parallel = config.block == "parallel"
         self.self_attn = build_attention(config, spec.attention)
         self.mlp = build_ffn(config, spec.ffn, dispatch)
-        self.routed = isinstance(self.mlp, MoEFFN)
+        self.routed = isinstance(self.mlp, (MoEFFN, AdapterMoEFFN, TokenMixingFFN))
         self.input_layernorm = RMSNorm(d, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(d, config.rms_norm_eps)
 
@@ -257,7 +268,7 @@ class MoECausalLM(nn.Module):
         if dispatch not in DISPATCHES:
             raise ValueError(f"dispatch must be one of {DISPATCHES}, got {dispatch!r}")
         for module in self.modules():
-            if isinstance(module, GroupedExperts):
+            if isinstance(module, (GroupedExperts, GroupedAdapters)):
                 module.dispatch = dispatch
 
     def load_weights(
@@ -305,6 +316,11 @@ class MoECausalLM(nn.Module):
                 raise ValueError(f"trainable names tensors this model does not have: {unknown}")
         for name, p in params.items():
             p.requires_grad_(name in keep)
+
+    def transition_to_topk(self) -> dict[str, Any]:
+        """Mixture-of-Tokens layers become top-1 token-choice MoE layers, in place (see
+        `token_mixing.transition_to_topk`); returns the updated native config dict."""
+        return transition_to_topk(self)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

@@ -102,13 +102,49 @@ class SoftRouterSpec:
         return {"kind": self.kind}
 
 
-RouterSpec = TopKRouterSpec | SoftRouterSpec
+@dataclass(frozen=True)
+class TokenMixingRouterSpec:
+    """Mixture of Tokens (Antoniak et al. 2023): tokens at one position of `group_size`
+    sequences of the batch are mixed per expert by `softmax(x @ W.T / temperature)` over
+    the group. With `learn_temperature` the temperature is a trainable tensor."""
+
+    group_size: int
+    temperature: float = 1.0
+    learn_temperature: bool = False
+    kind: ClassVar[str] = "token_mixing"
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str) -> TokenMixingRouterSpec:
+        _check_keys(d, {"kind", "group_size", "temperature", "learn_temperature"}, where)
+        group = _positive_int(_require(d, "group_size", where), f"{where}.group_size")
+        temperature = _non_negative_float(d.get("temperature", 1.0), f"{where}.temperature")
+        if temperature == 0:
+            raise ValueError(f"{where}.temperature must be positive, got 0")
+        learn = _bool(d.get("learn_temperature", False), f"{where}.learn_temperature")
+        return cls(group_size=group, temperature=temperature, learn_temperature=learn)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "group_size": self.group_size,
+            "temperature": self.temperature,
+            "learn_temperature": self.learn_temperature,
+        }
+
+
+RouterSpec = TopKRouterSpec | SoftRouterSpec | TokenMixingRouterSpec
 RouterParser = Callable[[Mapping[str, Any], str], RouterSpec]
 
 ROUTER_KINDS: dict[str, RouterParser] = {
     TopKRouterSpec.kind: TopKRouterSpec.from_dict,
+    TokenMixingRouterSpec.kind: TokenMixingRouterSpec.from_dict,
 }
 """Routers of an MoE FFN layer."""
+
+ADAPTER_ROUTER_KINDS: dict[str, RouterParser] = {
+    TopKRouterSpec.kind: TopKRouterSpec.from_dict,
+}
+"""Routers of an adapter-experts (PESC) FFN layer."""
 
 ATTENTION_ROUTER_KINDS: dict[str, RouterParser] = {
     SoftRouterSpec.kind: SoftRouterSpec.from_dict,
@@ -230,11 +266,83 @@ class MoEFFNSpec:
         }
 
 
-FFNSpec = DenseFFNSpec | MoEFFNSpec
+ADAPTER_ACTIVATIONS = ("gelu", "relu", "silu")
+
+
+@dataclass(frozen=True)
+class AdapterFFNSpec:
+    """PESC (Wu et al. 2024): one shared SwiGLU FFN of width `intermediate_size`; the
+    experts are bottleneck adapters (width `bottleneck`) applied to its output, chosen by a
+    top-k router that reads the FFN input."""
+
+    num_experts: int
+    intermediate_size: int
+    bottleneck: int
+    router: TopKRouterSpec
+    scale: float = 1.0
+    activation: str = "gelu"
+    dropout: float = 0.0
+    aux_loss: AuxLossSpec = field(default_factory=AuxLossSpec)
+    kind: ClassVar[str] = "adapters"
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str) -> AdapterFFNSpec:
+        _check_keys(
+            d,
+            {"kind", "num_experts", "intermediate_size", "bottleneck", "scale", "activation",
+             "dropout", "router", "aux_loss"},
+            where,
+        )  # fmt: skip
+        num_experts = _positive_int(_require(d, "num_experts", where), f"{where}.num_experts")
+        router = parse_router(_require(d, "router", where), f"{where}.router", ADAPTER_ROUTER_KINDS)
+        assert isinstance(router, TopKRouterSpec)
+        if router.k > num_experts:
+            raise ValueError(f"{where}.router.k = {router.k} exceeds num_experts = {num_experts}")
+        scale = d.get("scale", 1.0)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise ValueError(f"{where}.scale must be a number, got {scale!r}")
+        activation = d.get("activation", "gelu")
+        if activation not in ADAPTER_ACTIVATIONS:
+            raise ValueError(
+                f"{where}.activation {activation!r} is not supported by this version "
+                f"(supported: {list(ADAPTER_ACTIVATIONS)})"
+            )
+        dropout = _non_negative_float(d.get("dropout", 0.0), f"{where}.dropout")
+        if dropout >= 1:
+            raise ValueError(f"{where}.dropout must be in [0, 1), got {dropout}")
+        return cls(
+            num_experts=num_experts,
+            intermediate_size=_positive_int(
+                _require(d, "intermediate_size", where), f"{where}.intermediate_size"
+            ),
+            bottleneck=_positive_int(_require(d, "bottleneck", where), f"{where}.bottleneck"),
+            router=router,
+            scale=float(scale),
+            activation=activation,
+            dropout=dropout,
+            aux_loss=AuxLossSpec.from_dict(d.get("aux_loss"), f"{where}.aux_loss"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "num_experts": self.num_experts,
+            "intermediate_size": self.intermediate_size,
+            "bottleneck": self.bottleneck,
+            "scale": self.scale,
+            "activation": self.activation,
+            "dropout": self.dropout,
+            "router": self.router.to_dict(),
+            "aux_loss": self.aux_loss.to_dict(),
+        }
+
+
+FFNSpec = DenseFFNSpec | MoEFFNSpec | AdapterFFNSpec
 
 FFN_KINDS: dict[str, Callable[[Mapping[str, Any], str], FFNSpec]] = {
     DenseFFNSpec.kind: DenseFFNSpec.from_dict,
     MoEFFNSpec.kind: MoEFFNSpec.from_dict,
+    AdapterFFNSpec.kind: AdapterFFNSpec.from_dict,
 }
 
 

@@ -81,6 +81,16 @@ def router_z_loss(logits: Tensor) -> Tensor:
     return torch.logsumexp(logits, dim=-1).square().mean()
 
 
+def weighted_aux_loss(logits: Tensor, counts: Tensor, load_balance: float, z_loss: float) -> Tensor:
+    """`load_balance * L_lb + z_loss * L_z` (fp32 []; zero when both coefficients are 0)."""
+    loss = logits.new_zeros(())
+    if load_balance:
+        loss = loss + load_balance * load_balance_loss(logits, counts)
+    if z_loss:
+        loss = loss + z_loss * router_z_loss(logits)
+    return loss
+
+
 def swiglu_loop(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
     """One expert's SwiGLU: x [n, d], gate/up [f, d], down [d, f] -> [n, d]."""
     return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
@@ -164,9 +174,4 @@ class MoEFFN(nn.Module):
         return y.reshape(shape), self.aux_loss(logits, counts)
 
     def aux_loss(self, logits: Tensor, counts: Tensor) -> Tensor:
-        loss = logits.new_zeros(())
-        if self.lb_coef:
-            loss = loss + self.lb_coef * load_balance_loss(logits, counts)
-        if self.z_coef:
-            loss = loss + self.z_coef * router_z_loss(logits)
-        return loss
+        return weighted_aux_loss(logits, counts, self.lb_coef, self.z_coef)

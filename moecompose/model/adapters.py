@@ -1,0 +1,190 @@
+"""Adapter experts (PESC, Wu et al. 2024): one shared FFN, experts are bottleneck adapters.
+
+Shapes: `T` tokens, `d` model width, `E` experts, `r` adapter bottleneck, `k` experts per
+token, `N = T * k` token slots. Tensor names follow `docs/artifact-format.md`:
+`{gate,up,down}_proj.weight` (the shared SwiGLU, named as in a dense layer),
+`router.weight` [E, d], `adapters.down_proj` [E, r, d], `adapters.up_proj` [E, d, r].
+
+    u = ffn(x)
+    w, idx = topk(softmax(x @ router.weight.T), k)          (renormalised if normalize)
+    y = u + sum_j w_j * scale * up_{idx_j}(act(dropout(down_{idx_j}(u))))
+
+Dispatch mirrors `GroupedExperts`: the N slots are sorted by expert and each projection is
+one `moecompose::grouped_linear` op (a GEMM per expert over its contiguous rows, counts
+read inside the op, so `torch.compile` sees one node with a static output shape). Dropout
+and the activation run between the two ops as ordinary traced code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moecompose.model.config import AdapterFFNSpec
+from moecompose.model.grouped_swiglu import _spans
+from moecompose.model.moe import DISPATCHES, Dispatch, TopKRouter, expert_counts, weighted_aux_loss
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu": F.gelu,  # exact (erf) GELU, as torch.nn.GELU()
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+# --------------------------------------------------------------------------- grouped linear
+
+
+@torch.library.custom_op("moecompose::grouped_linear", mutates_args=())
+def _grouped_linear(x: Tensor, counts: Tensor, weight: Tensor) -> Tensor:
+    y = x.new_empty(x.shape[0], weight.shape[1])
+    for e, s, t in _spans(counts):
+        torch.mm(x[s:t], weight[e].t(), out=y[s:t])
+    return y
+
+
+@_grouped_linear.register_fake
+def _(x, counts, weight):
+    return x.new_empty(x.shape[0], weight.shape[1])
+
+
+@torch.library.custom_op("moecompose::grouped_linear_backward", mutates_args=())
+def _grouped_linear_backward(
+    dy: Tensor, x: Tensor, counts: Tensor, weight: Tensor, input_grad: bool, weight_grad: bool
+) -> tuple[Tensor, Tensor]:
+    """Gradients of x [N, in] and weight [E, out, in]; the ones not asked for come back empty."""
+    dx = x.new_empty(x.shape) if input_grad else x.new_empty(0)
+    dw = torch.zeros_like(weight) if weight_grad else weight.new_empty(0)
+    for e, s, t in _spans(counts):
+        if input_grad:
+            torch.mm(dy[s:t], weight[e], out=dx[s:t])  # [n, in]
+        if weight_grad:
+            torch.mm(dy[s:t].t(), x[s:t], out=dw[e])  # [out, in]
+    return dx, dw
+
+
+@_grouped_linear_backward.register_fake
+def _(dy, x, counts, weight, input_grad, weight_grad):
+    dx = torch.empty_like(x) if input_grad else x.new_empty(0)
+    dw = torch.empty_like(weight) if weight_grad else weight.new_empty(0)
+    return dx, dw
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, dy):
+    x, counts, weight = ctx.saved_tensors
+    input_grad, weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    dx, dw = _grouped_linear_backward(dy, x, counts, weight, input_grad, weight_grad)
+    return dx if input_grad else None, None, dw if weight_grad else None
+
+
+_grouped_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def grouped_linear(x: Tensor, counts: Tensor, weight: Tensor) -> Tensor:
+    """Rows sorted by expert: x [N, in], counts [E] (rows per expert, summing to N),
+    weight [E, out, in] -> [N, out], where rows of expert e are multiplied by `weight[e].T`."""
+    return _grouped_linear(x, counts, weight)
+
+
+# --------------------------------------------------------------------------- adapters
+
+
+class GroupedAdapters(nn.Module):
+    """E bottleneck adapters `scale * up_e(act(dropout(down_e(u))))` with stacked weights.
+
+    `dispatch="grouped"` sorts token slots by expert and runs two `grouped_linear` ops;
+    `dispatch="loop"` is the reference loop over experts (`one_hot` / `where`, breaks
+    compiled graphs). `up_proj` starts at zero, so a fresh layer adds nothing.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        dim: int,
+        bottleneck: int,
+        scale: float = 1.0,
+        activation: str = "gelu",
+        dropout: float = 0.0,
+        dispatch: Dispatch = "grouped",
+    ) -> None:
+        super().__init__()
+        if dispatch not in DISPATCHES:
+            raise ValueError(f"dispatch must be one of {DISPATCHES}, got {dispatch!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        self.num_experts = num_experts
+        self.scale = scale
+        self.activation = activation
+        self.dropout = dropout
+        self.dispatch = dispatch
+        self.down_proj = nn.Parameter(torch.empty(num_experts, bottleneck, dim))
+        self.up_proj = nn.Parameter(torch.zeros(num_experts, dim, bottleneck))
+        bound = 1 / math.sqrt(dim)
+        nn.init.uniform_(self.down_proj, -bound, bound)
+
+    def _hidden(self, h: Tensor) -> Tensor:
+        return ACTIVATIONS[self.activation](F.dropout(h, self.dropout, self.training))
+
+    def forward(self, u: Tensor, weights: Tensor, indices: Tensor, counts: Tensor) -> Tensor:
+        """u [T, d], weights [T, k] (u's dtype), indices [T, k], counts [E] ->
+        `sum_j weights[:, j] * adapter_{indices[:, j]}(u)` [T, d]."""
+        if self.dispatch == "loop":
+            return self._loop(u, weights, indices)
+        k = indices.shape[1]
+        order = indices.reshape(-1).argsort(stable=True)  # [N] slots sorted by expert
+        token = order // k  # [N]
+        h = grouped_linear(u.index_select(0, token), counts, self.down_proj)  # [N, r]
+        a = grouped_linear(self._hidden(h), counts, self.up_proj)  # [N, d]
+        gain = weights.reshape(-1)[order] * self.scale  # [N]
+        return torch.zeros_like(u).index_add(0, token, a * gain[:, None])
+
+    def _loop(self, u: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
+        out = torch.zeros_like(u)  # [T, d]
+        mask = F.one_hot(indices, self.num_experts).permute(2, 1, 0)  # [E, k, T]
+        for e in range(self.num_experts):
+            slot, token = torch.where(mask[e])
+            h = self._hidden(F.linear(u[token], self.down_proj[e]))  # [n, r]
+            a = F.linear(h, self.up_proj[e])  # [n, d]
+            out.index_add_(0, token, a * (weights[token, slot, None] * self.scale))
+        return out
+
+
+class AdapterMoEFFN(nn.Module):
+    """PESC layer: the shared SwiGLU FFN, a top-k router on its input, adapter experts on
+    its output. forward returns the output and the layer's weighted auxiliary loss
+    (load balance and z-loss of the router, as in `MoEFFN`)."""
+
+    def __init__(self, dim: int, spec: AdapterFFNSpec, dispatch: Dispatch = "grouped") -> None:
+        super().__init__()
+        self.num_experts = spec.num_experts
+        self.lb_coef = spec.aux_loss.load_balance
+        self.z_coef = spec.aux_loss.z_loss
+        self.gate_proj = nn.Linear(dim, spec.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(dim, spec.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(spec.intermediate_size, dim, bias=False)
+        self.router = TopKRouter(dim, spec.num_experts, spec.router.k, spec.router.normalize)
+        self.adapters = GroupedAdapters(
+            spec.num_experts,
+            dim,
+            spec.bottleneck,
+            spec.scale,
+            spec.activation,
+            spec.dropout,
+            dispatch,
+        )
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x [..., d] -> (y [..., d], aux loss [])."""
+        u = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # [..., d]
+        shape = x.shape
+        x, u = x.reshape(-1, shape[-1]), u.reshape(-1, shape[-1])  # [T, d]
+        weights, indices, logits = self.router(x)  # [T, k], [T, k], [T, E]
+        counts = expert_counts(indices, self.num_experts)  # [E]
+        y = u + self.adapters(u, weights.to(u.dtype), indices, counts)
+        return y.reshape(shape), weighted_aux_loss(logits, counts, self.lb_coef, self.z_coef)

@@ -1,0 +1,175 @@
+"""Mixture of Tokens (Antoniak et al. 2023): experts see mixtures of tokens of a group.
+
+Shapes: `B` sequences, `S` positions, `d` model width, `E` experts, `f` expert width, `G`
+group size, `n = ceil(B / G)` groups. A group is G sequences of the batch at one
+position, never tokens of one sequence, so a causal LM stays causal. Tensor names follow
+`docs/artifact-format.md`: the controller `router.weight` [E, d], with `learn_temperature`
+`router.temperature` [], and stacked experts `experts.{gate,up}_proj` [E, f, d],
+`experts.down_proj` [E, d, f], as in an ordinary MoE layer.
+
+    w   = softmax(x_group @ router.weight.T / T, dim=group)  # [G, E] per position, fp32
+    m_e = sum_g w[g, e] x_g                                 # one mixed token per expert
+    y_g = sum_e w[g, e] * expert_e(m_e)
+
+A batch that is not a multiple of G is padded with zero rows whose logits are -inf, so
+their weight is 0 and the real rows come out as without padding; no group is padding only.
+A group with one real row gives that row weight 1 for every expert: it receives
+`sum_e expert_e(x)`. Every expert runs once per group and position (`E / G` expert
+evaluations per token): one GEMM chain per expert over all groups and positions.
+
+`transition_to_topk` turns the mixing layers into top-1 token-choice MoE layers for
+inference on single sequences (the paper's transition to sparse, followed by a short
+fine-tune).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moecompose.model.config import MoEFFNSpec, TokenMixingRouterSpec, TopKRouterSpec
+from moecompose.model.moe import Dispatch, GroupedExperts, MoEFFN, swiglu_loop
+from moecompose.model.parts import SwiGLU
+
+if TYPE_CHECKING:
+    from moecompose.model.causal_lm import MoECausalLM
+
+
+class TokenMixingRouter(nn.Module):
+    """The controller: `weight` [E, d] and the temperature, a parameter [] when learned,
+    else the constant from the config."""
+
+    def __init__(self, dim: int, num_experts: int, spec: TokenMixingRouterSpec) -> None:
+        super().__init__()
+        self.group_size = spec.group_size
+        self.weight = nn.Parameter(torch.empty(num_experts, dim))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        self.temperature: nn.Parameter | float = (
+            nn.Parameter(torch.tensor(spec.temperature))
+            if spec.learn_temperature
+            else spec.temperature
+        )
+
+    def forward(self, x: Tensor, real: Tensor) -> Tensor:
+        """x [M, G, d] (M groups of G tokens), real [M, G] (False = padding row) -> mixing
+        weights [M, G, E], fp32, summing to 1 over G for every group and expert."""
+        logits = F.linear(x.float(), self.weight.float()) / self.temperature  # [M, G, E]
+        logits = logits.masked_fill(~real[:, :, None], float("-inf"))
+        return logits.softmax(dim=1)
+
+
+class TokenMixingFFN(nn.Module):
+    """An MoE FFN layer whose router is a token-mixing controller; optional shared expert as
+    in `MoEFFN`. forward takes [B, S, d] and returns (y, aux loss) with a zero aux loss:
+    every expert gets the same number of mixed tokens, so there is nothing to balance.
+    `dispatch` is the kernel the experts get after `transition_to_topk`."""
+
+    def __init__(self, dim: int, spec: MoEFFNSpec, dispatch: Dispatch = "grouped") -> None:
+        super().__init__()
+        if not isinstance(spec.router, TokenMixingRouterSpec):
+            raise ValueError(
+                f"TokenMixingFFN needs a token_mixing router, got {spec.router.kind!r}"
+            )
+        self.num_experts = spec.num_experts
+        self.router = TokenMixingRouter(dim, spec.num_experts, spec.router)
+        self.experts = GroupedExperts(spec.num_experts, dim, spec.intermediate_size, dispatch)
+        shared = spec.shared_expert
+        self.shared_expert = None if shared is None else SwiGLU(dim, shared.intermediate_size)
+        self.shared_expert_gate = (
+            nn.Linear(dim, 1, bias=False) if shared is not None and shared.gate else None
+        )
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x [B, S, d] -> (y [B, S, d], aux loss [] = 0).
+
+        Works position-major: `M = S * n` groups of [G, d], so mixing and combining are
+        `bmm`s over M whose matrices have static sizes (G, E, d), and each expert runs once
+        on its M mixed tokens. Under `compile_model` B and S are unbacked sizes: a `bmm`
+        over experts (Inductor tests `rows == 1`) or one reshape that splits and merges at
+        once (`[S, n*G] -> [S*n, G]`) would not compile, hence the shapes here.
+
+        Known limit: the forward compiles once for every batch and length, but the
+        backward of a `compile_model` graph fails in Inductor (a saved activation gets a
+        different layout than the traced one); train compiled with
+        `torch.compile(model, fullgraph=True, dynamic=True)`, which works."""
+        B, S, d = x.shape
+        G, E = self.router.group_size, self.num_experts
+        n = (B + G - 1) // G
+        xt = x.transpose(0, 1)  # [S, B, d]
+        padded = F.pad(xt, (0, 0, 0, n * G - B)).contiguous()  # [S, n * G, d], zero rows last
+        padded = padded.view(S, n, G, d).view(S * n, G, d)  # [M, G, d]
+        real = (torch.arange(n * G, device=x.device) < B).view(n, G).repeat(S, 1)  # [M, G]
+        w = self.router(padded, real).to(x.dtype)  # [M, G, E]
+        mixed = torch.bmm(w.transpose(1, 2), padded)  # [M, E, d]
+        ex = self.experts
+        out = torch.stack(
+            [
+                swiglu_loop(mixed[:, e], ex.gate_proj[e], ex.up_proj[e], ex.down_proj[e])
+                for e in range(E)
+            ],
+            dim=1,
+        )  # [M, E, d]
+        y = torch.bmm(w, out).view(S, n, G, d).view(S, n * G, d)  # [S, n * G, d]
+        y = y[:, :B].transpose(0, 1).contiguous()  # [B, S, d]
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                shared = shared * torch.sigmoid(self.shared_expert_gate(x))
+            y = y + shared
+        return y, x.new_zeros((), dtype=torch.float32)
+
+    def to_topk(self, spec: MoEFFNSpec) -> MoEFFN:
+        """The top-1 token-choice layer of the transition to sparse: the same experts (and
+        shared expert), and `router.weight = controller / T`, so each token goes to the
+        expert of its largest `x @ controller.T / T` with weight 1 (`spec.router` must be
+        top-1 with `normalize`; the aux-loss coefficients of `spec` apply from now on).
+        The new router weight is trainable iff the controller was."""
+        router = spec.router
+        if not (isinstance(router, TopKRouterSpec) and router.k == 1 and router.normalize):
+            raise ValueError(f"transition needs a top-1 normalized router, got {router}")
+        with torch.device("meta"):
+            layer = MoEFFN(self.router.weight.shape[1], spec, self.experts.dispatch)
+        layer.experts = self.experts
+        layer.shared_expert = self.shared_expert
+        layer.shared_expert_gate = self.shared_expert_gate
+        controller = self.router.weight
+        temperature = torch.as_tensor(self.router.temperature).detach().float()
+        weight = (controller.detach().float() / temperature).to(controller.dtype)
+        layer.router.weight = nn.Parameter(weight, requires_grad=controller.requires_grad)
+        return layer
+
+
+def transition_to_topk(model: MoECausalLM) -> dict[str, Any]:
+    """Turn every token-mixing layer of `model` into a top-1 token-choice MoE layer, in
+    place; returns the updated native config dict (to save with the weights).
+
+    Mapping: `router.weight = controller / T` (T the learned or configured temperature),
+    router `{"kind": "topk", "k": 1, "normalize": true}` so the chosen expert's weight is
+    1; experts, shared expert and aux-loss coefficients are kept. A learned temperature
+    tensor disappears (and from `trainable`). Afterwards every batch size works, 1
+    included, with ordinary routing; outputs differ from the mixing layer's, so the paper
+    follows the transition with a short fine-tune.
+    """
+    config = model.config
+    layers = list(config.layers)
+    dropped: set[str] = set()
+    for i, layer in enumerate(model.model.layers):
+        if not isinstance(layer.mlp, TokenMixingFFN):
+            continue
+        spec = layers[i].ffn
+        assert isinstance(spec, MoEFFNSpec) and isinstance(spec.router, TokenMixingRouterSpec)
+        if spec.router.learn_temperature:
+            dropped.add(f"model.layers.{i}.mlp.router.temperature")
+        sparse = dataclasses.replace(spec, router=TopKRouterSpec(k=1, normalize=True))
+        layer.mlp = layer.mlp.to_topk(sparse)
+        layers[i] = dataclasses.replace(layers[i], ffn=sparse)
+    trainable = config.trainable
+    if trainable is not None:
+        trainable = tuple(name for name in trainable if name not in dropped)
+    model.config = dataclasses.replace(config, layers=tuple(layers), trainable=trainable)
+    return model.config.to_dict()
