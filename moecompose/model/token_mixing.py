@@ -98,7 +98,7 @@ class TokenMixingFFN(nn.Module):
         different layout than the traced one); train compiled with
         `torch.compile(model, fullgraph=True, dynamic=True)`, which works."""
         B, S, d = x.shape
-        G, E = self.router.group_size, self.num_experts
+        G = self.router.group_size
         n = (B + G - 1) // G
         xt = x.transpose(0, 1)  # [S, B, d]
         padded = F.pad(xt, (0, 0, 0, n * G - B)).contiguous()  # [S, n * G, d], zero rows last
@@ -109,8 +109,8 @@ class TokenMixingFFN(nn.Module):
         ex = self.experts
         out = torch.stack(
             [
-                swiglu_loop(mixed[:, e], ex.gate_proj[e], ex.up_proj[e], ex.down_proj[e])
-                for e in range(E)
+                swiglu_loop(m, ex.gate_proj[e], ex.up_proj[e], ex.down_proj[e])
+                for e, m in enumerate(mixed.unbind(dim=1))  # unbind: one stack in backward
             ],
             dim=1,
         )  # [M, E, d]

@@ -129,7 +129,9 @@ class AdapterExperts(Node):
     bottleneck: int = Field(64, ge=1, description="Adapter width r (512 in the released models).")
     scale: float = Field(1.0, description="Adapter output scale s (0.25 in the released models).")
     activation: Literal["gelu", "relu", "silu"] = Field("gelu", description="Adapter activation.")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Dropout after the adapter down-projection."
+    )
 
 
 def _experts_tag(value: Any) -> str | None:
