@@ -19,7 +19,8 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from moe_layer import DenseFFN, forward_backward_step, forward_step, median_seconds
+from moe_layer import DenseFFN
+from timing import print_report, time_modules
 from torch import Tensor, nn
 
 from moecompose.model.adapters import AdapterMoEFFN
@@ -92,40 +93,14 @@ def main() -> None:
         layers["dense compiled"] = torch.compile(dense, fullgraph=True)
         layers["dense+adapter compiled"] = torch.compile(dense_adapter, fullgraph=True)
         layers["pesc grouped compiled"] = torch.compile(pesc, fullgraph=True)
-    fwd = median_seconds(
-        {name: forward_step(layer, x) for name, layer in layers.items()}, args.repeats, warmup
-    )
-    fwd_bwd = median_seconds(
-        {name: forward_backward_step(layer, x, grad) for name, layer in layers.items()},
-        args.repeats,
-        warmup,
-    )
-    rows = {name: (fwd[name], fwd_bwd[name]) for name in layers}
-
-    print(f"{'':30s} {'fwd ms':>9s} {'fwd+bwd ms':>11s}")
-    for name, (t_fwd, t_fwd_bwd) in rows.items():
-        print(f"{name:30s} {t_fwd * 1e3:9.1f} {t_fwd_bwd * 1e3:11.1f}")
-
-    def ratio(name: str, a: str, b: str) -> None:
-        if a in rows and b in rows:
-            r_fwd, r_fwd_bwd = (rows[a][i] / rows[b][i] for i in range(2))
-            print(f"{name:46s} fwd {r_fwd:5.2f}x   fwd+bwd {r_fwd_bwd:5.2f}x")
-
-    print("ratios (lower is better):")
-    ratio("pesc eager / dense eager", "pesc grouped eager", "dense eager")
-    ratio("pesc eager / dense+adapter eager", "pesc grouped eager", "dense+adapter eager")
-    ratio("pesc compiled / dense compiled", "pesc grouped compiled", "dense compiled")
-    ratio(
-        "pesc compiled / dense+adapter compiled", "pesc grouped compiled", "dense+adapter compiled"
-    )
-    ratio("pesc eager / reference loop eager", "pesc grouped eager", "pesc loop eager (reference)")
-    if not args.no_compile:
-        from torch._dynamo.utils import counters
-
-        graphs = counters["stats"]["unique_graphs"]
-        expected = 1 + 2 * 3  # explain, then 3 compiled layers x (no_grad, grad)
-        print(f"compiled graphs: {graphs} (expected {expected}: no recompiles)")
-
+    rows = time_modules(layers, x, grad, args.repeats, warmup)
+    print_report(rows, [
+        ("pesc eager / dense eager", "pesc grouped eager", "dense eager"),
+        ("pesc eager / dense+adapter eager", "pesc grouped eager", "dense+adapter eager"),
+        ("pesc compiled / dense compiled", "pesc grouped compiled", "dense compiled"),
+        ("pesc compiled / dense+adapter compiled", "pesc grouped compiled", "dense+adapter compiled"),
+        ("pesc eager / reference loop eager", "pesc grouped eager", "pesc loop eager (reference)"),
+    ])
 
 if __name__ == "__main__":
     main()

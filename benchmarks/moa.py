@@ -15,57 +15,14 @@ Also prints the KV cache each variant holds per token and layer.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
-from torch import Tensor, nn
+from timing import Call, print_report, time_calls
+from torch import nn
 
 from moecompose.model.attention_mix import MixtureOfAttention
 from moecompose.model.config import MoAAttentionSpec, SoftRouterSpec
 from moecompose.model.parts import Attention, RotaryEmbedding
-
-Call = Callable[[Tensor], Tensor]
-
-
-def forward_step(layer: Call, x: Tensor) -> Callable[[], None]:
-    def step() -> None:
-        with torch.no_grad():
-            layer(x)
-
-    return step
-
-
-def forward_backward_step(
-    layer: Call, params: list[nn.Parameter], x: Tensor, grad: Tensor
-) -> Callable[[], None]:
-    """Forward and backward; gradients start from None as after `optimizer.zero_grad()`."""
-
-    def step() -> None:
-        for p in params:
-            p.grad = None
-        x.grad = None
-        layer(x).backward(grad)
-
-    return step
-
-
-def median_seconds(
-    steps: dict[str, Callable[[], None]], repeats: int, warmup: int
-) -> dict[str, float]:
-    """Median time of each step; repeats are interleaved so that load from other processes
-    falls on every candidate alike."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main() -> None:
@@ -119,36 +76,19 @@ def main() -> None:
     def call(module: nn.Module) -> Call:
         return lambda inp: module(inp, cos, sin, None)
 
-    fwd = median_seconds(
-        {name: forward_step(call(m), x) for name, m in modules.items()}, args.repeats, warmup
+    rows = time_calls(
+        {name: (call(m), m.parameters()) for name, m in modules.items()}, x, grad, args.repeats, warmup
     )
-    fwd_bwd = median_seconds(
-        {
-            name: forward_backward_step(call(m), list(m.parameters()), x, grad)
-            for name, m in modules.items()
-        },
-        args.repeats,
-        warmup,
-    )
-    print(f"{'':28s} {'fwd ms':>9s} {'fwd+bwd ms':>11s}")
-    for name in modules:
-        print(f"{name:28s} {fwd[name] * 1e3:9.1f} {fwd_bwd[name] * 1e3:11.1f}")
-
-    def ratio(label: str, a: str, b: str) -> None:
-        print(f"{label:36s} fwd {fwd[a] / fwd[b]:5.2f}x   fwd+bwd {fwd_bwd[a] / fwd_bwd[b]:5.2f}x")
-
-    print("ratios (lower is better):")
-    ratio("expert-KV fused / loop", "expert-KV fused", "expert-KV loop (reference)")
-    ratio("shared-KV fused / loop", "shared-KV fused", "shared-KV loop (reference)")
-    ratio("shared-KV fused / expert-KV fused", "shared-KV fused", "expert-KV fused")
-    ratio("expert-KV fused / dense attention", "expert-KV fused", "dense attention")
-    if not args.no_compile:
-        for variant in ("expert-KV", "shared-KV"):
-            ratio(
-                f"{variant} fused compiled / loop",
-                f"{variant} fused compiled",
-                f"{variant} loop (reference)",
-            )
+    ratios = [
+        ("expert-KV fused / loop", "expert-KV fused", "expert-KV loop (reference)"),
+        ("shared-KV fused / loop", "shared-KV fused", "shared-KV loop (reference)"),
+        ("shared-KV fused / expert-KV fused", "shared-KV fused", "expert-KV fused"),
+        ("expert-KV fused / dense attention", "expert-KV fused", "dense attention"),
+    ]
+    for variant in ("expert-KV", "shared-KV"):
+        ratios.append((f"{variant} fused compiled / loop", f"{variant} fused compiled",
+                       f"{variant} loop (reference)"))
+    print_report(rows, ratios)
 
     print("KV cache per token and layer (k and v):")
     for name in ("dense attention", "expert-KV fused", "shared-KV fused"):

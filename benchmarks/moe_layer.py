@@ -14,11 +14,9 @@ of several repeats after warm-up, all in one process.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
+from timing import print_report, time_modules
 from torch import Tensor, nn
 
 from moecompose.model.config import AuxLossSpec, MoEFFNSpec, TopKRouterSpec
@@ -35,47 +33,6 @@ class DenseFFN(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, None]:
         return self.ffn(x), None
-
-
-def forward_step(layer: nn.Module, x: Tensor) -> Callable[[], None]:
-    def step() -> None:
-        with torch.no_grad():
-            layer(x)
-
-    return step
-
-
-def forward_backward_step(layer: nn.Module, x: Tensor, grad: Tensor) -> Callable[[], None]:
-    """One training step's forward and backward; gradients start from None as after
-    `optimizer.zero_grad()`."""
-
-    def step() -> None:
-        layer.zero_grad(set_to_none=True)
-        x.grad = None
-        y, aux = layer(x)
-        if aux is None:
-            y.backward(grad)
-        else:
-            torch.autograd.backward((y, aux), (grad, torch.ones_like(aux)))
-
-    return step
-
-
-def median_seconds(
-    steps: dict[str, Callable[[], None]], repeats: int, warmup: int
-) -> dict[str, float]:
-    """Median time of each step; repeats are interleaved so that load from other processes
-    falls on every candidate alike."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main() -> None:
@@ -121,33 +78,13 @@ def main() -> None:
     if not args.no_compile:
         layers["dense compiled"] = torch.compile(dense, fullgraph=True)
         layers["moe grouped compiled"] = torch.compile(moe, fullgraph=True)
-    fwd = median_seconds(
-        {name: forward_step(layer, x) for name, layer in layers.items()}, args.repeats, warmup
-    )
-    fwd_bwd = median_seconds(
-        {name: forward_backward_step(layer, x, grad) for name, layer in layers.items()},
-        args.repeats,
-        warmup,
-    )
-    rows = {name: (fwd[name], fwd_bwd[name]) for name in layers}
-
-    print(f"{'':28s} {'fwd ms':>9s} {'fwd+bwd ms':>11s}")
-    for name, (t_fwd, t_fwd_bwd) in rows.items():
-        print(f"{name:28s} {t_fwd * 1e3:9.1f} {t_fwd_bwd * 1e3:11.1f}")
-
-    def ratio(name: str, a: str, b: str) -> None:
-        if a in rows and b in rows:
-            r_fwd, r_fwd_bwd = (rows[a][i] / rows[b][i] for i in range(2))
-            print(f"{name:44s} fwd {r_fwd:5.2f}x   fwd+bwd {r_fwd_bwd:5.2f}x")
-
-    print("ratios (lower is better):")
-    ratio("moe eager / dense eager", "moe grouped eager", "dense eager")
-    ratio("moe compiled / dense compiled", "moe grouped compiled", "dense compiled")
-    ratio("moe eager / reference loop eager", "moe grouped eager", "moe loop eager (reference)")
-    ratio(
-        "moe compiled / reference loop eager", "moe grouped compiled", "moe loop eager (reference)"
-    )
-
+    rows = time_modules(layers, x, grad, args.repeats, warmup)
+    print_report(rows, [
+        ("moe eager / dense eager", "moe grouped eager", "dense eager"),
+        ("moe compiled / dense compiled", "moe grouped compiled", "dense compiled"),
+        ("moe eager / reference loop eager", "moe grouped eager", "moe loop eager (reference)"),
+        ("moe compiled / reference loop eager", "moe grouped compiled", "moe loop eager (reference)"),
+    ])
 
 if __name__ == "__main__":
     main()

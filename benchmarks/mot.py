@@ -17,7 +17,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-from moe_layer import DenseFFN, forward_backward_step, forward_step, median_seconds
+from moe_layer import DenseFFN
+from timing import print_report, time_modules
 from torch import Tensor, nn
 
 from moecompose.model.config import MoEFFNSpec, TokenMixingRouterSpec
@@ -73,29 +74,12 @@ def main() -> None:
         assert explanation.graph_break_count == 0 and explanation.graph_count == 1
         layers["dense compiled"] = torch.compile(dense, fullgraph=True)
         layers["mot compiled"] = torch.compile(mot, fullgraph=True)
-    fwd = median_seconds(
-        {name: forward_step(layer, x) for name, layer in layers.items()}, args.repeats, warmup
-    )
-    fwd_bwd = median_seconds(
-        {name: forward_backward_step(layer, x, grad) for name, layer in layers.items()},
-        args.repeats,
-        warmup,
-    )
-    rows = {name: (fwd[name], fwd_bwd[name]) for name in layers}
-
-    print(f"{'':20s} {'fwd ms':>9s} {'fwd+bwd ms':>11s}")
-    for name, (t_fwd, t_fwd_bwd) in rows.items():
-        print(f"{name:20s} {t_fwd * 1e3:9.1f} {t_fwd_bwd * 1e3:11.1f}")
-
-    def ratio(name: str, a: str, b: str) -> None:
-        if a in rows and b in rows:
-            r_fwd, r_fwd_bwd = (rows[a][i] / rows[b][i] for i in range(2))
-            print(f"{name:36s} fwd {r_fwd:5.2f}x   fwd+bwd {r_fwd_bwd:5.2f}x")
-
-    print("ratios (lower is better):")
-    ratio("mot eager / dense eager", "mot eager", "dense eager")
-    ratio("mot compiled / dense compiled", "mot compiled", "dense compiled")
-    ratio("mot compiled / mot eager", "mot compiled", "mot eager")
+    rows = time_modules(layers, x, grad, args.repeats, warmup)
+    print_report(rows, [
+        ("mot eager / dense eager", "mot eager", "dense eager"),
+        ("mot compiled / dense compiled", "mot compiled", "dense compiled"),
+        ("mot compiled / mot eager", "mot compiled", "mot eager"),
+    ])
     if not args.no_compile:
         from torch._dynamo.utils import counters
 

@@ -1,0 +1,33 @@
+"""Every benchmark script runs end to end in its quick form and prints its ratios."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("script", ["moe_layer", "adapters", "mot", "moa"])
+def test_layer_benchmark_prints_ratios(script: str) -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--quick", "--no-compile"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "ratios (lower is better):" in result.stdout
+    assert "x   fwd+bwd" in result.stdout
+
+
+def test_build_benchmark_reports_peak_memory(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "build.py"), "--quick", "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "ratio moecompose / naive" in result.stdout and "peak RSS" in result.stdout
