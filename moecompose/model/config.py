@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
@@ -69,6 +69,23 @@ def _bool(value: Any, name: str) -> bool:
 # --------------------------------------------------------------------------- routers
 
 
+_K = TypeVar("_K", bound="KindOnly")
+
+
+class KindOnly:
+    """A descriptor with nothing but its ``kind`` (``{"kind": ...}`` in the config)."""
+
+    kind: ClassVar[str]
+
+    @classmethod
+    def from_dict(cls: type[_K], d: Mapping[str, Any], where: str) -> _K:
+        _check_keys(d, {"kind"}, where)
+        return cls()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind}
+
+
 @dataclass(frozen=True)
 class TopKRouterSpec:
     """Token-choice top-k over a softmax of all experts (Mixtral, Switch)."""
@@ -88,18 +105,10 @@ class TopKRouterSpec:
 
 
 @dataclass(frozen=True)
-class SoftRouterSpec:
+class SoftRouterSpec(KindOnly):
     """Every expert runs, weighted by `softmax(x @ W.T)` over all experts (BAM attention)."""
 
     kind: ClassVar[str] = "soft"
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str) -> SoftRouterSpec:
-        _check_keys(d, {"kind"}, where)
-        return cls()
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind}
 
 
 @dataclass(frozen=True)
@@ -207,18 +216,10 @@ class AuxLossSpec:
 
 
 @dataclass(frozen=True)
-class DenseFFNSpec:
+class DenseFFNSpec(KindOnly):
     """The source's SwiGLU FFN, of the model's `intermediate_size`."""
 
     kind: ClassVar[str] = "dense"
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str) -> DenseFFNSpec:
-        _check_keys(d, {"kind"}, where)
-        return cls()
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind}
 
 
 @dataclass(frozen=True)
@@ -359,18 +360,10 @@ def parse_ffn(d: Mapping[str, Any], where: str) -> FFNSpec:
 
 
 @dataclass(frozen=True)
-class DenseAttentionSpec:
+class DenseAttentionSpec(KindOnly):
     """The source's grouped-query attention."""
 
     kind: ClassVar[str] = "dense"
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str) -> DenseAttentionSpec:
-        _check_keys(d, {"kind"}, where)
-        return cls()
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind}
 
 
 SHARES = ((), ("k", "v"))
