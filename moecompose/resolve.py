@@ -135,17 +135,7 @@ def resolve(spec: Spec) -> Resolved:
         block=block,
         warnings=warnings,
     )
-    _check_format(resolved)
     return resolved
-
-
-def _check_format(resolved: Resolved) -> None:
-    """An explicitly requested output format must be able to express the model."""
-    if resolved.spec.output.format in ("auto", "native"):
-        return
-    from moecompose.plan.planner import choose_format, moe_shape  # the planner imports us
-
-    choose_format(resolved, moe_shape(resolved))
 
 
 def _check_compatible(spec: Spec, sources: dict[str, Checkpoint]) -> None:
