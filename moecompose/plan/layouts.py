@@ -158,6 +158,36 @@ def _common(arch: ArchFacts, dtype: str) -> dict[str, Any]:
     return out
 
 
+def native_base(arch: ArchFacts, family: str, block: str, dtype: str) -> dict[str, Any]:
+    """The model-wide fields of a native config.json; the caller adds ``layers`` and
+    ``trainable``. A dense source is the native model whose layers are all dense."""
+    return {
+        "model_type": "moecompose",
+        "architectures": ["MoECausalLM"],
+        "moecompose_format": 1,
+        "family": family,
+        "vocab_size": arch.vocab_size,
+        "hidden_size": arch.hidden_size,
+        "intermediate_size": arch.intermediate_size,
+        "num_hidden_layers": arch.num_hidden_layers,
+        "num_attention_heads": arch.num_attention_heads,
+        "num_key_value_heads": arch.num_key_value_heads,
+        "head_dim": arch.head_dim,
+        "hidden_act": arch.hidden_act,
+        "rms_norm_eps": arch.rms_norm_eps,
+        "rope_theta": arch.rope_theta,
+        "rope_scaling": arch.rope_scaling,
+        "max_position_embeddings": arch.max_position_embeddings,
+        "tie_word_embeddings": arch.tie_word_embeddings,
+        "attention_bias": arch.attention_bias,
+        "block": block,
+        "dtype": dtype,
+        "bos_token_id": arch.bos_token_id,
+        "eos_token_id": arch.eos_token_id,
+        "pad_token_id": arch.pad_token_id,
+    }
+
+
 def hf_config(
     fmt: str, arch: ArchFacts, dtype: str, moe: MoEShape, native: dict[str, Any]
 ) -> dict[str, Any]:

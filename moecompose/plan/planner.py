@@ -6,7 +6,7 @@ import hashlib
 from typing import Any
 
 from moecompose.errors import SpecError
-from moecompose.plan.layouts import LAYOUTS, Layout, MoEShape, blockers, hf_config
+from moecompose.plan.layouts import LAYOUTS, Layout, MoEShape, blockers, hf_config, native_base
 from moecompose.plan.recipe import Plan, PlannedTensor, Recipe, TensorRef, Totals
 from moecompose.resolve import AttentionMixture, FFNMixture, Resolved
 from moecompose.sources.families import Family
@@ -322,29 +322,7 @@ class _Planner:
         if self.r.train is not None:
             trainable = [t.name for t in self.tensors if t.trainable]
         return {
-            "model_type": "moecompose",
-            "architectures": ["MoECausalLM"],
-            "moecompose_format": 1,
-            "family": self.family.name,
-            "vocab_size": arch.vocab_size,
-            "hidden_size": arch.hidden_size,
-            "intermediate_size": arch.intermediate_size,
-            "num_hidden_layers": arch.num_hidden_layers,
-            "num_attention_heads": arch.num_attention_heads,
-            "num_key_value_heads": arch.num_key_value_heads,
-            "head_dim": arch.head_dim,
-            "hidden_act": arch.hidden_act,
-            "rms_norm_eps": arch.rms_norm_eps,
-            "rope_theta": arch.rope_theta,
-            "rope_scaling": arch.rope_scaling,
-            "max_position_embeddings": arch.max_position_embeddings,
-            "tie_word_embeddings": arch.tie_word_embeddings,
-            "attention_bias": arch.attention_bias,
-            "block": self.r.block,
-            "dtype": self.dtype,
-            "bos_token_id": arch.bos_token_id,
-            "eos_token_id": arch.eos_token_id,
-            "pad_token_id": arch.pad_token_id,
+            **native_base(self.r.arch, self.family.name, self.r.block, self.dtype),
             "layers": layers,
             "trainable": trainable,
         }
