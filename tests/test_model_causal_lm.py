@@ -92,8 +92,8 @@ def test_rope_scaling_in_rope_parameters_form_is_accepted() -> None:
 
 def test_unknown_router_kind_is_rejected_by_name() -> None:
     d = config_dict()
-    d["layers"][1]["ffn"]["router"]["kind"] = "nexus"
-    with pytest.raises(ValueError, match="router kind 'nexus' is not supported by this version"):
+    d["layers"][1]["ffn"]["router"]["kind"] = "expert_choice"
+    with pytest.raises(ValueError, match="router kind 'expert_choice' is not supported by this"):
         ModelConfig.from_dict(d)
 
 

@@ -141,12 +141,42 @@ class TokenMixingRouterSpec:
         }
 
 
-RouterSpec = TopKRouterSpec | SoftRouterSpec | TokenMixingRouterSpec
+@dataclass(frozen=True)
+class NexusRouterSpec:
+    """Nexus (Gritsch et al. 2024): expert embeddings projected from frozen domain
+    embeddings of width `domain_dim`; softmax over the experts, top k, raw probabilities
+    unless `normalize`."""
+
+    domain_dim: int
+    k: int = 1
+    normalize: bool = False
+    kind: ClassVar[str] = "nexus"
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str) -> NexusRouterSpec:
+        _check_keys(d, {"kind", "k", "normalize", "domain_dim"}, where)
+        return cls(
+            domain_dim=_positive_int(_require(d, "domain_dim", where), f"{where}.domain_dim"),
+            k=_positive_int(d.get("k", 1), f"{where}.k"),
+            normalize=_bool(d.get("normalize", False), f"{where}.normalize"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "k": self.k,
+            "normalize": self.normalize,
+            "domain_dim": self.domain_dim,
+        }
+
+
+RouterSpec = TopKRouterSpec | SoftRouterSpec | TokenMixingRouterSpec | NexusRouterSpec
 RouterParser = Callable[[Mapping[str, Any], str], RouterSpec]
 
 ROUTER_KINDS: dict[str, RouterParser] = {
     TopKRouterSpec.kind: TopKRouterSpec.from_dict,
     TokenMixingRouterSpec.kind: TokenMixingRouterSpec.from_dict,
+    NexusRouterSpec.kind: NexusRouterSpec.from_dict,
 }
 """Routers of an MoE FFN layer."""
 
@@ -243,7 +273,7 @@ class MoEFFNSpec:
         num_experts = _positive_int(_require(d, "num_experts", where), f"{where}.num_experts")
         size = _positive_int(_require(d, "intermediate_size", where), f"{where}.intermediate_size")
         router = parse_router(_require(d, "router", where), f"{where}.router")
-        if isinstance(router, TopKRouterSpec) and router.k > num_experts:
+        if isinstance(router, (TopKRouterSpec, NexusRouterSpec)) and router.k > num_experts:
             raise ValueError(f"{where}.router.k = {router.k} exceeds num_experts = {num_experts}")
         shared = d.get("shared_expert")
         return cls(

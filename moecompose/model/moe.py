@@ -4,6 +4,7 @@ Shapes: `T` tokens, `d` model width, `E` experts, `f` expert width, `k` experts 
 The tensor names follow `docs/artifact-format.md`: `router.weight` [E, d],
 `experts.{gate,up}_proj` [E, f, d], `experts.down_proj` [E, d, f],
 `shared_expert.{gate,up,down}_proj.weight`, `shared_expert_gate.weight` [1, d].
+A Nexus router (`moecompose/model/nexus.py`) replaces `router.weight` with its projection.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moecompose.model.config import MoEFFNSpec, RouterSpec, TopKRouterSpec
+from moecompose.model.config import MoEFFNSpec, NexusRouterSpec, RouterSpec, TopKRouterSpec
 from moecompose.model.grouped_swiglu import grouped_swiglu
 from moecompose.model.parts import SwiGLU
 
@@ -32,6 +33,16 @@ class Routing(NamedTuple):
     logits: Tensor
 
 
+def top_k_routing(logits: Tensor, k: int, normalize: bool) -> Routing:
+    """Softmax of logits [T, E] (fp32) over all experts, keep the top k, optionally
+    renormalise the kept probabilities to sum to 1."""
+    probs = logits.softmax(dim=-1)
+    weights, indices = probs.topk(k, dim=-1)  # [T, k]
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return Routing(weights, indices, logits)
+
+
 class TopKRouter(nn.Module):
     """Softmax over all E experts in fp32, keep the top k, optionally renormalise over them."""
 
@@ -45,15 +56,19 @@ class TopKRouter(nn.Module):
     def forward(self, x: Tensor) -> Routing:
         """x: [T, d] -> Routing."""
         logits = F.linear(x.float(), self.weight.float())  # [T, E]
-        probs = logits.softmax(dim=-1)
-        weights, indices = probs.topk(self.k, dim=-1)  # [T, k]
-        if self.normalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return Routing(weights, indices, logits)
+        return top_k_routing(logits, self.k, self.normalize)
+
+
+def _nexus_router(dim: int, num_experts: int, spec: RouterSpec) -> nn.Module:
+    from moecompose.model.nexus import NexusRouter  # nexus.py builds on this module
+
+    assert isinstance(spec, NexusRouterSpec)
+    return NexusRouter(dim, num_experts, spec)
 
 
 ROUTERS: dict[str, Callable[[int, int, RouterSpec], nn.Module]] = {
     TopKRouterSpec.kind: lambda dim, E, spec: TopKRouter(dim, E, spec.k, spec.normalize),
+    NexusRouterSpec.kind: _nexus_router,
 }
 
 
