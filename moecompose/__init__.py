@@ -1,7 +1,9 @@
 """moecompose: compile dense transformer checkpoints into Mixture-of-Experts models."""
 
-import moecompose.diff  # noqa: F401  (loaded first, so that `diff` below names the function)
-from moecompose.api import build, diff, load, plan, validate
+# Submodules named like API functions are loaded first, so the names below are the functions.
+import moecompose.diff
+import moecompose.extend  # noqa: F401
+from moecompose.api import build, diff, extend, load, plan, validate
 from moecompose.errors import BuildError, MoeComposeError, SourceError, SpecError
 from moecompose.spec import Spec, dump_yaml, load_spec, parse_spec
 
@@ -16,6 +18,7 @@ __all__ = [
     "build",
     "diff",
     "dump_yaml",
+    "extend",
     "load",
     "load_spec",
     "parse_spec",

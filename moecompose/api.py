@@ -8,6 +8,8 @@
 >>> mc.diff(spec, k1).changes               # [Change('ffn.router.k', 2, 1, layers=(0, 1, 2, 3))]
 >>> mc.build(spec, "out/demo", force=True)
 >>> model = mc.load("out/demo")             # a torch.nn.Module
+>>> mc.extend("out/nexus", "out/nexus+math", expert="math", source="dense/math",
+...           domain_texts="data/math/*.txt")  # one more expert, router kept
 
 Every function raises a :class:`~moecompose.errors.MoeComposeError` (located, one line)
 for a mistake in the spec, a source or a path.
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
     from moecompose.diff import Diff
     from moecompose.model import MoECausalLM
 
-__all__ = ["build", "diff", "load", "load_spec", "plan", "validate"]
+__all__ = ["build", "diff", "extend", "load", "load_spec", "plan", "validate"]
 
 SpecLike = Spec | str | Path
 
@@ -61,6 +63,38 @@ def build(
     """Plan (unless given a plan) and build the artifact into ``out``."""
     the_plan = spec if isinstance(spec, Plan) else plan(spec)
     return _build(the_plan, out, force=force, progress=progress)
+
+
+def extend(
+    artifact: str | Path,
+    out: str | Path,
+    *,
+    expert: str,
+    source: str | Path,
+    domain_texts: str | None = None,
+    domain_embedding: str | Path | None = None,
+    domain_key: str | None = None,
+    prompts: list[str] | tuple[str, ...] = (),
+    lam: float | None = None,
+    force: bool = False,
+) -> BuildResult:
+    """Add the dense model at ``source`` as expert ``expert`` to every MoE layer of the
+    built ``artifact``, writing the result to ``out`` (``artifact`` is only read).
+
+    Nexus layers append the expert's domain embedding (``domain_texts`` or
+    ``domain_embedding``) and keep the learned projection; top-k layers keep their rows
+    and get a new one from ``prompts`` or ``domain_texts``. Non-expert tensors become
+    ``(1 - lam) * current + lam * new``, ``lam = 1/(m+1)`` by default for ``m`` merged
+    sources.
+    """
+    from moecompose.extend import NewExpert
+    from moecompose.extend import extend as _extend
+
+    new = NewExpert(
+        expert, Path(source), domain_texts,
+        None if domain_embedding is None else Path(domain_embedding), domain_key, tuple(prompts),
+    )
+    return _extend(artifact, out, new, lam=lam, force=force)
 
 
 def load(path: str | Path, *, dtype: str | None = None, device: str | None = None) -> MoECausalLM:

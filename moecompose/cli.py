@@ -122,6 +122,8 @@ def build(spec: Path, output: Path, force: bool, quiet: bool) -> None:
             bar.update(task, completed=done, total=total, description=name)
 
         result = api.build(the_plan, output, force=force, progress=progress)
+    for warning in result.warnings:
+        out.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
     out.print(
         f"[green]built[/green] {result.path} ({the_plan.format}, {human(the_plan.totals.bytes)}B)",
         soft_wrap=True,
@@ -199,6 +201,44 @@ def transition(artifact: Path, output: Path, force: bool) -> None:
 
     path = run(artifact, output, force=force)
     out.print(f"[green]transitioned[/green] {artifact} -> {path}", soft_wrap=True)
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--expert", "expert", required=True, metavar="NAME=PATH",
+              help="The new expert's name and its dense checkpoint folder.")
+@click.option("--domain-texts", metavar="GLOB",
+              help="Documents of the new domain (Nexus: embedded with embed_with; top-k: "
+              "the new router row).")
+@click.option("--domain-embedding", type=click.Path(path_type=Path, dir_okay=False),
+              metavar="FILE", help="The new domain's stored embedding (.safetensors or .npy).")
+@click.option("--domain-key", metavar="NAME", help="The tensor to read from --domain-embedding.")
+@click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
+              help="A prompt for the new top-k router row (repeatable).")
+@click.option("--lam", type=float, default=None,
+              help="Share of the new model in merged tensors [default: 1/(m+1), m merged sources].")
+@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="Folder for the new artifact (must not exist unless --force).")
+@click.option("--force", is_flag=True, help="Replace an existing artifact at OUTPUT.")
+def extend(artifact: Path, expert: str, domain_texts: str | None, domain_embedding: Path | None,
+           domain_key: str | None, prompts: tuple[str, ...], lam: float | None, output: Path,
+           force: bool) -> None:
+    """Add one expert to every MoE layer of ARTIFACT, into OUTPUT.
+
+    The router is kept (Nexus: the learned projection, plus the new domain embedding;
+    top-k: the existing rows, plus one from --prompt or --domain-texts), the new FFN is
+    appended, and non-expert tensors become (1-lam)*current + lam*new. ARTIFACT is only
+    read; OUTPUT records the extension in its plan, spec and model card.
+    """
+    name, sep, path = expert.partition("=")
+    if not sep or not name or not path:
+        raise click.BadParameter(f"expected NAME=PATH, got {expert!r}", param_hint="--expert")
+    result = api.extend(artifact, output, expert=name, source=path, domain_texts=domain_texts,
+                        domain_embedding=domain_embedding, domain_key=domain_key,
+                        prompts=prompts, lam=lam, force=force)
+    for warning in result.warnings:
+        out.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
+    out.print(f"[green]extended[/green] {artifact} by '{name}' -> {result.path}", soft_wrap=True)
 
 
 @main.command()

@@ -55,6 +55,21 @@ def print_plan(plan: Plan, console: Console, *, tensors: bool = False) -> None:
                            row["shared"] or "")
     console.print(layers)
 
+    if plan.domains:
+        domains = Table(title="Domains (Nexus)", title_justify="left")
+        for col in ("domain", "from", "width", "fingerprint"):
+            domains.add_column(col)
+        for name, d in plan.domains.items():
+            if d["kind"] == "texts":
+                used = len(d["documents"])
+                more = f" of {d['matched']}" if d["matched"] > used else ""
+                origin = (f"{used}{more} document{'s' if used != 1 else ''} embedded with "
+                          f"{d['embed_with']} (<= {d['max_tokens']} tokens each)")
+            else:
+                origin = d["path"] + (f" [{d['key']}]" if d.get("key") else "")
+            domains.add_row(name, origin, str(d["width"]), d["fingerprint"][:12])
+        console.print(domains)
+
     if tensors:
         table = Table(title="Tensors", title_justify="left")
         for col in ("tensor", "shape", "dtype", "recipe", "train"):

@@ -13,6 +13,12 @@ from pathlib import Path
 from moecompose.errors import SourceError, SpecError
 from moecompose.sources.checkpoint import ArchFacts, Checkpoint, open_checkpoint
 from moecompose.sources.families import GLOBAL_ROLES, LAYER_ROLES, Family
+from moecompose.sources.vectors import (
+    VectorFileError,
+    documents,
+    embedding_width,
+    files_fingerprint,
+)
 from moecompose.spec.check import check_spec
 from moecompose.spec.origin import DataPath
 from moecompose.spec.schema import (
@@ -22,6 +28,8 @@ from moecompose.spec.schema import (
     LayerRange,
     MergeFrom,
     MergeWeights,
+    NexusRouter,
+    PromptInit,
     SoftRouter,
     Spec,
     TokenMixingRouter,
@@ -43,10 +51,11 @@ class FFNMixture:
 
     experts: tuple[Expert, ...]  # for adapters: the shared FFN's source, once per expert
     shared: str | None
-    router: TopKRouter | TokenMixingRouter
+    router: TopKRouter | NexusRouter | TokenMixingRouter
     aux_loss: AuxLoss
     rule: int  # index of the spec's layer rule that set it
     adapters: AdapterExperts | None = None  # PESC: experts are adapters on one shared FFN
+    prompt_source: str | None = None  # the model that embeds the router's prompts
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,21 @@ class LayerPlanInput:
     attention: AttentionMixture | None = None  # None: ordinary attention
 
 
+@dataclass(frozen=True)
+class ResolvedDomain:
+    """A routed expert's domain embedding: where it comes from, and its fingerprint."""
+
+    name: str
+    kind: str  # "texts" (embedded by `embed_with`) or "embedding" (a stored vector)
+    files: tuple[Path, ...]  # texts: the documents embedded, sorted; embedding: the file
+    fingerprint: str  # sha256 over the documents' names and contents, or of the file
+    width: int
+    matched: int = 1  # texts: files the glob matched (at most max_docs are embedded)
+    embed_with: str | None = None
+    max_tokens: int = 0
+    key: str | None = None  # the tensor of a safetensors embedding file
+
+
 @dataclass
 class Resolved:
     spec: Spec
@@ -79,6 +103,7 @@ class Resolved:
     train: frozenset[str] | None  # None: everything trainable
     block: str = "sequential"
     warnings: list[str] = field(default_factory=list)
+    domains: dict[str, ResolvedDomain] = field(default_factory=dict)
 
     @property
     def moe_layers(self) -> list[LayerPlanInput]:
@@ -121,6 +146,8 @@ def resolve(spec: Spec) -> Resolved:
             "block: parallel changes the function of the sequential sources; the built "
             "model does not reproduce them before training"
         )
+    domains = _domains(spec, sources)
+    _check_prompt_sources(spec, sources)
     name = spec.name or (Path(origin.file).stem if origin.file else "moecompose-model")
     resolved = Resolved(
         spec=spec,
@@ -134,8 +161,101 @@ def resolve(spec: Spec) -> Resolved:
         train=frozenset(spec.train) if spec.train is not None and "all" not in spec.train else None,
         block=block,
         warnings=warnings,
+        domains=domains,
     )
     return resolved
+
+
+def _spec_path(spec: Spec, raw: str) -> Path:
+    path = Path(raw).expanduser()
+    return path if path.is_absolute() else spec.origin.base_dir / path
+
+
+def _needs_tokenizer(spec: Spec, ckpt: Checkpoint, at: DataPath, what: str) -> None:
+    if "tokenizer.json" not in ckpt.tokenizer:
+        raise SourceError(
+            f"source '{ckpt.name}' has no tokenizer.json, which {what} needs",
+            location=spec.origin.locate(at),
+            hint="save the model's fast tokenizer into its folder, or use another source",
+        )
+
+
+def _domains(spec: Spec, sources: dict[str, Checkpoint]) -> dict[str, ResolvedDomain]:
+    """Expand text globs, fingerprint what will be embedded, and check every width."""
+    out: dict[str, ResolvedDomain] = {}
+    embedder = sources[spec.embed_with] if spec.embed_with is not None else None
+    for name, domain in (spec.domains or {}).items():
+        if domain.texts is not None:
+            at: DataPath = ("domains", name, "texts")
+            assert embedder is not None  # check_spec requires embed_with for texts
+            _needs_tokenizer(spec, embedder, ("embed_with",), "embedding domain texts")
+            try:
+                matched = documents(_spec_path(spec, domain.texts))
+            except VectorFileError as exc:
+                raise SourceError(str(exc), location=spec.origin.locate(at), hint=exc.hint) from None
+            if not matched:
+                raise SpecError(
+                    f"domain '{name}': texts {domain.texts!r} match no file",
+                    location=spec.origin.locate(at),
+                    hint="check the glob; it is relative to the spec's folder (use ** to recurse)",
+                )
+            files = tuple(matched[: domain.max_docs])
+            try:
+                fingerprint = files_fingerprint(files)
+            except VectorFileError as exc:
+                raise SourceError(str(exc), location=spec.origin.locate(at), hint=exc.hint) from None
+            out[name] = ResolvedDomain(
+                name, "texts", files, fingerprint, embedder.arch.hidden_size, len(matched),
+                embedder.name, domain.max_tokens,
+            )
+        else:
+            assert domain.embedding is not None
+            at = ("domains", name, "embedding")
+            path = _spec_path(spec, domain.embedding).resolve()
+            try:
+                width = embedding_width(path, domain.key)
+                fingerprint = files_fingerprint((path,))
+            except VectorFileError as exc:
+                raise SourceError(
+                    f"domain '{name}': {exc}", location=spec.origin.locate(at), hint=exc.hint
+                ) from None
+            out[name] = ResolvedDomain(name, "embedding", (path,), fingerprint, width, key=domain.key)
+    if out:
+        _check_domain_widths(spec, out, embedder)
+    return out
+
+
+def _check_domain_widths(
+    spec: Spec, domains: dict[str, ResolvedDomain], embedder: Checkpoint | None
+) -> None:
+    if embedder is not None and any(d.kind == "texts" for d in domains.values()):
+        expected, why = embedder.arch.hidden_size, f"embed_with '{embedder.name}' is that wide"
+    else:
+        first = next(iter(domains.values()))
+        expected, why = first.width, f"domain '{first.name}' is that wide"
+    for name, domain in domains.items():
+        if domain.width != expected:
+            raise SpecError(
+                f"domain '{name}': the embedding has width {domain.width}, expected {expected} "
+                f"({why})",
+                location=spec.origin.locate(("domains", name, domain.kind)),
+                hint="every domain embedding must have the same width; re-embed it with the "
+                "same model",
+            )
+
+
+def prompt_source(spec: Spec, init: PromptInit) -> str:
+    """The model whose hidden states give prompt-initialised router rows."""
+    return init.source or spec.embed_with or next(iter(spec.sources))
+
+
+def _check_prompt_sources(spec: Spec, sources: dict[str, Checkpoint]) -> None:
+    for r, rule in enumerate(spec.layers):
+        router = rule.ffn.router if rule.ffn is not None else None
+        if isinstance(router, TopKRouter) and isinstance(router.init, PromptInit):
+            at: DataPath = ("layers", r, "ffn", "router", "init")
+            name = prompt_source(spec, router.init)
+            _needs_tokenizer(spec, sources[name], at, "embedding router prompts")
 
 
 def _check_compatible(spec: Spec, sources: dict[str, Checkpoint]) -> None:
@@ -302,8 +422,12 @@ def _layers(spec: Spec, n_layers: int) -> list[LayerPlanInput]:
         else:
             experts = tuple(Expert(name) for name in experts_spec)
         router = rule.ffn.router
-        assert isinstance(router, (TopKRouter, TokenMixingRouter))  # check_spec refuses others
-        mixture = FFNMixture(experts, rule.ffn.shared, router, rule.ffn.aux_loss, r, adapters)
+        assert not isinstance(router, SoftRouter)  # check_spec refuses it for FFNs
+        prompts = prompt_source(spec, router.init) if isinstance(
+            getattr(router, "init", None), PromptInit) else None
+        mixture = FFNMixture(
+            experts, rule.ffn.shared, router, rule.ffn.aux_loss, r, adapters, prompts
+        )
         for i in indices:
             ffn[i] = mixture
     return [LayerPlanInput(i, ffn.get(i), attention.get(i)) for i in range(n_layers)]

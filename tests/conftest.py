@@ -13,13 +13,14 @@ from moecompose.testing import make_dense
 
 @pytest.fixture(scope="session")
 def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Dense sources: a Llama seed with two branches, a Qwen2 seed with two branches, a
+    """Dense sources: a Llama seed with three branches, a Qwen2 seed with two branches, a
     Mistral model, a tied-embedding Llama, and a Llama of a different width."""
     root = tmp_path_factory.mktemp("dense")
     out = {
         "seed": make_dense(root / "seed", seed=0),
         "code": make_dense(root / "code", seed=1, base_seed=0),
         "law": make_dense(root / "law", seed=2, base_seed=0),
+        "math": make_dense(root / "math", seed=9, base_seed=0),
         "qwen_seed": make_dense(root / "qwen_seed", family="qwen2", seed=3),
         "qwen_code": make_dense(root / "qwen_code", family="qwen2", seed=4, base_seed=3),
         "qwen_law": make_dense(root / "qwen_law", family="qwen2", seed=5, base_seed=3),

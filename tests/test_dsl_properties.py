@@ -44,13 +44,26 @@ def specs(draw: st.DrawFn) -> Spec:
     ))
     data["block"] = draw(maybe(st.sampled_from(["sequential", "parallel"])))
     if draw(st.booleans()):
-        data["domains"] = draw(st.dictionaries(src, st.fixed_dictionaries(
-            {}, optional={"texts": paths, "embedding": paths}), max_size=2))
+        domain = st.one_of(
+            st.fixed_dictionaries({"texts": paths}, optional={
+                "max_docs": st.integers(1, 500), "max_tokens": st.integers(1, 4096)}),
+            st.fixed_dictionaries({"embedding": paths}, optional={"key": src}),
+        )
+        data["domains"] = draw(st.dictionaries(src, domain, max_size=2))
         data["embed_with"] = draw(maybe(src))
+    texts = st.lists(st.sampled_from(
+        ["def parse(x):", "the court held", 'a "quoted" word', "x = 1; y = 2", "", "naïve #1"]
+    ), min_size=1, max_size=3)
+    prompt_init = st.fixed_dictionaries(
+        {"prompts": st.dictionaries(src, texts, min_size=1, max_size=2)},
+        optional={"negative": st.dictionaries(src, texts, max_size=2), "source": src,
+                  "max_tokens": st.integers(1, 4096)},
+    )
     routers = st.one_of(
         st.fixed_dictionaries({"kind": st.just("topk")}, optional={
             "k": st.integers(1, 8), "normalize": st.booleans(),
-            "init": st.sampled_from(["random", "zeros"]), "init_std": positive}),
+            "init": st.one_of(st.sampled_from(["random", "zeros"]), prompt_init),
+            "init_std": positive}),
         st.fixed_dictionaries({"kind": st.just("soft")}, optional={"init_std": positive}),
         st.fixed_dictionaries({"kind": st.just("nexus")}, optional={
             "k": st.integers(1, 4), "normalize": st.booleans()}),

@@ -172,9 +172,21 @@ CASES = [
          "      experts: [seed, code]\n    ffn:\n      experts: [seed, code]\n"
          "output: {format: mixtral}\n",
          ("format 'mixtral' cannot express this model", "attention experts"), "11:18"),
-    Case("nexus-router",
+    Case("nexus-router-without-domains",
          BASE + RULE + "      experts: [seed, code]\n      router: {kind: nexus, k: 1}\n",
-         ("router kind 'nexus' is not supported by this version",), "9:22"),
+         ("the nexus router needs a domain for every routed expert", "add domains:"), "9:22"),
+    Case("nexus-router-on-copies", BASE + RULE + "      experts: {copy: seed, count: 2}\n"
+         "      router: {kind: nexus}\n",
+         ("the nexus router needs a list of distinct expert sources",), "8:16"),
+    Case("soft-router-on-ffn", BASE + RULE + "      experts: [seed, code]\n"
+         "      router: {kind: soft}\n",
+         ("soft routing is for attention experts",), "9:22"),
+    Case("prompt-init-missing-expert", BASE + RULE + "      experts: [seed, code]\n"
+         "      router: {kind: topk, init: {prompts: {seed: [hello]}}}\n",
+         ("no prompts for expert 'code'",), "9:44"),
+    Case("prompt-init-not-an-expert", BASE + RULE + "      experts: [seed, code]\n"
+         "      router: {kind: topk, init: {prompts: {seed: [a], code: [b], law: [c]}}}\n",
+         ("'law' is not an expert of this layer",), "9:67"),
     # --- adapter experts (PESC) and Mixture of Tokens
     Case("adapters-from-non-source", BASE + RULE + "      experts: {adapters: sed, count: 4}\n",
          ("adapter source 'sed' is not defined", "did you mean 'seed'"), "8:27"),
@@ -195,8 +207,14 @@ CASES = [
          ("token mixing needs FFN experts",), "9:22"),
     Case("block-unknown", BASE + "block: paralel\n",
          ("expected 'sequential' or 'parallel'", "did you mean 'parallel'"), "5:8"),
-    Case("domains", BASE + "domains:\n  code: {texts: ./data/*.py}\n",
-         ("'domains' are not supported by this version",), "5:1"),
+    Case("domain-of-a-non-expert", BASE + "domains:\n  code: {embedding: ./v.npy}\n",
+         ("domain 'code' is not a routed expert of any nexus layer",), "6:3"),
+    Case("domain-texts-without-embed-with", BASE + RULE + "      experts: [seed, code]\n"
+         "      router: {kind: nexus}\ndomains:\n  seed: {texts: a/*.txt}\n"
+         "  code: {texts: b/*.txt}\n",
+         ("domain texts need a model to embed them", "embed_with"), "11:17"),
+    Case("domain-with-texts-and-embedding", BASE + "domains:\n  code: {texts: a/*, embedding: v.npy}\n",
+         ("a domain needs exactly one of 'texts' or 'embedding'",), "6:9"),
     Case("train-empty", BASE + "train: []\n", ("'train' is empty",), "5:8"),
     # --- output formats that cannot express the model
     Case("mixtral-with-shared-expert",
@@ -494,8 +512,33 @@ def test_build_that_fails_midway_leaves_nothing(
         mc.build(plan, out)
     assert "\n" not in info.value.format()
     assert not out.exists()
-    assert [p.name for p in out.parent.iterdir()] == []
     assert _tree_hashes(copy, sources["code"]) == before
+
+
+def test_build_failing_after_its_first_tensor_removes_its_temporary_folder(
+    tmp_path: Path, sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from moecompose.build import executor
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        f"moecompose: 1\nsources: {{seed: {sources['seed']}, code: {sources['code']}}}\n"
+        "layers:\n  - select: all\n    ffn:\n      experts: [seed, code]\n"
+    )
+    real, calls = executor.produce, []
+
+    def failing(tensor, *args):
+        calls.append(tensor.name)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real(tensor, *args)
+
+    monkeypatch.setattr(executor, "produce", failing)
+    out = tmp_path / "artifacts" / "model"
+    with pytest.raises(MoeComposeError, match="No space left on device"):
+        mc.build(spec, out)
+    assert len(calls) == 3 and not out.exists()
+    assert [p.name for p in out.parent.iterdir()] == []
 
 
 def test_api_messages_are_one_line_for_in_memory_specs() -> None:

@@ -14,18 +14,28 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
+from safetensors.torch import save_file
 
 from moecompose.build.card import model_card
-from moecompose.build.recipes import produce
+from moecompose.build.recipes import Lookup, produce
 from moecompose.errors import BuildError, MoeComposeError, SourceError
 from moecompose.plan.recipe import Plan, PlannedTensor, TensorRef
-from moecompose.sources.checkpoint import TOKENIZER_FILES, open_checkpoint
+from moecompose.sources.checkpoint import (
+    TOKENIZER_FILES,
+    open_checkpoint,
+    open_tensors,
+    tensors_fingerprint,
+)
 from moecompose.sources.safetensors_io import CODES, SafetensorsWriter, TensorEntry
 
+if TYPE_CHECKING:
+    from moecompose.build.computed import Computed
+
 Progress = Callable[[int, int, str], None]  # (bytes done, bytes total, tensor name)
+DOMAINS_FILE = "domains.safetensors"
 
 
 @dataclass(frozen=True)
@@ -33,14 +43,21 @@ class BuildResult:
     path: Path
     files: dict[str, str]  # file name -> sha256
     bytes: int
+    warnings: tuple[str, ...] = ()  # found while building (e.g. nearly parallel router rows)
 
 
 def build(plan: Plan, out: str | Path, *, force: bool = False, progress: Progress | None = None) -> BuildResult:
     """Write ``plan``'s artifact to ``out``; refuses an existing ``out`` unless ``force``."""
     out = Path(out).resolve()
     check_target(plan, out, force)
-    files = write_atomically(out, lambda tmp: _write_artifact(plan, tmp, progress))
-    return BuildResult(out, files, sum(t.numel for t in plan.tensors))
+    from moecompose.build.computed import compute  # loads the model code: only to build
+
+    lookup = open_sources(plan)
+    computed = compute(plan, lookup)  # model runs (domain texts, router prompts) come first
+    files = write_atomically(
+        out, lambda tmp: _write_artifact(plan, tmp, progress, lookup, computed)
+    )
+    return BuildResult(out, files, sum(t.numel for t in plan.tensors), tuple(computed.warnings))
 
 
 T = TypeVar("T")
@@ -112,19 +129,34 @@ def _shards(plan: Plan, max_bytes: int) -> list[list[PlannedTensor]]:
     return shards
 
 
-def _write_artifact(plan: Plan, tmp: Path, progress: Progress | None) -> dict[str, str]:
+def open_sources(plan: Plan) -> Lookup:
+    """Index every input of ``plan`` (sources, and the artifact a derived plan starts
+    from), refusing any whose weights changed since the plan was made."""
     entries: dict[str, dict[str, TensorEntry]] = {}
     for name, src in plan.sources.items():
-        ckpt = open_checkpoint(name, Path(src["path"]))
-        if ckpt.fingerprint != src["fingerprint"]:
+        path = Path(src["path"])
+        if src.get("kind") == "artifact":
+            tensors = open_tensors(name, path)
+            fingerprint = tensors_fingerprint(tensors)
+        else:
+            ckpt = open_checkpoint(name, path)
+            tensors, fingerprint = ckpt.tensors, ckpt.fingerprint
+        if fingerprint != src["fingerprint"]:
             raise SourceError(
-                f"source '{name}' changed since the plan was made", hint="plan the spec again"
+                f"{src.get('kind', 'source')} '{name}' ({path}) changed since the plan was made",
+                hint="plan the spec again",
             )
-        entries[name] = ckpt.tensors
+        entries[name] = tensors
 
     def lookup(ref: TensorRef) -> TensorEntry:
         return entries[ref.source][ref.tensor]
 
+    return lookup
+
+
+def _write_artifact(
+    plan: Plan, tmp: Path, progress: Progress | None, lookup: Lookup, computed: Computed
+) -> dict[str, str]:
     shards = _shards(plan, int(plan.spec["output"]["max_shard_size"]))
     names = (
         ["model.safetensors"]
@@ -140,7 +172,7 @@ def _write_artifact(plan: Plan, tmp: Path, progress: Progress | None) -> dict[st
         )
         try:
             for tensor in shard:
-                for chunk in produce(tensor, lookup):
+                for chunk in produce(tensor, lookup, computed.value):
                     writer.write(tensor.name, chunk)
                     done += chunk.numel() * chunk.element_size()
                 if progress is not None:
@@ -161,6 +193,14 @@ def _write_artifact(plan: Plan, tmp: Path, progress: Progress | None) -> dict[st
             tmp / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n"
         )
 
+    if computed.domains:
+        # One vector per domain, reusable as {embedding: OUT/domains.safetensors, key: NAME}.
+        save_file(
+            {name: v.contiguous() for name, v in sorted(computed.domains.items())},
+            tmp / DOMAINS_FILE,
+            metadata={"domains": json.dumps(plan.domains, sort_keys=True)},
+        )
+        files[DOMAINS_FILE] = sha256_file(tmp / DOMAINS_FILE)
     files["config.json"] = write_text(tmp / "config.json", json.dumps(plan.config, indent=2) + "\n")
     files["plan.json"] = write_text(tmp / "plan.json", plan.to_json())
     files["spec.yaml"] = write_text(

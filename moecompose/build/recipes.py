@@ -19,26 +19,49 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 CHUNK_BYTES = 16 * 1024 * 1024
 
 Lookup = Callable[[TensorRef], TensorEntry]
+Computed = Callable[[Recipe], torch.Tensor]  # values of the model-computed ops
+COMPUTED_OPS = ("domain", "prompt_state")
 
 
-def produce(tensor: PlannedTensor, lookup: Lookup) -> Iterator[torch.Tensor]:
+def _not_computed(recipe: Recipe) -> torch.Tensor:
+    raise ValueError(f"recipe op '{recipe.op}' needs values computed before the build")
+
+
+def produce(
+    tensor: PlannedTensor, lookup: Lookup, computed: Computed = _not_computed
+) -> Iterator[torch.Tensor]:
     """Yield consecutive chunks whose concatenation (row-major) is ``tensor``."""
     dtype = TORCH_DTYPES[tensor.dtype]
-    yield from _produce(tensor.recipe, tensor.shape, dtype, lookup)
+    yield from _produce(tensor.recipe, tensor.shape, dtype, lookup, computed)
 
 
 def _produce(
-    recipe: Recipe, shape: tuple[int, ...], dtype: torch.dtype, lookup: Lookup
+    recipe: Recipe, shape: tuple[int, ...], dtype: torch.dtype, lookup: Lookup,
+    computed: Computed,
 ) -> Iterator[torch.Tensor]:
     if recipe.op == "stack":
         for part in recipe.parts:
-            yield from _produce(part, shape[1:], dtype, lookup)
+            yield from _produce(part, shape[1:], dtype, lookup, computed)
+        return
+    if recipe.op in COMPUTED_OPS:
+        value = computed(recipe)
+        if tuple(value.shape) != shape:
+            raise ValueError(f"{recipe.summary()} has shape {tuple(value.shape)}, plan expects {shape}")
+        yield value.to(dtype)
         return
     if recipe.op == "init":
         yield _init(recipe, shape, dtype)
         return
     if recipe.op == "drop":
         yield _drop(recipe, lookup).to(dtype)
+        return
+    if recipe.op == "copy" and "index" in recipe.args:  # one slice of a stacked input
+        entry = lookup(recipe.inputs[0])
+        if entry.shape[1:] != shape:
+            raise ValueError(f"{entry.file}: tensor has shape {entry.shape}, plan expects "
+                             f"[N, {', '.join(map(str, shape))}]")
+        j = recipe.args["index"]
+        yield read_tensor(entry, (j, j + 1)).reshape(shape).to(dtype)
         return
     entries = [lookup(ref) for ref in recipe.inputs]
     for entry in entries:

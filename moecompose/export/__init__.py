@@ -56,6 +56,17 @@ def to_native(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[
     return out
 
 
+def weight_files(path: Path) -> list[Path]:
+    """The model's safetensors files: the index's shards, else ``model.safetensors`` (an
+    artifact also holds other safetensors files, such as its domain embeddings)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = json.loads(index.read_text()).get("weight_map", {}).values()
+        return [path / name for name in sorted(set(shards))]
+    single = path / "model.safetensors"
+    return [single] if single.is_file() else []
+
+
 def load_artifact(path: Path, *, dtype: str | None = None, device: str | None = None) -> MoECausalLM:
     from moecompose.model import MoECausalLM
 
@@ -66,7 +77,7 @@ def load_artifact(path: Path, *, dtype: str | None = None, device: str | None = 
     native = dict(native_config(config, path))
     if dtype is not None:
         native["dtype"] = dtype
-    files = sorted(path.glob("*.safetensors"))
+    files = weight_files(path)
     if not files:
         raise BuildError(f"{path} has no safetensors weights")
     tensors: dict[str, torch.Tensor] = {}

@@ -96,7 +96,8 @@ def blockers(fmt: str, arch: ArchFacts, moe: MoEShape) -> list[str]:
         return []
     out: list[str] = []
     for kind in sorted(moe.unexpressible):
-        out.append({"adapters": "adapter experts", "token_mixing": "token mixing"}.get(kind, kind))
+        out.append({"adapters": "adapter experts", "token_mixing": "token mixing",
+                    "nexus": "the nexus router"}.get(kind, kind))
     if moe.attention_layers:
         out.append(f"attention experts (layers {_ranges(moe.attention_layers)})")
     if moe.block != "sequential":

@@ -8,9 +8,15 @@ from typing import Any
 from moecompose.errors import SpecError
 from moecompose.plan.layouts import LAYOUTS, Layout, MoEShape, blockers, hf_config, native_base
 from moecompose.plan.recipe import Plan, PlannedTensor, Recipe, TensorRef, Totals
-from moecompose.resolve import AttentionMixture, FFNMixture, Resolved
+from moecompose.resolve import AttentionMixture, FFNMixture, Resolved, ResolvedDomain
 from moecompose.sources.families import Family
-from moecompose.spec.schema import SoftRouter, TokenMixingRouter, TopKRouter
+from moecompose.spec.schema import (
+    NexusRouter,
+    PromptInit,
+    SoftRouter,
+    TokenMixingRouter,
+    TopKRouter,
+)
 
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 FLOPS_CONTEXT = 2048
@@ -19,6 +25,10 @@ ATTENTION_ROLES = ("q", "k", "v", "o", "q_bias", "k_bias", "v_bias")
 ADAPTER_DOWN = "model.layers.{i}.mlp.adapters.down_proj"
 ADAPTER_UP = "model.layers.{i}.mlp.adapters.up_proj"
 TEMPERATURE = "model.layers.{i}.mlp.router.temperature"
+NEXUS_DOMAINS = "model.layers.{i}.mlp.router.domain_embeddings"
+NEXUS_W1 = "model.layers.{i}.mlp.router.w1.weight"
+NEXUS_W2 = "model.layers.{i}.mlp.router.w2.weight"
+FROZEN_GROUPS = frozenset({"domains"})  # buffers: stored, never trained
 MOA_ROUTER = "model.layers.{i}.self_attn.router.weight"
 MOA_EXPERTS = {
     "q": "model.layers.{i}.self_attn.experts.q_proj",
@@ -92,7 +102,7 @@ class _Planner:
     def add(self, name: str, shape: tuple[int, ...], recipe: Recipe, group: str,
             layer: int | None = None, active: float = 1.0) -> None:
         train = self.r.train
-        trainable = train is None or group in train
+        trainable = group not in FROZEN_GROUPS and (train is None or group in train)
         self.tensors.append(
             PlannedTensor(name, shape, self.dtype, recipe, trainable, group, layer, active)
         )
@@ -143,6 +153,7 @@ class _Planner:
     def router_recipe(
         self, router: TopKRouter | SoftRouter | TokenMixingRouter, *key: object
     ) -> Recipe:
+        assert not isinstance(router.init, PromptInit)  # the FFN router plans prompt rows
         if router.init == "zeros":
             return Recipe("init", args={"init": "zeros"})
         return Recipe(
@@ -183,11 +194,55 @@ class _Planner:
             },
         )
 
+    def domain_recipe(self, name: str) -> Recipe:
+        """A domain's embedding; how it is made is recorded once, in ``Plan.domains``."""
+        return Recipe("domain", args={"name": name})
+
+    def nexus_router(self, i: int, mix: FFNMixture) -> None:
+        """Domain embeddings [n, m] (frozen) and the projection W1 [2d, m], W2 [d, d].
+
+        W1 has std 1/sqrt(m) (z of unit scale for unit-RMS domain embeddings) and W2 std
+        1/d (router logits of order 1 for unit-RMS tokens, whatever d), seeded per layer
+        (not per expert count), so a model extended by one expert keeps the projection it
+        would have been built with.
+        """
+        d, n = self.r.arch.hidden_size, len(mix.experts)
+        m = self.r.domains[mix.experts[0].source].width
+        parts = tuple(self.domain_recipe(e.source) for e in mix.experts)
+        self.add(NEXUS_DOMAINS.format(i=i), (n, m), Recipe("stack", parts=parts), "domains", i)
+        for tag, name, shape, std in (("w1", NEXUS_W1, (2 * d, m), m**-0.5),
+                                      ("w2", NEXUS_W2, (d, d), 1 / d)):
+            seed = derive_seed(self.seed, "nexus", tag, i)
+            self.add(name.format(i=i), shape,
+                     Recipe("init", args={"init": "normal", "std": std, "seed": seed}),
+                     "router", i, active=0.0)  # runs once per forward, not per token
+
+    def prompt_rows(self, i: int, mix: FFNMixture, init: PromptInit) -> Recipe:
+        """Router rows from the hidden states at layer ``i``'s input (docs/spec.md)."""
+        parts = tuple(
+            Recipe("prompt_state", args={
+                "expert": e.source,
+                "source": mix.prompt_source,
+                "layer": i,
+                "prompts": list(init.prompts[e.source]),
+                "negative": list((init.negative or {}).get(e.source, [])),
+                "max_tokens": init.max_tokens,
+            })
+            for e in mix.experts
+        )
+        return Recipe("stack", parts=parts)
+
     def moe(self, i: int, mix: FFNMixture) -> None:
         d = self.r.arch.hidden_size
         n = len(mix.experts)
-        router_name = self.layout.router.format(i=i)
-        self.add(router_name, (n, d), self.router_recipe(mix.router, "router", i), "router", i)
+        router = mix.router
+        if isinstance(router, NexusRouter):
+            self.nexus_router(i, mix)
+        else:
+            recipe = (self.prompt_rows(i, mix, router.init)
+                      if isinstance(router.init, PromptInit)
+                      else self.router_recipe(router, "router", i))
+            self.add(self.layout.router.format(i=i), (n, d), recipe, "router", i)
         if isinstance(mix.router, TokenMixingRouter):
             # Each expert processes one mixed token per group of G tokens.
             active = min(1.0, n / mix.router.group_size)
@@ -198,7 +253,8 @@ class _Planner:
                          "router", i)
         else:
             active = mix.router.k / n
-            describe = f"topk k={mix.router.k}" + ("" if mix.router.normalize else " unnormalised")
+            describe = f"{mix.router.kind} k={mix.router.k}" + (
+                "" if mix.router.normalize else " unnormalised")
         if mix.adapters is not None:
             self.adapters(i, mix, active)
         else:
@@ -294,7 +350,10 @@ class _Planner:
                     "learn_temperature": mix.router.learn_temperature,
                 }
             else:
-                router_cfg = {"kind": "topk", "k": mix.router.k, "normalize": mix.router.normalize}
+                router_cfg = {"kind": mix.router.kind, "k": mix.router.k,
+                              "normalize": mix.router.normalize}
+                if isinstance(mix.router, NexusRouter):
+                    router_cfg["domain_dim"] = self.r.domains[mix.experts[0].source].width
             aux = {"load_balance": mix.aux_loss.load_balance, "z_loss": mix.aux_loss.z_loss}
             if mix.adapters is not None:
                 a = mix.adapters
@@ -335,6 +394,11 @@ class _Planner:
         matmul = sum(
             t.numel * t.active for t in self.tensors
             if len(t.shape) >= 2 and t.group != "embeddings"
+        )
+        # Nexus expert embeddings [n, d] act as a router weight for every token.
+        matmul += sum(
+            len(layer.ffn.experts) * arch.hidden_size for layer in self.r.layers
+            if layer.ffn is not None and isinstance(layer.ffn.router, NexusRouter)
         )
         head = arch.vocab_size * arch.hidden_size  # lm_head (tied or not); the lookup is free
         ctx = min(FLOPS_CONTEXT, arch.max_position_embeddings)
@@ -424,4 +488,21 @@ def plan(resolved: Resolved) -> Plan:
         totals=planner.totals(),
         layers=tuple(planner.rows),
         warnings=tuple(resolved.warnings),
+        domains={name: _provenance(domain) for name, domain in resolved.domains.items()},
     )
+
+
+def _provenance(domain: ResolvedDomain) -> dict[str, Any]:
+    """Where a domain embedding comes from, as recorded in the plan."""
+    if domain.kind == "texts":
+        return {
+            "kind": "texts",
+            "embed_with": domain.embed_with,
+            "documents": [str(f) for f in domain.files],
+            "matched": domain.matched,
+            "max_tokens": domain.max_tokens,
+            "fingerprint": domain.fingerprint,
+            "width": domain.width,
+        }
+    return {"kind": "embedding", "path": str(domain.files[0]), "key": domain.key,
+            "fingerprint": domain.fingerprint, "width": domain.width}

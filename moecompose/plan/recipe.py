@@ -2,12 +2,17 @@
 
 Recipe ops (``Recipe.op``):
 
-* ``copy``      one input, optionally times ``scale``
+* ``copy``      one input, optionally times ``scale``; with ``index``, that slice of a
+                stacked input
 * ``mean``      uniform mean of the inputs (computed in float32)
 * ``weighted``  ``sum_i weights[i] * inputs[i]`` (float32)
 * ``stack``     ``parts`` (each a recipe) stacked along a new first dimension
 * ``init``      ``init: normal`` (``std``, ``seed``), ``uniform`` (``bound``, ``seed``),
                 ``constant`` (``value``) or ``zeros``
+* ``domain``    [m]: the embedding of domain ``name``, made as ``Plan.domains[name]``
+                records (embedded texts or a stored vector)
+* ``prompt_state``  [d]: the mean hidden state at the input of ``layer`` of model ``source``
+                over ``prompts``, minus that over ``negative``, L2-normalised
 * ``drop``      copy of one input whose neurons ``drop_rows``/``drop_cols`` (chosen by
                 ``neuron_seed``, fraction ``rate``) are redrawn from N(mean, std) of the
                 replaced values (Drop-Upcycling)
@@ -68,11 +73,19 @@ class Recipe:
                 return f"uniform(+-{self.args['bound']:.3g})"
             return f"normal(std={self.args['std']:g})"
         names = ", ".join(r.source for r in self.inputs)
+        if self.op == "copy" and "index" in self.args:
+            return f"{names}[{self.args['index']}]"
         if self.op == "copy":
             scale = self.args.get("scale")
             return f"{names}" + (f" x {scale:g}" if scale not in (None, 1.0) else "")
         if self.op == "drop":
             return f"drop({names}, {self.args['rate']:g})"
+        if self.op == "domain":
+            return f"domain({self.args['name']})"
+        if self.op == "prompt_state":
+            what = "documents" if "documents" in self.args else "prompts"
+            count = len(self.args[what])
+            return f"{what}({self.args['source']}, {count})"
         if self.op == "weighted":
             ws = ", ".join(f"{w:.3g}*{r.source}" for w, r in zip(self.args["weights"], self.inputs))
             return f"weighted({ws})"
@@ -150,6 +163,8 @@ class Plan:
     totals: Totals
     layers: tuple[dict[str, Any], ...]  # per-layer summary rows
     warnings: tuple[str, ...] = ()
+    domains: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> provenance
+    derivations: tuple[dict[str, Any], ...] = ()  # artifacts this one was derived from
 
     def to_data(self) -> dict[str, Any]:
         return {
@@ -163,6 +178,8 @@ class Plan:
             "sources": self.sources,
             "tokenizer_source": self.tokenizer_source,
             "warnings": list(self.warnings),
+            "domains": self.domains,
+            "derivations": list(self.derivations),
             "config": self.config,
             "spec": self.spec,
             "tensors": [t.to_data() for t in self.tensors],
@@ -186,6 +203,8 @@ class Plan:
             totals=Totals(**data["totals"]),
             layers=tuple(data["layers"]),
             warnings=tuple(data.get("warnings", ())),
+            domains=data.get("domains", {}),
+            derivations=tuple(data.get("derivations", ())),
         )
 
     def digest(self) -> str:
@@ -193,5 +212,9 @@ class Plan:
         data = self.to_data()
         data["sources"] = {
             name: {k: v for k, v in src.items() if k != "path"} for name, src in self.sources.items()
+        }
+        data["domains"] = {
+            name: {k: v for k, v in d.items() if k not in ("path", "documents")}
+            for name, d in self.domains.items()
         }
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()

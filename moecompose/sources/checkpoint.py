@@ -113,11 +113,22 @@ def open_checkpoint(name: str, path: Path) -> Checkpoint:
         }
     except OSError as exc:
         raise SourceError(f"{where}: cannot read tokenizer file: {exc.strerror or exc}") from None
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    fingerprint = tensors_fingerprint(tensors, json.dumps(config, sort_keys=True))
+    return Checkpoint(name, path, family, arch, tensors, tokenizer, fingerprint)
+
+
+def tensors_fingerprint(tensors: dict[str, TensorEntry], prefix: str = "") -> str:
+    """A cheap identity of a folder's weights: every tensor's name, dtype, shape and size."""
+    digest = hashlib.sha256(prefix.encode())
     for tensor_name in sorted(tensors):
         e = tensors[tensor_name]
         digest.update(f"{tensor_name}:{e.dtype}:{e.shape}:{e.end - e.start}".encode())
-    return Checkpoint(name, path, family, arch, tensors, tokenizer, digest.hexdigest())
+    return digest.hexdigest()
+
+
+def open_tensors(name: str, path: Path) -> dict[str, TensorEntry]:
+    """The tensors of a folder of safetensors weights (a built artifact), by name."""
+    return _tensor_index(path, f"{name} ({path})")
 
 
 def _read_json(path: Path, where: str) -> dict[str, Any]:

@@ -1,12 +1,12 @@
-"""Checks a spec can pass without reading any source: names refer to sources, options
-fit together, and features this version cannot build yet are refused, never ignored."""
+"""Checks a spec can pass without reading any source: names refer to sources and options
+fit together."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from moecompose.errors import SpecError, did_you_mean, one_of
-from moecompose.spec.origin import DataPath, Origin
+from moecompose.spec.origin import DataPath
 from moecompose.spec.schema import (
     AdapterExperts,
     AttentionMix,
@@ -14,13 +14,13 @@ from moecompose.spec.schema import (
     FFNMix,
     MergeFrom,
     MergeWeights,
+    NexusRouter,
+    PromptInit,
     SoftRouter,
     Spec,
     TokenMixingRouter,
     TopKRouter,
 )
-
-NOT_YET = "not supported by this version of moecompose"
 
 Bad = Callable[..., None]
 SourceCheck = Callable[..., None]
@@ -46,18 +46,16 @@ def check_spec(spec: Spec) -> None:
         for name in spec.merge.weights:
             source(("merge", "weights", name), name, "merge weight source", key=True)
 
-    if spec.domains is not None:
-        bad(("domains",), f"'domains' are {NOT_YET}",
-            "remove the 'domains' section; it comes with the nexus router", key=True)
     if spec.embed_with is not None:
-        bad(("embed_with",), f"'embed_with' is {NOT_YET}", "remove it", key=True)
+        source(("embed_with",), spec.embed_with, "embed_with")
 
     for i, rule in enumerate(spec.layers):
         at: DataPath = ("layers", i)
         if rule.attention is not None:
             _check_attention(rule.attention, (*at, "attention"), source, bad)
         if rule.ffn is not None:
-            _check_ffn(rule.ffn, (*at, "ffn"), spec.origin, source, bad)
+            _check_ffn(rule.ffn, (*at, "ffn"), spec, source, bad)
+    _check_domains(spec, source, bad)
 
     if spec.train is not None and not spec.train:
         bad(("train",), "'train' is empty", "omit it to train everything, or name groups")
@@ -70,7 +68,8 @@ def check_spec(spec: Spec) -> None:
         raise SpecError(message, location=location, hint=hint)
 
 
-def _check_ffn(ffn: FFNMix, at: DataPath, origin: Origin, source: SourceCheck, bad: Bad) -> None:
+def _check_ffn(ffn: FFNMix, at: DataPath, spec: Spec, source: SourceCheck, bad: Bad) -> None:
+    origin = spec.origin
     experts = ffn.experts
     if isinstance(experts, list):
         if not experts:
@@ -105,10 +104,14 @@ def _check_ffn(ffn: FFNMix, at: DataPath, origin: Origin, source: SourceCheck, b
                 f"group_size = {router.group_size} is larger than batch_size = {router.batch_size}",
                 "groups are formed across the sequences of one batch; use group_size <= batch_size")
         return
-    if not isinstance(router, TopKRouter):
-        bad((*at, "router", "kind"), f"router kind '{router.kind}' is {NOT_YET}",
-            "use kind: topk or kind: token_mixing")
+    if isinstance(router, SoftRouter):
+        bad((*at, "router", "kind"), "soft routing is for attention experts",
+            "use kind: topk, nexus or token_mixing for FFN experts")
         return
+    if isinstance(router, NexusRouter):
+        _check_nexus(ffn, at, spec, bad)
+    elif isinstance(router.init, PromptInit):
+        _check_prompt_init(router.init, ffn, (*at, "router", "init"), source, bad)
     if router.k > count:
         plural = "s" if count > 1 else ""
         written = (*at, "router", "k") in origin.keys
@@ -121,6 +124,81 @@ def _check_ffn(ffn: FFNMix, at: DataPath, origin: Origin, source: SourceCheck, b
                 f"the default router k = {router.k} but the layer has only {count} "
                 f"expert{plural}",
                 f"add router: {{kind: topk, k: {count}}} or list more experts")
+
+
+def _distinct_experts(ffn: FFNMix, at: DataPath, what: str, bad: Bad) -> list[str] | None:
+    """The layer's experts when they are a list of distinct sources; else report why not."""
+    if not isinstance(ffn.experts, list):
+        bad((*at, "experts"), f"{what} needs a list of distinct expert sources",
+            "list the sources, e.g. experts: [code, law]")
+        return None
+    seen: set[str] = set()
+    for j, name in enumerate(ffn.experts):
+        if name in seen:
+            bad((*at, "experts", j), f"expert '{name}' is listed twice; {what} tells experts "
+                "apart by their source", "list each source once")
+            return None
+        seen.add(name)
+    return list(ffn.experts)
+
+
+def _check_nexus(ffn: FFNMix, at: DataPath, spec: Spec, bad: Bad) -> None:
+    experts = _distinct_experts(ffn, at, "the nexus router", bad)
+    if experts is None:
+        return
+    missing = [e for e in experts if e not in (spec.domains or {})]
+    if missing:
+        names = ", ".join(f"'{e}'" for e in missing)
+        example = f"{missing[0]}: {{texts: ./data/{missing[0]}/*.txt}}"
+        bad((*at, "router", "kind"),
+            f"the nexus router needs a domain for every routed expert; {names} has none",
+            f"add domains: {{{example}}} (or {{embedding: FILE}})")
+
+
+def _check_prompt_init(init: PromptInit, ffn: FFNMix, at: DataPath, source: SourceCheck,
+                       bad: Bad) -> None:
+    if init.source is not None:
+        source((*at, "source"), init.source, "prompt source")
+    experts = _distinct_experts(ffn, at[:-2], "a prompt-initialised router", bad)
+    if experts is None:
+        return
+    for field_name, table in (("prompts", init.prompts), ("negative", init.negative or {})):
+        for name, prompts in table.items():
+            if name not in experts:
+                bad((*at, field_name, name), f"'{name}' is not an expert of this layer",
+                    did_you_mean(name, experts) or f"experts: {one_of(experts)}", key=True)
+            elif not prompts:
+                bad((*at, field_name, name), f"no {field_name} prompts for expert '{name}'",
+                    "give at least one prompt")
+    missing = [e for e in experts if e not in init.prompts]
+    if missing:
+        bad((*at, "prompts"), f"no prompts for expert{'s' if len(missing) > 1 else ''} "
+            + ", ".join(f"'{e}'" for e in missing),
+            "every expert's router row comes from its prompts; add them")
+
+
+def _check_domains(spec: Spec, source: SourceCheck, bad: Bad) -> None:
+    if spec.domains is None:
+        return
+    routed = [
+        name
+        for rule in spec.layers
+        if rule.ffn is not None and isinstance(rule.ffn.router, NexusRouter)
+        and isinstance(rule.ffn.experts, list)
+        for name in rule.ffn.experts
+    ]
+    for name, domain in spec.domains.items():
+        at: DataPath = ("domains", name)
+        if name not in spec.sources:
+            source(at, name, "domain", key=True)
+            continue
+        if name not in routed:
+            hint = (f"domains belong to the routed experts of nexus layers ({one_of(routed)})"
+                    if routed else "domains are used by layers with router: {kind: nexus}")
+            bad(at, f"domain '{name}' is not a routed expert of any nexus layer", hint, key=True)
+        if domain.texts is not None and spec.embed_with is None:
+            bad((*at, "texts"), "domain texts need a model to embed them",
+                "add embed_with: SOURCE (e.g. the seed model), or give a stored embedding")
 
 
 def _check_attention(attn: AttentionMix, at: DataPath, source: SourceCheck, bad: Bad) -> None:
@@ -136,6 +214,9 @@ def _check_attention(attn: AttentionMix, at: DataPath, source: SourceCheck, bad:
         bad((*at, "share"), "share needs at least two attention experts",
             "omit 'share' for a single attention expert")
     router = attn.router
+    if isinstance(router, TopKRouter) and isinstance(router.init, PromptInit):
+        bad((*at, "router", "init"), "prompt-initialised rows are for FFN routers",
+            "use init: random or zeros for the attention router")
     if not isinstance(router, (SoftRouter, TopKRouter)):
         bad((*at, "router", "kind"),
             f"router kind '{router.kind}' cannot route attention experts",

@@ -157,6 +157,23 @@ Experts = Annotated[
 # --------------------------------------------------------------------------- routers
 
 
+class PromptInit(Node):
+    """Router rows from prompts: row e, per layer, is the mean hidden state at the layer's
+    input over the prompts of expert e (minus that of its negative prompts), L2-normalised."""
+
+    prompts: dict[SourceName, list[str]] = Field(
+        min_length=1, description="expert (source name) -> prompts that should route to it."
+    )
+    negative: dict[SourceName, list[str]] | None = Field(
+        None, description="expert -> prompts that should not route to it (subtracted)."
+    )
+    source: SourceName | None = Field(
+        None, description="The model run over the prompts; default: `embed_with`, else the "
+        "first source.",
+    )
+    max_tokens: int = Field(512, ge=1, description="Each prompt is truncated to this many tokens.")
+
+
 class TopKRouter(Node):
     """Token-choice top-k: softmax over all experts, keep the k best (Mixtral, BTX)."""
 
@@ -165,8 +182,10 @@ class TopKRouter(Node):
     normalize: bool = Field(
         True, description="Renormalise the k kept probabilities to sum to 1 (Mixtral)."
     )
-    init: Literal["random", "zeros"] = Field(
-        "random", description="Router weights: N(0, init_std) seeded by `seed`, or zeros."
+    init: Literal["random", "zeros"] | PromptInit = Field(
+        "random",
+        description="Router weights: N(0, init_std) seeded by `seed`, zeros, or "
+        "{prompts: {EXPERT: [...]}} (rows from the experts' prompts' hidden states).",
     )
     init_std: float = Field(0.02, gt=0.0, description="Std of the random router init.")
 
@@ -187,11 +206,19 @@ class SoftRouter(Node):
 
 
 class NexusRouter(Node):
-    """Router projected from domain embeddings (Nexus)."""
+    """Router projected from domain embeddings (Nexus): per layer, expert embeddings
+    ``e = W2 . SwiGLU(W1 . dom)``, scores ``softmax(x . e^T)``."""
 
     kind: Literal["nexus"] = Field(description="Router projected from domain embeddings.")
     k: int = Field(1, ge=1, description="Routed experts per token.")
-    normalize: bool = Field(False, description="Renormalise the k kept probabilities.")
+    normalize: bool = Field(
+        False, description="Renormalise the k kept probabilities (Nexus does not)."
+    )
+
+    @classmethod
+    def key_hints(cls) -> dict[str, str]:
+        hint = "the nexus projection has a fixed initialisation (docs/spec.md)"
+        return {"init": hint, "init_std": hint}
 
 
 class TokenMixingRouter(Node):
@@ -239,7 +266,7 @@ class FFNMix(Node):
     )
     router: Router = Field(
         default_factory=lambda: TopKRouter(kind="topk"),
-        description="topk (default k=2) or token_mixing; nexus is not buildable yet.",
+        description="topk (default k=2), nexus (needs `domains`) or token_mixing.",
     )
     aux_loss: AuxLoss = Field(default_factory=AuxLoss, description="Router loss coefficients.")
 
@@ -330,8 +357,29 @@ Merge = Annotated[
 class Domain(Node):
     """A routed expert's domain: texts to embed, or a stored embedding vector."""
 
-    texts: str | None = Field(None, description="Glob of documents to embed with `embed_with`.")
-    embedding: str | None = Field(None, description="A stored embedding vector file.")
+    texts: str | None = Field(
+        None, description="Glob of documents (one per file) embedded with `embed_with`."
+    )
+    embedding: str | None = Field(
+        None, description="A stored vector: .safetensors ([m] or [1, m]) or .npy."
+    )
+    key: str | None = Field(
+        None, description="The tensor to read from an `embedding` safetensors file holding several."
+    )
+    max_docs: int = Field(
+        64, ge=1, description="Embed at most this many documents (the first, in sorted order)."
+    )
+    max_tokens: int = Field(512, ge=1, description="Each document is truncated to this many tokens.")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Domain:
+        if (self.texts is None) == (self.embedding is None):
+            raise PydanticCustomError(
+                "domain_kind", "a domain needs exactly one of 'texts' or 'embedding'"
+            )
+        if self.key is not None and self.embedding is None:
+            raise PydanticCustomError("domain_key", "'key' applies to 'embedding' files only")
+        return self
 
 
 TrainName = Literal[
@@ -370,10 +418,10 @@ class Spec(Node):
         None, description="Block form; default: the sources' (sequential for Llama)."
     )
     domains: dict[SourceName, Domain] | None = Field(
-        None, description="Nexus: one domain per routed expert (not buildable yet)."
+        None, description="Nexus: one domain per routed expert, by source name."
     )
     embed_with: SourceName | None = Field(
-        None, description="Nexus: the source that embeds domain texts (not buildable yet)."
+        None, description="The source that embeds domain texts (and, by default, router prompts)."
     )
     layers: list[LayerRule] = Field(
         default_factory=list,
