@@ -435,3 +435,25 @@ def test_extend_bad_arguments(write_spec, tmp_path, sources, monkeypatch, kwargs
 
 def test_words_used_by_the_texts_are_in_the_tokenizer() -> None:
     assert {w for words in TEXT_WORDS.values() for w in words} <= set(WORDS)
+
+
+def test_extend_on_the_command_line(write_spec, tmp_path, sources) -> None:
+    from click.testing import CliRunner
+
+    from moecompose.cli import main
+
+    write_texts(tmp_path)
+    two = moecompose.build(nexus_spec(write_spec, ("code", "law")), tmp_path / "two").path
+    runner = CliRunner()
+    args = ["extend", str(two), "--expert", f"math={sources['math']}",
+            "--domain-texts", str(tmp_path / "data/math/*.txt"), "-o", str(tmp_path / "ext")]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert f"extended {two} by 'math'" in result.output
+    card = (tmp_path / "ext" / "README.md").read_text()
+    assert "## Extension" in card and "lambda = 0.25" in card
+    again = runner.invoke(main, args)  # the output exists now
+    assert again.exit_code == 2 and "already exists" in again.output
+    bad = runner.invoke(main, ["extend", str(two), "--expert", "math", "-o", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "expected NAME=PATH" in bad.output
+    assert not (tmp_path / "x").exists()

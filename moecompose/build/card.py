@@ -42,6 +42,20 @@ def model_card(plan: Plan) -> str:
                 f"| {row['layer']} | {attention} | MoE | {row['experts']}{drop} | {row['router']} "
                 f"| {row['shared'] or ''} |"
             )
+    if plan.domains:
+        lines += ["", "## Domains (Nexus)", ""]
+        for name, d in plan.domains.items():
+            if d["kind"] == "texts":
+                lines.append(f"* `{name}`: {len(d['documents'])} documents embedded with "
+                             f"`{d['embed_with']}` (fingerprint `{d['fingerprint'][:12]}`)")
+            else:
+                lines.append(f"* `{name}`: stored vector `{d['path']}`")
+    for step in plan.derivations:
+        if step.get("operation") == "extend":
+            lines += ["", "## Extension", "",
+                      f"Expert `{step['expert']}` (`{step['source']}`) was added to `{step['from']}` "
+                      f"with lambda = {step['lambda']:.4g}: {step['router']}. Fine-tune briefly "
+                      "on a mix of new and old data before use."]
     lines += [
         "",
         "## Load",
