@@ -124,6 +124,7 @@ def extend_plan(artifact: str | Path, expert: NewExpert, *, lam: float | None = 
         sources={**new.sources, BASE: {"path": str(artifact), "kind": "artifact",
                                        "fingerprint": tensors_fingerprint(index)}},
         spec={**new.spec, "name": f"{base.name}+{expert.name}", "merge": recorded["merge"],
+              "output": recorded["output"],
               **({"domains": recorded["domains"]} if "domains" in recorded else {})},
         domains={**base.domains, **{k: v for k, v in new.domains.items() if k == expert.name}},
         derivations=(*base.derivations, derivation),
@@ -249,12 +250,15 @@ class _Rewrite:
         if t.group != "router":
             assert t.recipe.op == "stack"
             return t.recipe.parts[-1]
-        layer = t.layer
-        source = next(
-            (p.args["source"] for p in t.recipe.parts if p.op == "prompt_state"), None
-        ) or self._prompt_source()
-        args: dict[str, Any] = {"expert": self.expert.name, "source": source, "layer": layer,
-                                "max_tokens": 512, "norm_like": f"{BASE}:{t.name}"}
+        # Prompt-initialised rows say which model and truncation the router's rows use.
+        prompted = next((p.args for p in t.recipe.parts if p.op == "prompt_state"), {})
+        args: dict[str, Any] = {
+            "expert": self.expert.name,
+            "source": prompted.get("source") or self._prompt_source(),
+            "layer": t.layer,
+            "max_tokens": prompted.get("max_tokens", 512),
+            "norm_like": f"{BASE}:{t.name}",
+        }
         if self.expert.prompts:
             args["prompts"] = list(self.expert.prompts)
         else:

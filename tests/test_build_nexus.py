@@ -331,7 +331,8 @@ def test_extend_carries_trained_router_weights_over(write_spec, tmp_path, source
     torch.testing.assert_close(ext[norm], 0.5 * trained[norm] + 0.5 * math, rtol=0, atol=1e-6)
 
 
-def test_extend_a_topk_router_with_a_row_from_prompts(write_spec, tmp_path, sources) -> None:
+@pytest.mark.parametrize("row_from", ["prompts", "documents"])
+def test_extend_a_topk_router_with_a_new_row(write_spec, tmp_path, sources, row_from) -> None:
     spec = write_spec(
         """
         moecompose: 1
@@ -343,8 +344,14 @@ def test_extend_a_topk_router_with_a_row_from_prompts(write_spec, tmp_path, sour
     )
     base = moecompose.build(spec, tmp_path / "btx").path
     prompts = ["proof of the theorem", "sum of the matrix"]
+    if row_from == "prompts":
+        given = {"prompts": prompts}
+    else:
+        for k, prompt in enumerate(prompts):
+            (tmp_path / f"m{k}.txt").write_text(prompt)
+        given = {"domain_texts": str(tmp_path / "m*.txt")}
     ext = moecompose.extend(base, tmp_path / "ext", expert="math", source=sources["math"],
-                            prompts=prompts).path
+                            **given).path
     old, new = weights(base), weights(ext)
     states = hf_layer_inputs(sources["seed"], prompts)
     for i in range(4):
