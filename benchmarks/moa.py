@@ -6,7 +6,8 @@ attention call over experts x heads) and `impl="loop"` (one ordinary attention p
 expert), plus the dense attention the experts would come from. Forward (no grad) and
 forward+backward, eager (and the fused mixtures under `torch.compile(fullgraph=True)`),
 medians of interleaved repeats after warm-up, one process.
-Also prints the KV cache each variant holds per token and layer.
+Also times one decoding step over a static KV cache holding the prompt (fused against
+the loop), and prints the KV cache each variant holds per token and layer.
 
     python benchmarks/moa.py            # E=3, d=512, 8 heads, B=1, S=2048, fp32
     python benchmarks/moa.py --quick    # tiny shapes, a smoke run
@@ -17,10 +18,11 @@ from __future__ import annotations
 import argparse
 
 import torch
-from timing import Call, print_report, time_calls
+from timing import Call, median_seconds, print_report, time_calls
 from torch import nn
 
 from moecompose.model.attention_mix import MixtureOfAttention
+from moecompose.model.cache import StaticKVCache
 from moecompose.model.config import MoAAttentionSpec, SoftRouterSpec
 from moecompose.model.parts import Attention, RotaryEmbedding
 
@@ -90,11 +92,44 @@ def main() -> None:
                        f"{variant} loop (reference)"))
     print_report(rows, ratios)
 
+    decode_report(modules, x.detach(), cos, sin, args.repeats, warmup)
+
     print("KV cache per token and layer (k and v):")
     for name in ("dense attention", "expert-KV fused", "shared-KV fused"):
         heads = modules[name].cached_kv_heads
         fp32, bf16 = 2 * heads * dh * 4, 2 * heads * dh * 2
         print(f"  {name.split()[0]:10s} {heads:3d} kv heads  {fp32:6d} B fp32  {bf16:6d} B bf16")
+
+
+def decode_report(modules: dict[str, nn.Module], prompt: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor, repeats: int, warmup: int) -> None:
+    """One decoding step (one new token per sequence) over a static cache holding the
+    prompt: the step `generate` repeats, eager, fused against the loop."""
+    B, S, _ = prompt.shape
+    steps = {}
+    for name in ("expert-KV loop (reference)", "expert-KV fused",
+                 "shared-KV loop (reference)", "shared-KV fused"):
+        module = modules[name]
+        cache = StaticKVCache([module.cached_kv_heads], B, S + 1, cos.shape[-1], prompt.dtype,
+                              prompt.device)
+        with torch.no_grad():
+            module(prompt[:, :-1], cos[:-1], sin[:-1], cache.mask(S - 1, None, prompt.device),
+                   cache.layers[0])
+        cache.advance(S - 1)
+        mask = cache.mask(1, None, prompt.device)  # the step writes the same slot each repeat
+
+        def step(module=module, cache=cache, mask=mask) -> None:
+            with torch.no_grad():
+                module(prompt[:, -1:], cos[-1:], sin[-1:], mask, cache.layers[0])
+
+        steps[name] = step
+    times = median_seconds(steps, repeats, warmup)
+    print(f"one decoding step over {S - 1} cached tokens, eager:")
+    for name, t in times.items():
+        print(f"  {name:30s} {t * 1e3:8.2f} ms")
+    for variant in ("expert-KV", "shared-KV"):
+        ratio = times[f"{variant} fused"] / times[f"{variant} loop (reference)"]
+        print(f"  {variant} fused / loop            {ratio:.2f}x")
 
 
 if __name__ == "__main__":

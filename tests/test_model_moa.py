@@ -258,14 +258,20 @@ def variant_model(variant: str, **overrides: Any) -> MoECausalLM:
     return model.eval()
 
 
+CACHES = {"dynamic": None, "static": 16}  # max_length given to new_cache
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("block", ["sequential", "parallel"])
-def test_decoding_with_the_cache_matches_the_full_forward(variant: str, block: str) -> None:
+@pytest.mark.parametrize("max_length", CACHES.values(), ids=CACHES.keys())
+def test_decoding_with_the_cache_matches_the_full_forward(
+    variant: str, block: str, max_length: int | None
+) -> None:
     model = variant_model(variant, block=block)
     x = ids(2, 12)
     with torch.no_grad():
         full = model(x).logits
-        cache = model.new_cache()
+        cache = model.new_cache(max_length=max_length, batch_size=2)
         steps = [model(x[:, :5], cache=cache).logits]  # prefill
         steps.append(model(x[:, 5:7], cache=cache).logits)  # two tokens at once
         for t in range(7, 12):
@@ -274,22 +280,26 @@ def test_decoding_with_the_cache_matches_the_full_forward(variant: str, block: s
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
     _, heads = VARIANTS[variant]
+    held = max_length or 12  # a static cache is allocated for max_length tokens
     assert cache.length == 12
     for layer in cache.layers:
         assert layer.key is not None and layer.value is not None
-        assert tuple(layer.key.shape) == tuple(layer.value.shape) == (2, heads, 12, 8)
-    assert cache.nbytes() == 2 * 12 * sum(model.kv_cache_bytes_per_token())
+        assert tuple(layer.key.shape) == tuple(layer.value.shape) == (2, heads, held, 8)
+    assert cache.nbytes() == 2 * held * sum(model.kv_cache_bytes_per_token())
 
 
 @pytest.mark.parametrize("variant", ["expert-kv", "shared-kv"])
-def test_reference_loop_decodes_like_the_fused_mixture(variant: str) -> None:
+@pytest.mark.parametrize("max_length", CACHES.values(), ids=CACHES.keys())
+def test_reference_loop_decodes_like_the_fused_mixture(
+    variant: str, max_length: int | None
+) -> None:
     model = variant_model(variant)
     x = ids(1, 6)
     logits = []
     with torch.no_grad():
         for impl in ("fused", "loop"):
             model.set_attention_impl(impl)
-            cache = model.new_cache()
+            cache = model.new_cache(max_length=max_length)
             steps = [model(x[:, :3], cache=cache).logits]
             steps += [model(x[:, t : t + 1], cache=cache).logits for t in range(3, 6)]
             logits.append(torch.cat(steps, dim=1))
@@ -298,7 +308,14 @@ def test_reference_loop_decodes_like_the_fused_mixture(variant: str) -> None:
         model.set_attention_impl("fast")  # type: ignore[arg-type]
 
 
-def test_decoding_left_padded_rows_with_the_cache() -> None:
+PADDED_CACHES = {"dynamic": (None, True), "static": (12, True), "static, new columns": (12, False)}
+
+
+@pytest.mark.parametrize(
+    ("max_length", "whole_mask"), PADDED_CACHES.values(), ids=PADDED_CACHES.keys()
+)
+def test_decoding_left_padded_rows_with_the_cache(max_length: int | None, whole_mask: bool) -> None:
+    """`attention_mask` covers the cached tokens too, or (static cache) just the new ones."""
     model = variant_model("expert-kv")
     x = ids(2, 9)
     mask = torch.ones_like(x)
@@ -306,13 +323,27 @@ def test_decoding_left_padded_rows_with_the_cache() -> None:
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         full = model(x, attention_mask=mask, position_ids=positions).logits
-        cache = model.new_cache()
+        cache = model.new_cache(max_length=max_length, batch_size=2)
         steps = [model(x[:, :4], mask[:, :4], positions[:, :4], cache=cache).logits]
         for t in range(4, 9):
-            step = model(x[:, t : t + 1], mask[:, : t + 1], positions[:, t : t + 1], cache=cache)
+            step_mask = mask[:, : t + 1] if whole_mask else mask[:, t : t + 1]
+            step = model(x[:, t : t + 1], step_mask, positions[:, t : t + 1], cache=cache)
             steps.append(step.logits)
     keep = mask.bool()
     torch.testing.assert_close(torch.cat(steps, dim=1)[keep], full[keep], atol=1e-5, rtol=0)
+
+
+def test_static_cache_overflow_is_a_value_error() -> None:
+    model = variant_model("shared-kv")
+    cache = model.new_cache(max_length=6, batch_size=2)
+    with torch.no_grad():
+        model(ids(2, 5), cache=cache)
+        with pytest.raises(
+            ValueError, match=r"2 new token\(s\) after 5 cached exceed max_length=6"
+        ):
+            model(ids(2, 2), cache=cache)
+        model(ids(2, 1), cache=cache)  # the last free position
+    assert cache.length == 6
 
 
 def test_kv_cache_bytes_per_token_per_variant() -> None:
@@ -333,6 +364,9 @@ def test_generate_is_greedy_decoding() -> None:
             step = model(expected).logits[:, -1].argmax(-1, keepdim=True)
             expected = torch.cat((expected, step), dim=1)
     assert torch.equal(out, expected)
+    assert torch.equal(model.generate(prompt, max_new_tokens=5, max_length=32), expected)
+    with pytest.raises(ValueError, match="max_length=8 is less than 4 \\+ 5"):
+        model.generate(prompt, max_new_tokens=5, max_length=8)
 
 
 # --------------------------------------------------------------------------- parallel block
@@ -393,3 +427,36 @@ def test_compiled_mixture_of_attention_does_not_recompile(block: str) -> None:
             out = compiled(x)
             assert counters["stats"]["unique_graphs"] == 1, f"recompiled at {batch}x{seq}"
             torch.testing.assert_close(out.logits, model(x).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+@needs_shapes_spec
+def test_compiled_decoding_with_a_static_cache_does_not_recompile() -> None:
+    """Prompt and decode steps of every generation run the graph compiled for the first
+    prompt: the static cache's shapes and its write position (a tensor) never change."""
+    model = mixed_model().eval()
+    compiled = compile_model(model)
+    for prompt_len, new_tokens in [(5, 6), (1, 3), (9, 7)]:
+        prompt = ids(2, prompt_len, seed=prompt_len)
+        out = model.generate(prompt, new_tokens, max_length=16, forward=compiled)
+        assert counters["stats"]["unique_graphs"] == 1, f"recompiled for a prompt of {prompt_len}"
+        assert torch.equal(out, model.generate(prompt, new_tokens))
+    with torch.no_grad():  # padded rows, and the mask of the new tokens only
+        x = ids(2, 8)
+        mask = torch.ones_like(x)
+        mask[0, :2] = 0
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        full = model(x, attention_mask=mask, position_ids=positions).logits
+        cache = model.new_cache(max_length=16, batch_size=2)
+        steps = [compiled(x[:, :5], mask[:, :5], positions[:, :5], cache=cache).logits]
+        for t in range(5, 8):
+            span = slice(t, t + 1)
+            steps.append(
+                compiled(x[:, span], mask[:, span], positions[:, span], cache=cache).logits
+            )
+        keep = mask.bool()
+        torch.testing.assert_close(torch.cat(steps, dim=1)[keep], full[keep], atol=1e-4, rtol=0)
+        assert counters["stats"]["unique_graphs"] == 2  # one more, for the mask
+        compiled(ids(2, 8), cache=cache)
+        with pytest.raises(ValueError, match="KV cache overflow"):
+            compiled(ids(2, 1), cache=cache)

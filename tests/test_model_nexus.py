@@ -176,7 +176,12 @@ def load_weights_then_eval(model: MoECausalLM, state: dict[str, Tensor]) -> None
     model.eval()
 
 
-@pytest.mark.parametrize("load", [load_in_eval_mode, load_weights_then_eval])
+def load_weights_in_eval_mode(model: MoECausalLM, state: dict[str, Tensor]) -> None:
+    model.load_weights(state)
+
+
+@pytest.mark.parametrize("load", [load_in_eval_mode, load_weights_then_eval,
+                                  load_weights_in_eval_mode])
 def test_eval_cache_follows_loaded_weights(load: Any) -> None:
     model = nexus_model().eval()
     router = layer_of(model).router
@@ -236,6 +241,7 @@ def test_bfloat16_model_routes_with_float32_logits() -> None:
         out = model(ids())
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
     assert out.logits.dtype == torch.bfloat16
+    assert model.state_dict()[PREFIX + "domain_embeddings"].dtype == torch.bfloat16  # as stored
 
 
 # --------------------------------------------------------------------------- config

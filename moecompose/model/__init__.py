@@ -1,11 +1,12 @@
 """The PyTorch model a native moecompose artifact loads into."""
 
 from moecompose.model.attention_mix import ATTENTION_IMPLS, AttentionImpl, MixtureOfAttention
-from moecompose.model.cache import KVCache
+from moecompose.model.cache import KVCache, StaticKVCache
 from moecompose.model.causal_lm import CausalLMOutput, MoECausalLM
 from moecompose.model.compile import compile_model
 from moecompose.model.config import ModelConfig
 from moecompose.model.moe import DISPATCHES, Dispatch
+from moecompose.model.nexus import NexusRouter
 
 __all__ = [
     "ATTENTION_IMPLS",
@@ -17,5 +18,7 @@ __all__ = [
     "MixtureOfAttention",
     "MoECausalLM",
     "ModelConfig",
+    "NexusRouter",
+    "StaticKVCache",
     "compile_model",
 ]

@@ -168,7 +168,7 @@ class MixtureOfAttention(nn.Module):
         mask: Tensor | None,
         cache: LayerKV | None,
     ) -> Tensor:
-        B, S, _ = x.shape
+        B, S, d = x.shape
         E, h, kv, dh = self.num_experts, self.n_heads, self.n_kv_heads, self.head_dim
         ex = self.experts
         q = F.linear(x, _flat(ex.q_proj), _flat(ex.q_bias))  # [B, S, E*h*dh]
@@ -176,27 +176,28 @@ class MixtureOfAttention(nn.Module):
             assert self.k_proj is not None and self.v_proj is not None
             k = split_heads(self.k_proj(x), kv)  # [B, kv, S, dh]
             v = split_heads(self.v_proj(x), kv)
-            # Query heads ordered (kv head, expert, head in group) so that grouped-query
-            # attention maps every expert's group to the one shared kv head.
-            q = q.view(B, S, E, kv, h // kv, dh).permute(0, 3, 2, 4, 1, 5)
-            q = q.reshape(B, E * h, S, dh)  # [B, kv*E*(h/kv), S, dh]
+            # Query heads ordered (kv head, expert, head in group g = h/kv) so that
+            # grouped-query attention maps every expert's group to the one shared kv head.
+            q = q.view(B, S, E, kv, -1).transpose(2, 3).reshape(B, S, E * h, dh)  # a copy
         else:
             assert ex.k_proj is not None and ex.v_proj is not None
             k = split_heads(F.linear(x, _flat(ex.k_proj), _flat(ex.k_bias)), E * kv)
             v = split_heads(F.linear(x, _flat(ex.v_proj), _flat(ex.v_bias)), E * kv)
-            q = split_heads(q, E * h)  # [B, E*h, S, dh]: expert e's heads read e's kv
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q = q.view(B, S, E * h, dh)  # expert e's heads read e's kv heads
+        q = apply_rotary(q.transpose(1, 2), cos, sin)  # [B, E*h, S, dh]
+        k = apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v)  # [B, E*kv or kv, L, dh]
-        o = attend(q, k, v, mask)  # [B, E*h, S, dh]
+        o = attend(q, k, v, mask).transpose(1, 2)  # [B, S, E*h, dh], heads in q's order
+        # Router weights on the experts' outputs; the weighted sum over experts is then
+        # part of one output GEMM over [B, S, E*h*dh], its weight's columns in o's order.
         if self.shared_kv:
-            # [B, S, E, kv, h/kv, dh]
-            o = o.view(B, kv, E, h // kv, S, dh).permute(0, 4, 2, 1, 3, 5)
+            o = o.reshape(B, S, kv, E, -1) * weights[:, :, None, :, None]  # [B, S, kv, E, g*dh]
+            o_proj = ex.o_proj.view(E, d, kv, -1).permute(1, 2, 0, 3)  # [d, kv, E, g*dh]
         else:
-            o = o.view(B, E, h, S, dh).permute(0, 3, 1, 2, 4)  # [B, S, E, h, dh]
-        o = (o.reshape(B, S, E, h * dh) * weights[..., None]).view(B, S, E * h * dh)
-        o_proj = ex.o_proj.transpose(0, 1).reshape(-1, E * h * dh)  # [d, E*h*dh]
-        return F.linear(o, o_proj)  # the weighted sum over experts is part of this GEMM
+            o = o.reshape(B, S, E, h * dh) * weights[..., None]  # [B, S, E, h*dh]
+            o_proj = ex.o_proj.transpose(0, 1)  # [d, E, h*dh]
+        return F.linear(o.flatten(2), o_proj.reshape(d, E * h * dh))
 
     def _loop(
         self,

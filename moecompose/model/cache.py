@@ -1,16 +1,50 @@
 """Keys and values of earlier tokens, for incremental decoding.
 
-A `KVCache` holds one `LayerKV` per decoder layer. Each attention module appends the
-rotated keys and the values of the new tokens to its layer's entry and attends over
-everything cached. What an entry holds depends on the layer's attention: dense
-attention caches `[B, kv, L, dh]`; an expert-KV mixture of attention `[B, E*kv, L, dh]`
-(every expert its own keys); a shared-KV mixture `[B, kv, L, dh]` (one for all experts).
+A cache holds one entry per decoder layer. Each attention module writes the rotated keys
+and the values of the new tokens to its layer's entry and attends over what the entry
+returns. What an entry holds depends on the layer's attention: dense attention caches
+`[B, kv, L, dh]`; an expert-KV mixture of attention `[B, E*kv, L, dh]` (every expert its
+own keys); a shared-KV mixture `[B, kv, L, dh]` (one for all experts).
+
+Two kinds, same numbers:
+
+* `KVCache` grows: every call concatenates the new tokens to each entry, so `L` is the
+  number of tokens so far. Nothing to size in advance, but every step has new shapes.
+* `StaticKVCache` is preallocated for `max_length` tokens (`L = max_length` always). New
+  tokens are written in place at their positions (`index_copy_`), attention reads the
+  whole buffer, and the mask hides the positions not written yet. The cache's shapes and
+  the write position (a tensor) never change, so a compiled model decodes every step with
+  the graph of the first one.
+
+The decoder calls `positions` and `mask` before the layers and `advance` after them.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from moecompose.model.parts import causal_mask
+
+
+@torch.library.custom_op("moecompose::kv_cache_slots", mutates_args=())
+def _slots(position: Tensor, query_len: int, max_length: int) -> Tensor:
+    """Positions `position + [0, query_len)` [S] where new tokens go; `ValueError` if they
+    do not fit in `max_length`. An opaque op, so that compiled code checks too (reading
+    `position` in the traced program would be a graph break; an unchecked out-of-range
+    write aborts a compiled kernel)."""
+    past = int(position)
+    if past + query_len > max_length:
+        raise ValueError(
+            f"KV cache overflow: {query_len} new token(s) after {past} cached exceed "
+            f"max_length={max_length}; make the cache with a larger max_length"
+        )
+    return torch.arange(past, past + query_len, device=position.device)
+
+
+@_slots.register_fake
+def _(position: Tensor, query_len: int, max_length: int) -> Tensor:
+    return position.new_empty(query_len)
 
 
 class LayerKV:
@@ -37,11 +71,11 @@ class LayerKV:
 
 
 class KVCache:
-    """Per-layer caches of a decoder; pass the same object to every forward call of one
-    generation (`MoECausalLM.new_cache()` makes an empty one)."""
+    """Per-layer caches of a decoder, grown by concatenation; pass the same object to every
+    forward call of one generation (`MoECausalLM.new_cache()` makes an empty one)."""
 
     def __init__(self, num_layers: int) -> None:
-        self.layers = [LayerKV() for _ in range(num_layers)]
+        self.layers: list[LayerKV] = [LayerKV() for _ in range(num_layers)]
 
     @property
     def length(self) -> int:
@@ -50,3 +84,101 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
+
+    def positions(self, query_len: int, device: torch.device) -> Tensor:
+        """Default positions [S] of `query_len` new tokens: they follow the cached ones."""
+        past = self.length
+        return torch.arange(past, past + query_len, device=device)
+
+    def mask(self, query_len: int, attention_mask: Tensor | None, device: torch.device) -> Tensor:
+        """Bool mask [B or 1, 1, S, L] of the keys each new token attends to.
+
+        `attention_mask` [B, past + S] (1 = token, 0 = padding) or None (no padding).
+        """
+        return causal_mask(query_len, self.length, attention_mask, device)
+
+    def advance(self, query_len: int) -> None:
+        """Called after every layer has written the new tokens (nothing to do here)."""
+
+
+class StaticLayerKV(LayerKV):
+    """One layer's keys and values, preallocated [B, n, max_length, dh] each, written at the
+    cache's current position."""
+
+    def __init__(self, key: Tensor, value: Tensor, position: Tensor) -> None:
+        self.key: Tensor = key
+        self.value: Tensor = value
+        self.position = position  # [], shared by the cache's layers
+
+    def update(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        """Write the new tokens' key, value [B, n, S, dh] at positions `position + [0, S)`;
+        returns the whole buffers [B, n, max_length, dh]."""
+        index = _slots(self.position, key.shape[-2], self.key.shape[-2])  # [S]
+        self.key.index_copy_(2, index, key)
+        self.value.index_copy_(2, index, value)
+        return self.key, self.value
+
+    @property
+    def length(self) -> int:
+        """Tokens written so far (`nbytes` counts the whole buffers, written or not)."""
+        return int(self.position)
+
+
+class StaticKVCache(KVCache):
+    """Per-layer caches preallocated for `max_length` tokens of `batch_size` sequences
+    (`MoECausalLM.new_cache(max_length=..., batch_size=...)` makes one).
+
+    `heads[i]` is layer i's cached key (and value) heads. `position` [] (int64) is the
+    number of tokens written so far; `keep` [B, max_length] (bool) marks which of them are
+    tokens (False = padding). Writing past `max_length` raises `ValueError`.
+    """
+
+    def __init__(
+        self,
+        heads: list[int],
+        batch_size: int,
+        max_length: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if max_length < 1 or batch_size < 1:
+            raise ValueError(
+                f"max_length and batch_size must be positive, got {max_length}, {batch_size}"
+            )
+        self.max_length = max_length
+        self.position = torch.zeros((), dtype=torch.long, device=device)
+        self.keep = torch.ones(batch_size, max_length, dtype=torch.bool, device=device)
+        self.layers: list[LayerKV] = [
+            StaticLayerKV(
+                torch.zeros(batch_size, n, max_length, head_dim, dtype=dtype, device=device),
+                torch.zeros(batch_size, n, max_length, head_dim, dtype=dtype, device=device),
+                self.position,
+            )
+            for n in heads
+        ]
+
+    def positions(self, query_len: int, device: torch.device) -> Tensor:
+        return self.position + torch.arange(query_len, device=device)
+
+    def mask(self, query_len: int, attention_mask: Tensor | None, device: torch.device) -> Tensor:
+        """Bool mask [B, 1, S, max_length]: causal over the written positions, padding hidden.
+
+        Also records the new tokens' padding: the last S columns of `attention_mask`
+        ([B, past + S] as for `KVCache`, or just [B, S]); None means no padding. Raises
+        `ValueError` if the new tokens do not fit.
+        """
+        q_pos = _slots(self.position, query_len, self.max_length)  # [S]
+        k_pos = torch.arange(self.max_length, device=device)  # [L]
+        if attention_mask is None:
+            new = torch.ones(self.keep.shape[0], query_len, dtype=torch.bool, device=device)
+        else:
+            new = attention_mask[:, attention_mask.shape[-1] - query_len :].bool()  # [B, S]
+        self.keep.index_copy_(1, q_pos, new)
+        seen = k_pos[None, :] <= q_pos[:, None]  # [S, L]; hides positions not written yet
+        mask = seen & self.keep[:, None, None, :]  # [B, 1, S, L]
+        return mask | (k_pos[None, :] == q_pos[:, None])  # a padded query still sees itself
+
+    def advance(self, query_len: int) -> None:
+        """Move the write position past the new tokens (in place, so compiled code sees it)."""
+        self.position.add_(query_len)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from moecompose.model.adapters import AdapterMoEFFN, GroupedAdapters
 from moecompose.model.attention_mix import ATTENTION_IMPLS, AttentionImpl, MixtureOfAttention
-from moecompose.model.cache import KVCache, LayerKV
+from moecompose.model.cache import KVCache, LayerKV, StaticKVCache
 from moecompose.model.config import (
     AdapterFFNSpec,
     AttentionSpec,
@@ -30,7 +30,8 @@ from moecompose.model.config import (
     TokenMixingRouterSpec,
 )
 from moecompose.model.moe import DISPATCHES, Dispatch, GroupedExperts, MoEFFN
-from moecompose.model.parts import Attention, RMSNorm, RotaryEmbedding, SwiGLU, causal_mask
+from moecompose.model.nexus import NexusRouter
+from moecompose.model.parts import Attention, RMSNorm, RotaryEmbedding, SwiGLU, padding_mask
 from moecompose.model.token_mixing import TokenMixingFFN, transition_to_topk
 
 
@@ -159,26 +160,33 @@ class Decoder(nn.Module):
         """input_ids [B, S] -> (hidden [B, S, d], aux loss []).
 
         Without a cache, `attention_mask` is [B, S]; with one, it covers the cached tokens
-        too, [B, past + S], and default positions continue at `past`.
+        too, [B, past + S] (a `StaticKVCache` reads only the last S columns, so [B, S] will
+        do), and default positions continue at `past`.
         """
-        S = input_ids.shape[1]
-        past = 0 if cache is None else cache.length
+        B, S = input_ids.shape
         x = self.embed_tokens(input_ids)  # [B, S, d]
-        if position_ids is None:
-            position_ids = torch.arange(past, past + S, device=input_ids.device)  # [S]
-        else:
+        if position_ids is not None:
             position_ids = position_ids[:, None]  # [B, 1, S]: broadcast over heads
-        cos, sin = self.rotary_emb(position_ids, x.dtype)  # [S, dh] or [B, 1, S, dh]
-        if cache is None and attention_mask is None:
-            mask = None  # causal
+        elif cache is not None:
+            position_ids = cache.positions(S, x.device)  # [S], after the cached tokens
         else:
-            mask = causal_mask(S, past, attention_mask, x.device)  # [B or 1, 1, S, past + S]
-            mask = mask.expand(x.shape[0], 1, S, past + S)  # no size-1 broadcast to guard on
+            position_ids = torch.arange(S, device=x.device)  # [S]
+        cos, sin = self.rotary_emb(position_ids, x.dtype)  # [S, dh] or [B, 1, S, dh]
+        if cache is not None:
+            mask = cache.mask(S, attention_mask, x.device)  # [B or 1, 1, S, L]
+        elif attention_mask is not None:
+            mask = padding_mask(attention_mask)  # [B, 1, S, S]
+        else:
+            mask = None  # causal
+        if mask is not None:
+            mask = mask.expand(B, 1, S, mask.shape[-1])  # no size-1 broadcast to guard on
         aux = torch.zeros((), device=x.device)
         for i, layer in enumerate(self.layers):
             x, layer_aux = layer(x, cos, sin, mask, None if cache is None else cache.layers[i])
             if layer_aux is not None:
                 aux = aux + layer_aux
+        if cache is not None:
+            cache.advance(S)
         return self.norm(x), aux
 
 
@@ -200,6 +208,9 @@ class MoECausalLM(nn.Module):
         )
         for p in self.parameters():
             p.data = p.data.to(config.torch_dtype)
+        for name, buffer in self.named_buffers():  # stored buffers (Nexus domain embeddings)
+            if name in self.state_dict() and buffer.is_floating_point():
+                buffer.data = buffer.data.to(config.torch_dtype)
         self.set_trainable(config.trainable)
 
     @classmethod
@@ -231,18 +242,48 @@ class MoECausalLM(nn.Module):
             logits = self.lm_head(h)
         return CausalLMOutput(logits, aux, cache)
 
-    def new_cache(self) -> KVCache:
-        """An empty KV cache for this model, to pass to `forward` for incremental decoding."""
-        return KVCache(len(self.model.layers))
+    def new_cache(self, max_length: int | None = None, batch_size: int = 1) -> KVCache:
+        """An empty KV cache for this model, to pass to `forward` for incremental decoding.
+
+        Without `max_length`, a `KVCache` that grows with every call; with it, a
+        `StaticKVCache` preallocated for `max_length` tokens of `batch_size` sequences,
+        whose shapes never change (what a compiled model decodes with).
+        """
+        if max_length is None:
+            return KVCache(len(self.model.layers))
+        weight = self.model.embed_tokens.weight
+        heads = [layer.self_attn.cached_kv_heads for layer in self.model.layers]
+        return StaticKVCache(
+            heads, batch_size, max_length, self.config.head_dim, weight.dtype, weight.device
+        )
 
     @torch.no_grad()
-    def generate(self, input_ids: Tensor, max_new_tokens: int) -> Tensor:
-        """Greedy decoding with the KV cache: input_ids [B, S] -> [B, S + max_new_tokens]."""
-        cache = self.new_cache()
+    def generate(
+        self,
+        input_ids: Tensor,
+        max_new_tokens: int,
+        max_length: int | None = None,
+        forward: Callable[..., CausalLMOutput] | None = None,
+    ) -> Tensor:
+        """Greedy decoding with a static KV cache: input_ids [B, S] -> [B, S + max_new_tokens].
+
+        `max_length`: tokens the cache holds, at least (and by default) S + max_new_tokens;
+        a fixed value lets later calls with other lengths reuse a compiled graph.
+        `forward`: what runs each step, `self` by default; pass `compile_model(self)` to
+        decode compiled (one graph for the prompt and every step).
+        """
+        B, S = input_ids.shape
+        needed = S + max_new_tokens
+        if max_length is None:
+            max_length = needed
+        elif max_length < needed:
+            raise ValueError(f"max_length={max_length} is less than {S} + {max_new_tokens} tokens")
+        run = self if forward is None else forward
+        cache = self.new_cache(max_length=max_length, batch_size=B)
         tokens = [input_ids]
         step = input_ids
         for _ in range(max_new_tokens):
-            logits = self(step, cache=cache).logits  # [B, s, V]
+            logits = run(step, cache=cache).logits  # [B, s, V]
             step = logits[:, -1].argmax(dim=-1, keepdim=True)  # [B, 1]
             tokens.append(step)
         return torch.cat(tokens, dim=1)
@@ -302,6 +343,9 @@ class MoECausalLM(nn.Module):
             for name, tensor in own.items():
                 if name in state_dict:
                     tensor.copy_(state_dict[name])
+        for module in self.modules():  # eval-mode caches derived from the loaded weights
+            if isinstance(module, NexusRouter) and not module.training:
+                module.refresh()
         return missing, unexpected
 
     def set_trainable(self, names: Iterable[str] | None) -> None:

@@ -20,10 +20,13 @@ one; `shapes_spec` keeps the result of `compile_model` a plain compiled module.
 Passing a mask where an earlier call passed None, or switching grad mode, compiles one
 more graph, as for any compiled module.
 
-Decoding with a `KVCache` is not shape-stable under `compile_model`: the cached tensors
-grow by one token per step and are not covered by `shapes_spec`, so every new cache length
-compiles another graph until the recompile limit. Decode eagerly (`MoECausalLM.generate`
-does).
+Decode compiled with a `StaticKVCache` (`model.new_cache(max_length=..., batch_size=...)`;
+`model.generate(..., forward=compile_model(model))` makes one): its buffers have fixed
+shapes and the write position is a tensor, so the prompt and every decode step run the
+graph compiled for the first call (one more per batch size or `max_length`, which the
+buffers' shapes pin). A growing `KVCache` is not shape-stable: its tensors get one token
+longer every step and are not covered by `shapes_spec`, so every new length compiles
+another graph until the recompile limit; use it eagerly.
 
 On a torch without `shapes_spec` this falls back to `dynamic=True`: correct, but the
 first calls with a batch or a length of 1 each compile one more graph.

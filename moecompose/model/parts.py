@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moecompose.model.cache import LayerKV
 from moecompose.model.config import RopeScaling
+
+if TYPE_CHECKING:
+    from moecompose.model.cache import LayerKV
 
 
 class RMSNorm(nn.Module):
