@@ -22,6 +22,7 @@ seeded per layer, not per expert count). The artifact is only read.
 from __future__ import annotations
 
 import copy
+import math
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -87,9 +88,9 @@ def extend_plan(artifact: str | Path, expert: NewExpert, *, lam: float | None = 
     kinds = _add_expert(spec_data, expert)
     spec_data["sources"][expert.name] = str(expert.path.resolve())
     merged = {n: (1 - lam) * w for n, w in weights.items()} | {expert.name: lam}
+    uniform = all(math.isclose(w, lam) for w in merged.values())
     spec_data["merge"] = (
-        "average" if set(merged) == set(spec_data["sources"]) and len(set(merged.values())) == 1
-        else {"weights": merged}
+        "average" if uniform and set(merged) == set(spec_data["sources"]) else {"weights": merged}
     )
     new_domain = _new_domain(expert, kinds)
     if new_domain is not None:

@@ -200,6 +200,13 @@ def _domains(spec: Spec, sources: dict[str, Checkpoint]) -> dict[str, ResolvedDo
                     hint="check the glob; it is relative to the spec's folder (use ** to recurse)",
                 )
             files = tuple(matched[: domain.max_docs])
+            empty = [f for f in files if f.stat().st_size == 0]
+            if empty:
+                raise SpecError(
+                    f"domain '{name}': document {empty[0]} is empty",
+                    location=spec.origin.locate(at),
+                    hint="fill it or remove it; every document is averaged with equal weight",
+                )
             try:
                 fingerprint = files_fingerprint(files)
             except VectorFileError as exc:

@@ -381,6 +381,9 @@ def test_extend_a_topk_router_with_a_new_row(write_spec, tmp_path, sources, row_
         ("{code: {texts: ./nothing/*.txt}, law: {texts: ./data/law/*.txt}}",
          "{shared: seed, experts: [code, law], router: {kind: nexus}}",
          "domain 'code': texts './nothing/*.txt' match no file", (4, 25)),
+        ("{code: {texts: ./data/code/*.txt}, law: {texts: ./empty/*.txt}}",
+         "{shared: seed, experts: [code, law], router: {kind: nexus}}",
+         "domain 'law': document", (4, 58)),
         ("{code: {texts: ./data/code/*.txt}, law: {embedding: ./narrow.safetensors}}",
          "{shared: seed, experts: [code, law], router: {kind: nexus}}",
          "domain 'law': the embedding has width 32, expected 64", (4, 62)),
@@ -391,6 +394,8 @@ def test_bad_domains_are_located_errors_and_nothing_is_written(
 ) -> None:
     write_texts(tmp_path)
     save_file({"v": torch.ones(32)}, tmp_path / "narrow.safetensors")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "blank.txt").write_text("")
     spec = write_spec(
         f"""
         moecompose: 1
