@@ -30,6 +30,7 @@ from moecompose.spec.formatter import short
 from moecompose.spec.origin import Origin
 from moecompose.spec.schema import Spec
 from moecompose.spec.validation import spec_from_data
+from moecompose.text import ranges
 
 __all__ = ["Change", "Diff", "PlanDiff", "TensorChange", "diff", "print_diff"]
 
@@ -58,13 +59,13 @@ class Change:
     def where(self) -> str:
         if self.layers is None:
             return ""
-        return "layers " + _ranges(self.layers, self.open_end)
+        return "layers " + ranges(self.layers, "–", self.open_end)
 
     def to_data(self) -> dict[str, Any]:
         out: dict[str, Any] = {"path": self.path, "old": self.old, "new": self.new}
         if self.layers is not None:
             out["layers"] = list(self.layers)
-            out["layer_range"] = _ranges(self.layers, self.open_end)
+            out["layer_range"] = ranges(self.layers, "–", self.open_end)
         return out
 
 
@@ -409,19 +410,6 @@ def _tensor_change(a: PlannedTensor, b: PlannedTensor) -> dict[str, tuple[Any, A
 # ----------------------------------------------------------------------------- print
 
 
-def _ranges(layers: tuple[int, ...] | list[int], open_end: bool = False) -> str:
-    spans: list[list[int]] = []
-    for i in layers:
-        if spans and spans[-1][1] == i - 1:
-            spans[-1][1] = i
-        else:
-            spans.append([i, i])
-    text = [str(s) if s == e else f"{s}–{e}" for s, e in spans]
-    if open_end and text:
-        text[-1] = f"{spans[-1][0]}–end"
-    return ", ".join(text)
-
-
 def _show(value: Any, path: str) -> str:
     if value is None:
         part = path.split(".")[0]
@@ -463,7 +451,7 @@ def _grouped(names: list[str]) -> list[str]:
         elif len(layers) == 1:
             out.append(pattern.replace("{}", str(layers[0])))
         else:
-            out.append(pattern.replace("{}", "{" + _ranges(sorted(layers)) + "}"))
+            out.append(pattern.replace("{}", "{" + ranges(sorted(layers), "–") + "}"))
     return out
 
 

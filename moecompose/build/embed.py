@@ -41,10 +41,11 @@ from torch import Tensor
 
 from moecompose.errors import BuildError, MoeComposeError, SourceError
 from moecompose.model.causal_lm import MoECausalLM
-from moecompose.plan.layouts import _ranges, native_base
+from moecompose.plan.layouts import native_base
 from moecompose.sources.checkpoint import open_checkpoint
 from moecompose.sources.safetensors_io import SafetensorsWriter, read_header, read_tensor
 from moecompose.sources.vectors import VectorFileError, read_embedding
+from moecompose.text import ranges
 
 CACHE_ENV = "MOECOMPOSE_CACHE_DIR"
 CACHE_FORMAT = 1  # part of every cache key: bump it when what is computed changes
@@ -292,7 +293,7 @@ def nearly_parallel_rows(
             pair = cos[:, a, b]  # [L]
             close = tuple(layers[n] for n in range(len(layers)) if pair[n] > threshold)
             if close:
-                where = f"layer{'s' if len(close) > 1 else ''} {_ranges(close)}"
+                where = f"layer{'s' if len(close) > 1 else ''} {ranges(close)}"
                 out.append(
                     f"rows for experts '{experts[a]}' and '{experts[b]}' are nearly parallel at "
                     f"{where} (cos {pair.max().item():.2f}): give more distinctive prompts"

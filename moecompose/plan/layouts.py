@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moecompose.sources.checkpoint import ArchFacts
+from moecompose.text import ranges
 
 # The few native names that differ from the sources' Llama names (docs/artifact-format.md).
 NATIVE_MOE = {
@@ -99,7 +100,7 @@ def blockers(fmt: str, arch: ArchFacts, moe: MoEShape) -> list[str]:
         out.append({"adapters": "adapter experts", "token_mixing": "token mixing",
                     "nexus": "the nexus router"}.get(kind, kind))
     if moe.attention_layers:
-        out.append(f"attention experts (layers {_ranges(moe.attention_layers)})")
+        out.append(f"attention experts (layers {ranges(moe.attention_layers)})")
     if moe.block != "sequential":
         out.append(f"block: {moe.block}")
     if not moe.moe_layers:
@@ -110,7 +111,7 @@ def blockers(fmt: str, arch: ArchFacts, moe: MoEShape) -> list[str]:
         out.append("MoE layers have different k")
     if fmt == "mixtral":
         if moe.dense_layers:
-            out.append(f"layers {_ranges(moe.dense_layers)} stay dense (Mixtral makes every layer MoE)")
+            out.append(f"layers {ranges(moe.dense_layers)} stay dense (Mixtral makes every layer MoE)")
         if True in moe.shared:
             out.append("a shared expert (Mixtral has none)")
         if False in moe.normalize:
@@ -123,17 +124,6 @@ def blockers(fmt: str, arch: ArchFacts, moe: MoEShape) -> list[str]:
         if len(moe.normalize) > 1:
             out.append("MoE layers differ in router.normalize")
     return out
-
-
-def _ranges(indices: tuple[int, ...]) -> str:
-    parts, start = [], None
-    for i, x in enumerate(indices):
-        if start is None:
-            start = x
-        if i + 1 == len(indices) or indices[i + 1] != x + 1:
-            parts.append(str(start) if start == x else f"{start}-{x}")
-            start = None
-    return ", ".join(parts)
 
 
 def _common(arch: ArchFacts, dtype: str) -> dict[str, Any]:
