@@ -38,7 +38,7 @@ from moecompose.resolve import resolve
 from moecompose.sources.checkpoint import open_tensors, tensors_fingerprint
 from moecompose.sources.safetensors_io import TensorEntry
 from moecompose.sources.vectors import documents, files_fingerprint
-from moecompose.spec.schema import Spec
+from moecompose.spec.schema import Domain, PromptInit, Spec
 
 BASE = "@base"  # the artifact being extended, as a plan input (no spec name can be this)
 NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
@@ -257,7 +257,7 @@ class _Rewrite:
             "expert": self.expert.name,
             "source": prompted.get("source") or self._prompt_source(),
             "layer": t.layer,
-            "max_tokens": prompted.get("max_tokens", 512),
+            "max_tokens": prompted.get("max_tokens", PromptInit.model_fields["max_tokens"].default),
             "norm_like": f"{BASE}:{t.name}",
         }
         if self.expert.prompts:
@@ -268,8 +268,9 @@ class _Rewrite:
             if not files:
                 raise SpecError(f"--domain-texts {self.expert.domain_texts!r} matches no file",
                                 hint="check the glob (use ** to recurse)")
-            args["documents"] = [str(f) for f in files[:64]]
-            args["fingerprint"] = files_fingerprint(files[:64])
+            files = files[: Domain.model_fields["max_docs"].default]
+            args["documents"] = [str(f) for f in files]
+            args["fingerprint"] = files_fingerprint(files)
         return Recipe("prompt_state", args=args)
 
     def _prompt_source(self) -> str:
