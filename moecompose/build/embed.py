@@ -198,12 +198,8 @@ def _load_tokenizer(where: str, path: Path) -> Any:
             f"{where} has no tokenizer.json: embedding texts needs the source's tokenizer",
             hint="save the model's fast tokenizer into its folder, or embed with another source",
         )
-    try:
-        from tokenizers import Tokenizer
-    except ImportError:
-        raise BuildError(
-            "embedding texts needs the 'tokenizers' package", hint="pip install tokenizers"
-        ) from None
+    from tokenizers import Tokenizer  # a dependency, imported only when texts are embedded
+
     try:
         return Tokenizer.from_file(str(file))
     except Exception as exc:  # tokenizers raises plain Exceptions for bad files
