@@ -125,8 +125,11 @@ def test_nexus_build_shared_seed_routed_domains_averaged_rest(write_spec, tmp_pa
             assert torch.equal(built[f"{mlp}.shared_expert.{hf}.weight"], src["seed"][name])
             for j, domain in enumerate(DOMAINS):
                 assert torch.equal(built[f"{mlp}.experts.{hf}"][j], src[domain][name]), proj
-        assert built[f"{mlp}.router.w1.weight"].shape == (128, 64)
-        assert built[f"{mlp}.router.w2.weight"].shape == (64, 64)
+        w1, w2 = built[f"{mlp}.router.w1.weight"], built[f"{mlp}.router.w2.weight"]
+        assert w1.shape == (128, 64) and w2.shape == (64, 64)
+        # the documented initialisation: std 1/sqrt(m) and 1/d (m = d = 64 here)
+        assert w1.std().item() == pytest.approx(64**-0.5, rel=0.1)
+        assert w2.std().item() == pytest.approx(1 / 64, rel=0.1)
     for name in ("model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight",
                  "model.layers.2.self_attn.q_proj.weight", "model.norm.weight", "lm_head.weight"):
         mean = torch.stack([s[name] for s in src.values()]).mean(0)
