@@ -4,7 +4,9 @@ Sources: d=1024, 8 layers, f=2816, vocab 32000 (168M parameters each), written o
 transformers into --workdir and reused. Each build runs in its own child process; its
 wall time and peak RSS (from wait4) are printed next to a baseline run the same way: a
 naive in-memory build that loads every source with safetensors and saves the result with
-one `save_file` (what a merge script without streaming does).
+one `save_file` (what a merge script without streaming does). Then a Nexus build of the
+same experts, whose domain embeddings run the seed over texts (layer by layer), against
+embedding the same texts with the whole seed model loaded by transformers.
 
     python benchmarks/build.py [--workdir DIR] [--quick]
 """
@@ -60,10 +62,36 @@ def make_sources(workdir: Path, dims: dict[str, int]) -> list[Path]:
     return paths
 
 
-def run_child(argv: list[str]) -> tuple[float, float]:
+NAIVE_EMBED = """
+import sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+seed, texts = sys.argv[1], sys.argv[2:]
+model = AutoModelForCausalLM.from_pretrained(seed, dtype=torch.float32).eval()
+tok = AutoTokenizer.from_pretrained(seed)
+with torch.no_grad():
+    means = [model.model(tok(t, return_tensors="pt").input_ids).last_hidden_state[0].mean(0)
+             for t in texts]
+print(torch.stack(means).mean(0).norm())
+"""
+
+
+def write_texts(workdir: Path, docs: int, words: int) -> Path:
+    """Domain documents of the Nexus build, in words the sources' tokenizer knows."""
+    from moecompose.testing import WORDS
+
+    root = workdir / "texts"
+    for j, name in enumerate(NAMES[1:]):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for k in range(docs):
+            text = " ".join(WORDS[(7 * k + 3 * j + i * i) % len(WORDS)] for i in range(words))
+            (root / name / f"{k}.txt").write_text(text)
+    return root
+
+
+def run_child(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
     """(wall seconds, peak RSS MiB) of one child process."""
     start = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, env=None if env is None else {**os.environ, **env})
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
@@ -104,6 +132,34 @@ def main() -> None:
     print(f"{'python + torch import':24}{imports[0]:9.2f}{imports[1]:15.0f}")
     print(f"ratio moecompose / naive: time {ours[0] / naive[0]:.2f}x, peak RSS {ours[1] / naive[1]:.2f}x")
     print(f"RSS above the interpreter with torch loaded: {ours[1] - imports[1]:.0f} MiB")
+
+    # Nexus: the same experts, plus domain embeddings the build computes by running the
+    # seed over each domain's texts (a fresh cache, so it does), against loading the whole
+    # seed model in float32 with transformers to run the same texts.
+    texts = write_texts(workdir, docs=4 if args.quick else 16, words=64 if args.quick else 400)
+    nexus = workdir / "nexus.yaml"
+    nexus.write_text(
+        "moecompose: 1\nname: bench-nexus\n"
+        f"sources: {{{', '.join(f'{n}: {p}' for n, p in zip(NAMES, sources))}}}\n"
+        "embed_with: seed\ndomains:\n"
+        + "".join(f"  {n}: {{texts: {texts / n}/*.txt}}\n" for n in NAMES[1:])
+        + "layers:\n  - select: all\n    ffn:\n"
+        f"      shared: seed\n      experts: [{', '.join(NAMES[1:])}]\n"
+        "      router: {kind: nexus}\n"
+    )
+    cache = workdir / "cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    ours_nexus = run_child([sys.executable, "-m", "moecompose.cli", "build", str(nexus), "-o",
+                            str(workdir / "nexus-out"), "--force", "--quiet"],
+                           env={"MOECOMPOSE_CACHE_DIR": str(cache)})
+    docs = sorted(str(f) for f in texts.glob("*/*.txt"))
+    naive_embed = run_child([sys.executable, "-c", NAIVE_EMBED, str(sources[0]),
+                             *[Path(f).read_text() for f in docs]])
+    print(f"\nNexus build embedding {len(docs)} documents with the seed (fresh cache):")
+    print(f"{'moecompose build':24}{ours_nexus[0]:9.2f}{ours_nexus[1]:15.0f}")
+    print(f"{'whole-model embedding':24}{naive_embed[0]:9.2f}{naive_embed[1]:15.0f}"
+          "   (transformers, fp32, the texts only)")
+    print(f"ratio: peak RSS {ours_nexus[1] / naive_embed[1]:.2f}x")
 
 
 if __name__ == "__main__":

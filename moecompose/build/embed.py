@@ -1,9 +1,10 @@
 """Mean hidden states of a dense source: Nexus domain embeddings and prompt-initialised
 routers.
 
-Both are averages of one dense model's hidden states over texts. `Embedder` loads the
-source as our own `MoECausalLM` (every layer dense, fp32, eval mode) with the source's own
-`tokenizer.json`, and runs one text at a time, so no padding enters any average:
+Both are averages of one dense model's hidden states over texts. `Embedder` runs the
+source as our own decoder (every layer dense, fp32) with the source's own `tokenizer.json`,
+one text at a time, so no padding enters any average, and one layer at a time, so only
+one layer's weights are in memory:
 
 * `Embedder.text_embedding`: the final hidden states (after the final RMSNorm, what
   Hugging Face calls `last_hidden_state`), mean over each text's tokens, then over texts.
@@ -37,12 +38,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from moecompose.errors import BuildError, MoeComposeError, SourceError
-from moecompose.model.causal_lm import MoECausalLM
+from moecompose.model.causal_lm import DecoderLayer
+from moecompose.model.config import ModelConfig
+from moecompose.model.parts import RMSNorm, RotaryEmbedding
 from moecompose.plan.layouts import native_base
-from moecompose.sources.checkpoint import open_checkpoint
+from moecompose.sources.checkpoint import Checkpoint, open_checkpoint
 from moecompose.sources.safetensors_io import SafetensorsWriter, read_header, read_tensor
 from moecompose.sources.vectors import VectorFileError, read_embedding
 from moecompose.text import ranges
@@ -54,21 +57,26 @@ PARALLEL_COS = 0.95  # router rows closer than this (cosine) are reported
 
 @dataclass
 class Embedder:
-    """A dense source as our native model (all layers dense, fp32, eval) plus its tokenizer.
+    """A dense source run as our native decoder (every layer dense, fp32) with its tokenizer.
 
-    `tokenizer` is a `tokenizers.Tokenizer`; texts are encoded with its own post-processor,
-    so special tokens are added as the source's tokenizer adds them.
+    The forward pass streams: all texts go through one decoder layer at a time, and only
+    that layer's weights are in memory (read when it runs, dropped after), plus the token
+    embeddings and the texts' hidden states. A source of any size embeds in the memory of
+    one layer. `tokenizer` is a `tokenizers.Tokenizer`; texts are encoded with its own
+    post-processor, so special tokens are added as the source's tokenizer adds them.
     """
 
     name: str
     path: Path
-    model: MoECausalLM
+    checkpoint: Checkpoint
+    config: ModelConfig
     tokenizer: Any
-    max_positions: int
+    device: torch.device
 
     @classmethod
     def load(cls, name: str, path: Path, device: str | torch.device = "cpu") -> Embedder:
-        """Read source `name` at `path`; the tokenizer is checked before any weight is read."""
+        """Read source `name`'s metadata and tokenizer at `path`; weights are read per layer
+        when texts are embedded."""
         ckpt = open_checkpoint(name, path)
         where = f"source '{name}' ({path})"
         tokenizer = _load_tokenizer(where, path)
@@ -77,27 +85,14 @@ class Embedder:
         config["layers"] = [{"ffn": {"kind": "dense"}} for _ in range(arch.num_hidden_layers)]
         config["trainable"] = None
         try:
-            model = MoECausalLM.from_config(config)
+            model_config = ModelConfig.from_dict(config)
         except ValueError as exc:
             raise SourceError(f"{where}: config.json describes no model moecompose can run: {exc}") from None
-        state = {
-            tensor_name: read_tensor(entry)
-            for tensor_name, entry in ckpt.tensors.items()
-            if not _unused(tensor_name, arch.tie_word_embeddings)
-        }
-        try:
-            model.load_weights(state)  # casts each tensor to fp32
-        except ValueError as exc:
-            raise SourceError(
-                f"{where}: its tensors do not match its config.json: {exc}",
-                hint="the checkpoint is inconsistent; re-save it with transformers",
-            ) from None
-        model = model.to(device).eval().requires_grad_(False)
-        return cls(name, path, model, tokenizer, arch.max_position_embeddings)
+        return cls(name, path, ckpt, model_config, tokenizer, torch.device(device))
 
     @property
     def num_layers(self) -> int:
-        return len(self.model.model.layers)
+        return self.config.num_hidden_layers
 
     def text_embedding(
         self, docs: Sequence[str], max_tokens: int, names: Sequence[str] | None = None
@@ -131,6 +126,46 @@ class Embedder:
                 )
         return self._mean_states(prompts, layers, max_tokens, names)
 
+    def _tokens(self, texts: Sequence[str], max_tokens: int, names: Sequence[str] | None
+                ) -> list[list[int]]:
+        if not texts:
+            raise BuildError(f"no texts to embed with source '{self.name}'")
+        if max_tokens < 1:
+            raise BuildError(f"max_tokens must be at least 1, got {max_tokens}")
+        names = list(names) if names is not None else [f"text {k + 1}" for k in range(len(texts))]
+        limit = min(max_tokens, self.config.max_position_embeddings)
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(limit)
+        out = []
+        for text, name in zip(texts, names, strict=True):
+            # tokenizers cannot truncate below its special tokens: the slice makes sure
+            ids = self.tokenizer.encode(text).ids[:limit]
+            if not ids:
+                raise SourceError(
+                    f"{name} tokenises to zero tokens with the tokenizer of source '{self.name}'",
+                    hint="give it text, or leave it out",
+                )
+            out.append(ids)
+        return out
+
+    def _weights(self, module: nn.Module, prefix: str) -> nn.Module:
+        """`module` with the source's tensors named `prefix + its state_dict names` (fp32)."""
+        state = {}
+        for key in module.state_dict():
+            entry = self.checkpoint.tensors.get(prefix + key)
+            if entry is None:
+                raise SourceError(f"source '{self.name}' lacks tensor '{prefix + key}'",
+                                  hint="the checkpoint is incomplete")
+            state[key] = read_tensor(entry).to(torch.float32)
+        try:
+            module.load_state_dict(state)
+        except RuntimeError as exc:
+            raise SourceError(
+                f"source '{self.name}': its tensors do not match its config.json: {exc}",
+                hint="the checkpoint is inconsistent; re-save it with transformers",
+            ) from None
+        return module.to(self.device).eval()
+
     def _mean_states(
         self,
         texts: Sequence[str],
@@ -140,55 +175,36 @@ class Embedder:
     ) -> dict[int, Tensor]:
         """{i: [d] fp32} in Hugging Face's `hidden_states` indexing (`i < L`: the input of
         layer `i`; `i == L`: the final normed output), mean over tokens, then over texts."""
-        if not texts:
-            raise BuildError(f"no texts to embed with source '{self.name}'")
-        if max_tokens < 1:
-            raise BuildError(f"max_tokens must be at least 1, got {max_tokens}")
-        names = list(names) if names is not None else [f"text {k + 1}" for k in range(len(texts))]
-        limit = min(max_tokens, self.max_positions)
-        self.tokenizer.no_padding()
-        self.tokenizer.enable_truncation(limit)
-        wanted = sorted(set(indices))
-        per_text: dict[int, list[Tensor]] = {i: [] for i in wanted}
-        captured: dict[int, Tensor] = {}
+        tokens = self._tokens(texts, max_tokens, names)
+        with torch.inference_mode():
+            means = self._forward(tokens, set(indices))
+        # inference tensors cannot enter autograd: return ordinary copies
+        return {i: means[i].clone().float().cpu() for i in sorted(means)}
 
-        def capture(i: int) -> Callable[..., None]:
-            def hook(module: Any, args: tuple[Any, ...]) -> None:
-                captured[i] = args[0][0].mean(dim=0)  # [S, d] -> [d]
-
-            return hook
-
-        hooks = [
-            self.model.model.layers[i].register_forward_pre_hook(capture(i))
-            for i in wanted
-            if i < self.num_layers
-        ]
-        device = self.model.model.embed_tokens.weight.device
-        try:
-            for text, name in zip(texts, names, strict=True):
-                # tokenizers cannot truncate below its special tokens: the slice makes sure
-                ids = self.tokenizer.encode(text).ids[:limit]
-                if not ids:
-                    raise SourceError(
-                        f"{name} tokenises to zero tokens with the tokenizer of source '{self.name}'",
-                        hint="give it text, or leave it out",
-                    )
-                with torch.inference_mode():
-                    final, _ = self.model.model(torch.tensor([ids], device=device))  # [1, S, d]
-                captured[self.num_layers] = final[0].mean(dim=0)
-                for i in wanted:
-                    per_text[i].append(captured[i])
-                captured.clear()
-        finally:
-            for hook in hooks:
-                hook.remove()
-        # outside inference mode: the means are ordinary tensors, usable in autograd
-        return {i: torch.stack(per_text[i]).mean(dim=0).float().cpu() for i in wanted}
+    def _forward(self, tokens: list[list[int]], wanted: set[int]) -> dict[int, Tensor]:
+        cfg = self.config
+        embed = self._weights(nn.Embedding(cfg.vocab_size, cfg.hidden_size), "model.embed_tokens.")
+        states = [embed(torch.tensor(ids, device=self.device)) for ids in tokens]  # [S, d] each
+        del embed
+        rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(self.device)
+        longest = max(len(ids) for ids in tokens)
+        cos, sin = rope(torch.arange(longest, device=self.device), torch.float32)  # [S, dh]
+        means: dict[int, Tensor] = {}
+        for i, spec in enumerate(cfg.layers):
+            if i in wanted:
+                means[i] = _mean_of_means(states)
+            layer = self._weights(DecoderLayer(cfg, spec, "grouped"), f"model.layers.{i}.")
+            states = [layer(x[None], cos[: len(x)], sin[: len(x)], None)[0][0] for x in states]
+            del layer  # one layer's weights in memory at a time
+        if cfg.num_hidden_layers in wanted:
+            norm = self._weights(RMSNorm(cfg.hidden_size, cfg.rms_norm_eps), "model.norm.")
+            means[cfg.num_hidden_layers] = _mean_of_means([norm(x) for x in states])
+        return means
 
 
-def _unused(tensor_name: str, tied: bool) -> bool:
-    """Tensors some checkpoints carry that the native model does not have."""
-    return tensor_name.endswith("rotary_emb.inv_freq") or (tied and tensor_name == "lm_head.weight")
+def _mean_of_means(states: list[Tensor]) -> Tensor:
+    """Mean over each text's tokens ([S, d] -> [d]), then over texts (each weighs the same)."""
+    return torch.stack([x.mean(dim=0) for x in states]).mean(dim=0)
 
 
 def _load_tokenizer(where: str, path: Path) -> Any:
