@@ -149,6 +149,15 @@ def test_nexus_build_shared_seed_routed_domains_averaged_rest(write_spec, tmp_pa
     assert "model.layers.1.mlp.router.w1.weight" in trainable
 
 
+def test_max_docs_takes_the_first_documents_in_path_order(write_spec, tmp_path) -> None:
+    texts = write_texts(tmp_path)
+    spec = moecompose.load_spec(nexus_spec(write_spec, DOMAINS)).with_(
+        {"domains.law.max_docs": 2, "domains.law.max_tokens": 5})
+    law = moecompose.plan(spec).domains["law"]
+    assert law["documents"] == [str(p.resolve()) for p in texts["law"][:2]]
+    assert law["matched"] == 3 and law["max_tokens"] == 5
+
+
 def test_merge_can_leave_the_seed_out(write_spec, tmp_path, sources) -> None:
     write_texts(tmp_path)
     spec = nexus_spec(write_spec, DOMAINS, merge="{weights: {code: 1, law: 1, math: 1}}")

@@ -103,6 +103,12 @@ def test_subcommand_help_mentions_its_options(command: str) -> None:
             assert param.human_readable_name in result.output
 
 
+def test_readme_command_table_lists_every_command() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for name in main.commands:
+        assert f"`moecompose {name}" in readme, name
+
+
 def test_short_help_flag() -> None:
     assert invoke("-h").exit_code == 0
 
