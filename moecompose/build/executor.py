@@ -90,7 +90,11 @@ def write_atomically(out: Path, fill: Callable[[Path], T]) -> T:
 
 def check_target(plan: Plan, out: Path, force: bool) -> None:
     """Refuse an output that overlaps a source, exists (without ``force``), or is not ours."""
-    sources = {f"source '{name}'": Path(src["path"]) for name, src in plan.sources.items()}
+    sources = {
+        "the artifact it extends" if src.get("kind") == "artifact" else f"source '{name}'":
+            Path(src["path"])
+        for name, src in plan.sources.items()
+    }
     check_output(Path(out), force, sources)
 
 
