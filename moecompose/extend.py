@@ -127,7 +127,10 @@ def extend_plan(artifact: str | Path, expert: NewExpert, *, lam: float | None = 
         spec={**new.spec, "name": f"{base.name}+{expert.name}", "merge": recorded["merge"],
               "output": recorded["output"],
               **({"domains": recorded["domains"]} if "domains" in recorded else {})},
-        domains={**base.domains, **{k: v for k, v in new.domains.items() if k == expert.name}},
+        # Existing domains are read back from the artifact's domains.safetensors; the
+        # provenance they were first made with is kept under "from".
+        domains={name: {**d, "from": base.domains[name]} if name in base.domains else d
+                 for name, d in new.domains.items()},
         derivations=(*base.derivations, derivation),
     )
 

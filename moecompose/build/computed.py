@@ -73,9 +73,7 @@ def compute(plan: Plan, lookup: Lookup) -> Computed:
     tensors a prompt row's norm is matched to."""
     out = Computed()
     prompt_parts = [
-        (tensor.name, part)
-        for tensor in plan.tensors
-        for part in tensor.recipe.parts
+        part for tensor in plan.tensors for part in tensor.recipe.parts
         if part.op == "prompt_state"
     ]
     if not plan.domains and not prompt_parts:
@@ -84,7 +82,7 @@ def compute(plan: Plan, lookup: Lookup) -> Computed:
     models = _Models(plan)
     for name, provenance in plan.domains.items():
         out.domains[name] = _domain(name, provenance, models, cache)
-    _prompt_rows([p for _, p in prompt_parts], models, cache, lookup, out)
+    _prompt_rows(prompt_parts, models, cache, lookup, out)
     out.warnings.extend(_parallel_rows(plan, out))
     return out
 
