@@ -86,6 +86,12 @@ def extend_plan(artifact: str | Path, expert: NewExpert, *, lam: float | None = 
         raise BuildError(f"--lam {lam:g} is outside [0, 1]",
                          hint="lam is the new expert's share of the merged tensors")
     kinds = _add_expert(spec_data, expert)
+    if "nexus" in kinds and base.format != "native":
+        raise SpecError(
+            f"{artifact} is a {base.format} export: its nexus routers were baked into linear "
+            "gates, without the projection and domain embeddings extend keeps",
+            hint="extend a native build of the spec (output: {format: native})",
+        )
     spec_data["sources"][expert.name] = str(expert.path.resolve())
     merged = {n: (1 - lam) * w for n, w in weights.items()} | {expert.name: lam}
     uniform = all(math.isclose(w, lam) for w in merged.values())

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import weights
+from helpers import hf_logits, our_logits, weights
 from safetensors.torch import load_file, save_file
 
 import moecompose
@@ -156,6 +156,24 @@ def test_max_docs_takes_the_first_documents_in_path_order(write_spec, tmp_path) 
     law = moecompose.plan(spec).domains["law"]
     assert law["documents"] == [str(p.resolve()) for p in texts["law"][:2]]
     assert law["matched"] == 3 and law["max_tokens"] == 5
+
+
+def test_nexus_exported_as_qwen2_moe_gives_the_native_logits_in_transformers(
+    write_spec, tmp_path, sources
+) -> None:
+    write_texts(tmp_path)
+    spec = moecompose.load_spec(nexus_spec(write_spec, DOMAINS))
+    native = moecompose.build(spec, tmp_path / "native").path
+    plan = moecompose.plan(spec.with_(output={"format": "qwen2_moe"}))
+    assert plan.format == "qwen2_moe"
+    assert any("baked into a linear gate" in w for w in plan.warnings)
+    exported = moecompose.build(plan, tmp_path / "qwen").path
+    torch.testing.assert_close(hf_logits(exported, "Qwen2MoeForCausalLM"), our_logits(native),
+                               rtol=0, atol=1e-5)
+    with pytest.raises(SpecError, match="qwen2_moe export: its nexus routers were baked"):
+        moecompose.extend(exported, tmp_path / "ext", expert="more", source=sources["code"],
+                          domain_texts=str(tmp_path / "data/math/*.txt"))
+    assert not (tmp_path / "ext").exists()
 
 
 def test_merge_can_leave_the_seed_out(write_spec, tmp_path, sources) -> None:

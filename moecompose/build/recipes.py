@@ -43,6 +43,9 @@ def _produce(
         for part in recipe.parts:
             yield from _produce(part, shape[1:], dtype, lookup, computed)
         return
+    if recipe.op == "nexus_gate":
+        yield _nexus_gate(recipe, shape, computed).to(dtype)
+        return
     if recipe.op in COMPUTED_OPS:
         value = computed(recipe)
         if tuple(value.shape) != shape:
@@ -114,6 +117,17 @@ def _init(recipe: Recipe, shape: tuple[int, ...], dtype: torch.dtype) -> torch.T
         return ((values * 2 - 1) * bound).to(dtype)
     values = torch.randn(shape, generator=_generator(recipe.args["seed"]), dtype=torch.float32)
     return (values * recipe.args["std"]).to(dtype)
+
+
+def _nexus_gate(recipe: Recipe, shape: tuple[int, ...], computed: Computed) -> torch.Tensor:
+    """Nexus expert embeddings ``(silu(z[:, :d]) * z[:, d:]) @ W2.T``, ``z = dom @ W1.T``,
+    with W1, W2 drawn exactly as the native build draws them."""
+    dom = torch.stack([computed(part) for part in recipe.parts])  # [n, m]
+    d = shape[1]
+    w1 = _init(Recipe("init", args=recipe.args["w1"]), (2 * d, dom.shape[1]), torch.float32)
+    w2 = _init(Recipe("init", args=recipe.args["w2"]), (d, d), torch.float32)
+    a, b = (dom @ w1.T).split(d, dim=-1)
+    return (torch.nn.functional.silu(a) * b) @ w2.T
 
 
 def drop_indices(n: int, rate: float, seed: int) -> torch.Tensor:

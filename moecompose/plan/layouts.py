@@ -91,14 +91,22 @@ class MoEShape:
     z_loss: float
 
 
-def blockers(fmt: str, arch: ArchFacts, moe: MoEShape) -> list[str]:
-    """Why ``fmt`` cannot express the model exactly; empty when it can."""
+def blockers(fmt: str, arch: ArchFacts, moe: MoEShape, *, asked: bool = False) -> list[str]:
+    """Why ``fmt`` cannot express the model exactly; empty when it can.
+
+    A Nexus router's expert embeddings do not depend on the input, so at build time it is
+    a linear gate: Qwen2-MoE expresses it when ``asked`` for by name (the projection that
+    training and ``moecompose extend`` need is then baked in; ``auto`` keeps it native).
+    """
     if fmt == "native":
         return []
     out: list[str] = []
     for kind in sorted(moe.unexpressible):
+        if kind == "nexus" and fmt == "qwen2_moe" and asked:
+            continue
         out.append({"adapters": "adapter experts", "token_mixing": "token mixing",
-                    "nexus": "the nexus router"}.get(kind, kind))
+                    "nexus": "the nexus router (format: qwen2_moe bakes it into a linear gate)",
+                    }.get(kind, kind))
     if moe.attention_layers:
         out.append(f"attention experts (layers {ranges(moe.attention_layers)})")
     if moe.block != "sequential":

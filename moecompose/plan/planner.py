@@ -70,7 +70,7 @@ def choose_format(resolved: Resolved, shape: MoEShape) -> tuple[str, str]:
     """(format, why) for the spec's ``output.format``; an impossible request is an error."""
     asked = resolved.spec.output.format
     if asked != "auto":
-        why_not = blockers(asked, resolved.arch, shape)
+        why_not = blockers(asked, resolved.arch, shape, asked=True)
         if why_not:
             raise SpecError(
                 f"format '{asked}' cannot express this model: {'; '.join(why_not)}",
@@ -198,6 +198,23 @@ class _Planner:
         """A domain's embedding; how it is made is recorded once, in ``Plan.domains``."""
         return Recipe("domain", args={"name": name})
 
+    def nexus_projection(self, i: int, m: int) -> list[tuple[str, tuple[int, int], Recipe]]:
+        """(name, shape, init recipe) of W1 [2d, m] and W2 [d, d] of layer ``i``."""
+        d = self.r.arch.hidden_size
+        return [
+            (name.format(i=i), shape, Recipe("init", args={
+                "init": "normal", "std": std, "seed": derive_seed(self.seed, "nexus", tag, i)}))
+            for tag, name, shape, std in (("w1", NEXUS_W1, (2 * d, m), m**-0.5),
+                                          ("w2", NEXUS_W2, (d, d), 1 / d))
+        ]
+
+    def nexus_gate(self, i: int, mix: FFNMixture) -> Recipe:
+        """The expert embeddings ``e = W2 . SwiGLU(W1 . dom)`` [n, d] as a linear gate."""
+        m = self.r.domains[mix.experts[0].source].width
+        (_, _, w1), (_, _, w2) = self.nexus_projection(i, m)
+        parts = tuple(self.domain_recipe(e.source) for e in mix.experts)
+        return Recipe("nexus_gate", args={"w1": w1.args, "w2": w2.args}, parts=parts)
+
     def nexus_router(self, i: int, mix: FFNMixture) -> None:
         """Domain embeddings [n, m] (frozen) and the projection W1 [2d, m], W2 [d, d].
 
@@ -206,16 +223,12 @@ class _Planner:
         (not per expert count), so a model extended by one expert keeps the projection it
         would have been built with.
         """
-        d, n = self.r.arch.hidden_size, len(mix.experts)
+        n = len(mix.experts)
         m = self.r.domains[mix.experts[0].source].width
         parts = tuple(self.domain_recipe(e.source) for e in mix.experts)
         self.add(NEXUS_DOMAINS.format(i=i), (n, m), Recipe("stack", parts=parts), "domains", i)
-        for tag, name, shape, std in (("w1", NEXUS_W1, (2 * d, m), m**-0.5),
-                                      ("w2", NEXUS_W2, (d, d), 1 / d)):
-            seed = derive_seed(self.seed, "nexus", tag, i)
-            self.add(name.format(i=i), shape,
-                     Recipe("init", args={"init": "normal", "std": std, "seed": seed}),
-                     "router", i, active=0.0)  # runs once per forward, not per token
+        for name, shape, recipe in self.nexus_projection(i, m):
+            self.add(name, shape, recipe, "router", i, active=0.0)  # once per forward
 
     def prompt_rows(self, i: int, mix: FFNMixture, init: PromptInit) -> Recipe:
         """Router rows from the hidden states at layer ``i``'s input (docs/spec.md)."""
@@ -236,8 +249,10 @@ class _Planner:
         d = self.r.arch.hidden_size
         n = len(mix.experts)
         router = mix.router
-        if isinstance(router, NexusRouter):
+        if isinstance(router, NexusRouter) and self.layout.name == "native":
             self.nexus_router(i, mix)
+        elif isinstance(router, NexusRouter):  # a Hugging Face gate: the projection baked in
+            self.add(self.layout.router.format(i=i), (n, d), self.nexus_gate(i, mix), "router", i)
         else:
             recipe = (self.prompt_rows(i, mix, router.init)
                       if isinstance(router.init, PromptInit)
@@ -352,8 +367,10 @@ class _Planner:
             else:
                 router_cfg = {"kind": mix.router.kind, "k": mix.router.k,
                               "normalize": mix.router.normalize}
-                if isinstance(mix.router, NexusRouter):
+                if isinstance(mix.router, NexusRouter) and self.layout.name == "native":
                     router_cfg["domain_dim"] = self.r.domains[mix.experts[0].source].width
+                elif isinstance(mix.router, NexusRouter):  # baked into a linear gate
+                    router_cfg["kind"] = "topk"
             aux = {"load_balance": mix.aux_loss.load_balance, "z_loss": mix.aux_loss.z_loss}
             if mix.adapters is not None:
                 a = mix.adapters
@@ -396,10 +413,11 @@ class _Planner:
             if len(t.shape) >= 2 and t.group != "embeddings"
         )
         # Nexus expert embeddings [n, d] act as a router weight for every token.
-        matmul += sum(
-            len(layer.ffn.experts) * arch.hidden_size for layer in self.r.layers
-            if layer.ffn is not None and isinstance(layer.ffn.router, NexusRouter)
-        )
+        if self.layout.name == "native":  # (a baked gate is a planned tensor already)
+            matmul += sum(
+                len(layer.ffn.experts) * arch.hidden_size for layer in self.r.layers
+                if layer.ffn is not None and isinstance(layer.ffn.router, NexusRouter)
+            )
         head = arch.vocab_size * arch.hidden_size  # lm_head (tied or not); the lookup is free
         ctx = min(FLOPS_CONTEXT, arch.max_position_embeddings)
         kv_row = 2 * arch.num_key_value_heads * arch.head_dim * ITEMSIZE[self.dtype]
@@ -472,6 +490,13 @@ def plan(resolved: Resolved) -> Plan:
         # Trainability is recorded under HF names too; the loader reads it from here.
         config["moecompose"]["trainable"] = native["trainable"]
     first = next(iter(resolved.sources.values()))
+    warnings = list(resolved.warnings)
+    if fmt != "native" and "nexus" in shape.unexpressible:
+        warnings.append(
+            f"format {fmt}: each nexus router is baked into a linear gate (its expert "
+            "embeddings at build time); the projection and domain embeddings are not stored, "
+            "so the model cannot be extended or trained the Nexus way"
+        )
     return Plan(
         name=resolved.name,
         format=fmt,
@@ -487,7 +512,7 @@ def plan(resolved: Resolved) -> Plan:
         spec=normalised_spec(resolved),
         totals=planner.totals(),
         layers=tuple(planner.rows),
-        warnings=tuple(resolved.warnings),
+        warnings=tuple(warnings),
         domains={name: _provenance(domain) for name, domain in resolved.domains.items()},
     )
 

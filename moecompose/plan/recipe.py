@@ -11,6 +11,9 @@ Recipe ops (``Recipe.op``):
                 ``constant`` (``value``) or ``zeros``
 * ``domain``    [m]: the embedding of domain ``name``, made as ``Plan.domains[name]``
                 records (embedded texts or a stored vector)
+* ``nexus_gate``    [n, d]: Nexus expert embeddings ``W2 . SwiGLU(W1 . dom)`` from the
+                domain ``parts``, W1 and W2 drawn as the ``init`` args ``w1``, ``w2`` say
+                (a Nexus router baked into a Hugging Face gate)
 * ``prompt_state``  [d]: the mean hidden state at the input of ``layer`` of model ``source``
                 over ``prompts``, minus that over ``negative``, L2-normalised
 * ``drop``      copy of one input whose neurons ``drop_rows``/``drop_cols`` (chosen by
@@ -82,6 +85,8 @@ class Recipe:
             return f"drop({names}, {self.args['rate']:g})"
         if self.op == "domain":
             return f"domain({self.args['name']})"
+        if self.op == "nexus_gate":
+            return f"nexus_gate({', '.join(p.args['name'] for p in self.parts)})"
         if self.op == "prompt_state":
             what = "documents" if "documents" in self.args else "prompts"
             count = len(self.args[what])
