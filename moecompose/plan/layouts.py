@@ -134,8 +134,9 @@ def blockers(fmt: str, arch: ArchFacts, moe: MoEShape, *, asked: bool = False) -
     return out
 
 
-def _common(arch: ArchFacts, dtype: str) -> dict[str, Any]:
-    out: dict[str, Any] = {
+def _arch_fields(arch: ArchFacts) -> dict[str, Any]:
+    """Fields every output config has, with the meaning Hugging Face gives them."""
+    return {
         "vocab_size": arch.vocab_size,
         "hidden_size": arch.hidden_size,
         "num_hidden_layers": arch.num_hidden_layers,
@@ -148,13 +149,14 @@ def _common(arch: ArchFacts, dtype: str) -> dict[str, Any]:
         "rope_scaling": arch.rope_scaling,
         "max_position_embeddings": arch.max_position_embeddings,
         "tie_word_embeddings": arch.tie_word_embeddings,
-        "initializer_range": arch.initializer_range,
         "bos_token_id": arch.bos_token_id,
         "eos_token_id": arch.eos_token_id,
         "pad_token_id": arch.pad_token_id,
-        "dtype": dtype,
     }
-    return out
+
+
+def _common(arch: ArchFacts, dtype: str) -> dict[str, Any]:
+    return {**_arch_fields(arch), "initializer_range": arch.initializer_range, "dtype": dtype}
 
 
 def native_base(arch: ArchFacts, family: str, block: str, dtype: str) -> dict[str, Any]:
@@ -165,25 +167,11 @@ def native_base(arch: ArchFacts, family: str, block: str, dtype: str) -> dict[st
         "architectures": ["MoECausalLM"],
         "moecompose_format": 1,
         "family": family,
-        "vocab_size": arch.vocab_size,
-        "hidden_size": arch.hidden_size,
+        **_arch_fields(arch),
         "intermediate_size": arch.intermediate_size,
-        "num_hidden_layers": arch.num_hidden_layers,
-        "num_attention_heads": arch.num_attention_heads,
-        "num_key_value_heads": arch.num_key_value_heads,
-        "head_dim": arch.head_dim,
-        "hidden_act": arch.hidden_act,
-        "rms_norm_eps": arch.rms_norm_eps,
-        "rope_theta": arch.rope_theta,
-        "rope_scaling": arch.rope_scaling,
-        "max_position_embeddings": arch.max_position_embeddings,
-        "tie_word_embeddings": arch.tie_word_embeddings,
         "attention_bias": arch.attention_bias,
         "block": block,
         "dtype": dtype,
-        "bos_token_id": arch.bos_token_id,
-        "eos_token_id": arch.eos_token_id,
-        "pad_token_id": arch.pad_token_id,
     }
 
 
