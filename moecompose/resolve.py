@@ -25,6 +25,7 @@ from moecompose.spec.schema import (
     AdapterExperts,
     AuxLoss,
     CopyExperts,
+    Domain,
     LayerRange,
     MergeFrom,
     MergeWeights,
@@ -182,54 +183,58 @@ def _needs_tokenizer(spec: Spec, ckpt: Checkpoint, at: DataPath, what: str) -> N
 
 def _domains(spec: Spec, sources: dict[str, Checkpoint]) -> dict[str, ResolvedDomain]:
     """Expand text globs, fingerprint what will be embedded, and check every width."""
-    out: dict[str, ResolvedDomain] = {}
     embedder = sources[spec.embed_with] if spec.embed_with is not None else None
+    out: dict[str, ResolvedDomain] = {}
     for name, domain in (spec.domains or {}).items():
-        if domain.texts is not None:
-            at: DataPath = ("domains", name, "texts")
-            assert embedder is not None  # check_spec requires embed_with for texts
-            _needs_tokenizer(spec, embedder, ("embed_with",), "embedding domain texts")
-            try:
-                matched = documents(_spec_path(spec, domain.texts))
-            except VectorFileError as exc:
-                raise SourceError(str(exc), location=spec.origin.locate(at), hint=exc.hint) from None
-            if not matched:
-                raise SpecError(
-                    f"domain '{name}': texts {domain.texts!r} match no file",
-                    location=spec.origin.locate(at),
-                    hint="check the glob; it is relative to the spec's folder (use ** to recurse)",
-                )
-            files = tuple(matched[: domain.max_docs])
-            empty = [f for f in files if f.stat().st_size == 0]
-            if empty:
-                raise SpecError(
-                    f"domain '{name}': document {empty[0]} is empty",
-                    location=spec.origin.locate(at),
-                    hint="fill it or remove it; every document is averaged with equal weight",
-                )
-            try:
-                fingerprint = files_fingerprint(files)
-            except VectorFileError as exc:
-                raise SourceError(str(exc), location=spec.origin.locate(at), hint=exc.hint) from None
-            out[name] = ResolvedDomain(
-                name, "texts", files, fingerprint, embedder.arch.hidden_size, len(matched),
-                embedder.name, domain.max_tokens,
-            )
-        else:
-            assert domain.embedding is not None
-            at = ("domains", name, "embedding")
-            path = _spec_path(spec, domain.embedding).resolve()
-            try:
-                width = embedding_width(path, domain.key)
-                fingerprint = files_fingerprint((path,))
-            except VectorFileError as exc:
-                raise SourceError(
-                    f"domain '{name}': {exc}", location=spec.origin.locate(at), hint=exc.hint
-                ) from None
-            out[name] = ResolvedDomain(name, "embedding", (path,), fingerprint, width, key=domain.key)
+        at: DataPath = ("domains", name, "texts" if domain.texts is not None else "embedding")
+        try:
+            if domain.texts is not None:
+                assert embedder is not None  # check_spec requires embed_with for texts
+                out[name] = _text_domain(spec, name, domain, embedder, at)
+            else:
+                out[name] = _stored_domain(spec, name, domain)
+        except VectorFileError as exc:  # a file that cannot be read
+            raise SourceError(
+                f"domain '{name}': {exc}", location=spec.origin.locate(at), hint=exc.hint
+            ) from None
     if out:
         _check_domain_widths(spec, out, embedder)
     return out
+
+
+def _text_domain(
+    spec: Spec, name: str, domain: Domain, embedder: Checkpoint, at: DataPath
+) -> ResolvedDomain:
+    assert domain.texts is not None
+    _needs_tokenizer(spec, embedder, ("embed_with",), "embedding domain texts")
+    matched = documents(_spec_path(spec, domain.texts))
+    if not matched:
+        raise SpecError(
+            f"domain '{name}': texts {domain.texts!r} match no file",
+            location=spec.origin.locate(at),
+            hint="check the glob; it is relative to the spec's folder (use ** to recurse)",
+        )
+    files = tuple(matched[: domain.max_docs])
+    empty = [f for f in files if f.stat().st_size == 0]
+    if empty:
+        raise SpecError(
+            f"domain '{name}': document {empty[0]} is empty",
+            location=spec.origin.locate(at),
+            hint="fill it or remove it; every document is averaged with equal weight",
+        )
+    return ResolvedDomain(
+        name, "texts", files, files_fingerprint(files), embedder.arch.hidden_size,
+        len(matched), embedder.name, domain.max_tokens,
+    )
+
+
+def _stored_domain(spec: Spec, name: str, domain: Domain) -> ResolvedDomain:
+    assert domain.embedding is not None
+    path = _spec_path(spec, domain.embedding).resolve()
+    width = embedding_width(path, domain.key)
+    return ResolvedDomain(
+        name, "embedding", (path,), files_fingerprint((path,)), width, key=domain.key
+    )
 
 
 def _check_domain_widths(

@@ -1,9 +1,11 @@
 """Tensors a plan makes by running a model rather than by arithmetic on weights: domain
 embeddings of texts (Nexus) and router rows from prompts.
 
-Each source model is loaded at most once per build, and only when a result is not in the
-on-disk cache (keyed by the source's weights, the documents' contents and the settings),
-so a rebuild does not run the model again unless something it depends on changed.
+A source's metadata and tokenizer are read once per build; each set of texts (a domain's
+documents, an expert's prompts) then streams the model's layers once, and only when its
+result is not in the on-disk cache (keyed by the source's weights, the texts' contents
+and the settings), so a rebuild does not run the model again unless something it depends
+on changed.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ class Computed:
 
 
 class _Models:
-    """Source models, loaded on first use."""
+    """Source models (metadata and tokenizer), opened on first use."""
 
     def __init__(self, plan: Plan) -> None:
         self.paths = {name: Path(src["path"]) for name, src in plan.sources.items()}
