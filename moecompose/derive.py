@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +63,8 @@ def transition(artifact: str | Path, out: str | Path, *, force: bool = False) ->
         save_file(dict(sorted(state.items())), tmp / "model.safetensors", metadata={"format": "pt"})
         files["model.safetensors"] = sha256_file(tmp / "model.safetensors")
         files["config.json"] = write_text(tmp / "config.json", json.dumps(new_config, indent=2) + "\n")
-        data = plan.to_data()
-        data["config"] = new_config
-        data["derivations"] = [*data.get("derivations", []), derivation]
-        files["plan.json"] = write_text(tmp / "plan.json", json.dumps(data, indent=1) + "\n")
+        derived = replace(plan, config=new_config, derivations=(*plan.derivations, derivation))
+        files["plan.json"] = write_text(tmp / "plan.json", derived.to_json())
         files["spec.yaml"] = write_text(
             tmp / "spec.yaml", yaml.safe_dump(spec, sort_keys=False, default_flow_style=None, width=100)
         )
