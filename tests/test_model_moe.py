@@ -7,7 +7,7 @@ import torch
 
 from moecompose.model.config import AuxLossSpec, MoEFFNSpec, SharedExpertSpec, TopKRouterSpec
 from moecompose.model.grouped_swiglu import _grouped_swiglu, _grouped_swiglu_inference
-from moecompose.model.moe import MoEFFN, expert_counts
+from moecompose.model.moe import MoEFFN, expert_counts, expert_slices
 
 DIM, HIDDEN = 16, 24
 
@@ -224,3 +224,22 @@ def test_grouped_dispatch_in_bfloat16_is_close_to_loop() -> None:
         fast, reference = grouped(x)[0], loop(x)[0]
     assert fast.dtype == torch.bfloat16
     torch.testing.assert_close(fast.float(), reference.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_expert_slices_are_one_unbind_per_stacked_tensor() -> None:
+    """Each expert's views equal `t[e]` (None stays None), and the slices of one tensor
+    hang off a single unbind node, so backward stacks E gradients once instead of
+    zero-filling a whole-stack gradient for every expert."""
+    torch.manual_seed(0)
+    gate = torch.randn(4, 3, 2, requires_grad=True)
+    down = torch.randn(4, 2, 3, requires_grad=True)
+    slices = expert_slices(gate, None, down)
+    assert len(slices) == 4
+    for e, (g, missing, d) in enumerate(slices):
+        assert missing is None
+        assert torch.equal(g, gate[e]) and torch.equal(d, down[e])
+    assert len({id(g.grad_fn) for g, _, _ in slices}) == 1
+    assert type(slices[0][0].grad_fn).__name__ == "UnbindBackward0"
+    sum((g * (e + 1)).sum() + d.sum() for e, (g, _, d) in enumerate(slices)).backward()
+    assert torch.equal(gate.grad, torch.arange(1.0, 5.0)[:, None, None].expand(4, 3, 2))
+    assert torch.equal(down.grad, torch.ones(4, 2, 3))

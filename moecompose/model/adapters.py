@@ -26,7 +26,14 @@ from torch import Tensor, nn
 
 from moecompose.model.config import AdapterFFNSpec
 from moecompose.model.grouped_swiglu import _spans
-from moecompose.model.moe import DISPATCHES, Dispatch, TopKRouter, expert_counts, weighted_aux_loss
+from moecompose.model.moe import (
+    DISPATCHES,
+    Dispatch,
+    TopKRouter,
+    expert_counts,
+    expert_slices,
+    weighted_aux_loss,
+)
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,  # exact (erf) GELU, as torch.nn.GELU()
@@ -147,10 +154,10 @@ class GroupedAdapters(nn.Module):
     def _loop(self, u: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
         out = torch.zeros_like(u)  # [T, d]
         mask = F.one_hot(indices, self.num_experts).permute(2, 1, 0)  # [E, k, T]
-        for e in range(self.num_experts):
+        for e, (down, up) in enumerate(expert_slices(self.down_proj, self.up_proj)):
             slot, token = torch.where(mask[e])
-            h = self._hidden(F.linear(u[token], self.down_proj[e]))  # [n, r]
-            a = F.linear(h, self.up_proj[e])  # [n, d]
+            h = self._hidden(F.linear(u[token], down))  # [n, r]
+            a = F.linear(h, up)  # [n, d]
             out.index_add_(0, token, a * (weights[token, slot, None] * self.scale))
         return out
 

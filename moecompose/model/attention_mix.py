@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from moecompose.model.cache import LayerKV
 from moecompose.model.config import MoAAttentionSpec, TopKRouterSpec
+from moecompose.model.moe import expert_slices
 from moecompose.model.parts import apply_rotary, attend, merge_heads, split_heads
 
 AttentionImpl = Literal["fused", "loop"]
@@ -95,10 +96,6 @@ class AttentionExperts(nn.Module):
 def _flat(t: Tensor | None) -> Tensor | None:
     """Stacked [E, n, ...] -> [E*n, ...]: all experts as one projection."""
     return None if t is None else t.flatten(0, 1)
-
-
-def _row(t: Tensor | None, e: int) -> Tensor | None:
-    return None if t is None else t[e]
 
 
 class MixtureOfAttention(nn.Module):
@@ -210,6 +207,9 @@ class MixtureOfAttention(nn.Module):
     ) -> Tensor:
         E, h, kv = self.num_experts, self.n_heads, self.n_kv_heads
         ex = self.experts
+        experts = expert_slices(
+            ex.q_proj, ex.q_bias, ex.o_proj, ex.k_proj, ex.k_bias, ex.v_proj, ex.v_bias
+        )
         if self.shared_kv:
             assert self.k_proj is not None and self.v_proj is not None
             k = apply_rotary(split_heads(self.k_proj(x), kv), cos, sin)  # [B, kv, S, dh]
@@ -220,16 +220,16 @@ class MixtureOfAttention(nn.Module):
         else:
             assert ex.k_proj is not None and ex.v_proj is not None
             keys, values = [], []
-            for e in range(E):
-                k = F.linear(x, ex.k_proj[e], _row(ex.k_bias, e))
+            for *_, k_proj, k_bias, v_proj, v_bias in experts:
+                k = F.linear(x, k_proj, k_bias)
                 keys.append(apply_rotary(split_heads(k, kv), cos, sin))  # [B, kv, S, dh]
-                values.append(split_heads(F.linear(x, ex.v_proj[e], _row(ex.v_bias, e)), kv))
+                values.append(split_heads(F.linear(x, v_proj, v_bias), kv))
             if cache is not None:
                 k, v = cache.update(torch.cat(keys, dim=1), torch.cat(values, dim=1))
                 keys, values = list(k.chunk(E, dim=1)), list(v.chunk(E, dim=1))
         y = torch.zeros_like(x)
-        for e in range(E):
-            q = split_heads(F.linear(x, ex.q_proj[e], _row(ex.q_bias, e)), h)  # [B, h, S, dh]
+        for e, (q_proj, q_bias, o_proj, *_) in enumerate(experts):
+            q = split_heads(F.linear(x, q_proj, q_bias), h)  # [B, h, S, dh]
             o = attend(apply_rotary(q, cos, sin), keys[e], values[e], mask)
-            y = y + weights[..., e, None] * F.linear(merge_heads(o), ex.o_proj[e])
+            y = y + weights[..., e, None] * F.linear(merge_heads(o), o_proj)
         return y

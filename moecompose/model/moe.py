@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -106,6 +106,18 @@ def weighted_aux_loss(logits: Tensor, counts: Tensor, load_balance: float, z_los
     return loss
 
 
+def expert_slices(*stacked: Tensor | None) -> list[tuple[Any, ...]]:
+    """Each expert's views of stacked [E, ...] tensors: entry e is `(t[e] for t in stacked)`
+    (None stays None).
+
+    One `unbind` per tensor, whose backward stacks the E gradients into one [E, ...]
+    tensor; indexing `t[e]` for every e instead gives each slice's backward a zero-filled
+    gradient of the whole stack, E times the work and memory of the weights."""
+    count = next(t.shape[0] for t in stacked if t is not None)
+    columns = [[None] * count if t is None else t.unbind(0) for t in stacked]
+    return list(zip(*columns, strict=True))
+
+
 def swiglu_loop(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
     """One expert's SwiGLU: x [n, d], gate/up [f, d], down [d, f] -> [n, d]."""
     return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
@@ -147,9 +159,10 @@ class GroupedExperts(nn.Module):
     def _loop(self, x: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
         out = torch.zeros_like(x)  # [T, d]
         mask = F.one_hot(indices, self.num_experts).permute(2, 1, 0)  # [E, k, T]
-        for e in range(self.num_experts):
+        experts = expert_slices(self.gate_proj, self.up_proj, self.down_proj)
+        for e, (gate, up, down) in enumerate(experts):
             slot, token = torch.where(mask[e])
-            y = swiglu_loop(x[token], self.gate_proj[e], self.up_proj[e], self.down_proj[e])
+            y = swiglu_loop(x[token], gate, up, down)
             out.index_add_(0, token, y * weights[token, slot, None])
         return out
 
