@@ -1,8 +1,10 @@
-"""Helpers shared by the end-to-end tests: logits from transformers and from moecompose."""
+"""Helpers shared by the tests: logits from transformers and from moecompose, gradients."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -31,3 +33,14 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     for file in sorted(path.glob("*.safetensors")):
         out.update(load_file(file))
     return out
+
+
+def training_grads(
+    run: Callable[[torch.Tensor], Any], model: torch.nn.Module, x: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Gradients of `model`'s parameters after one step of a fixed loss on `run(x)` (the
+    model itself or a compiled form of it): every parameter that receives one."""
+    model.zero_grad()
+    out = run(x)
+    (out.logits.square().mean() + out.aux_loss).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

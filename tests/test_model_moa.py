@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 import torch._dynamo
+from helpers import training_grads
 from torch._dynamo.utils import counters
 
 from moecompose.model import MoECausalLM, compile_model
@@ -427,6 +428,23 @@ def test_compiled_mixture_of_attention_does_not_recompile(block: str) -> None:
             out = compiled(x)
             assert counters["stats"]["unique_graphs"] == 1, f"recompiled at {batch}x{seq}"
             torch.testing.assert_close(out.logits, model(x).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+@needs_shapes_spec
+@pytest.mark.parametrize("block", ["sequential", "parallel"])
+def test_compiled_mixture_of_attention_training_matches_eager(block: str) -> None:
+    """Training through `compile_model`: eager's gradients, one graph for every shape."""
+    model = mixed_model(block)
+    compiled = compile_model(model)
+
+    for batch, seq in [(2, 7), (1, 1), (3, 64)]:
+        x = ids(batch, seq, seed=batch + seq)
+        fast, slow = training_grads(compiled, model, x), training_grads(model, model, x)
+        assert counters["stats"]["unique_graphs"] == 1, f"recompiled at {batch}x{seq}"
+        assert fast.keys() == slow.keys() and "model.layers.1.self_attn.k_proj.bias" in slow
+        for name in slow:
+            torch.testing.assert_close(fast[name], slow[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 @pytest.mark.slow

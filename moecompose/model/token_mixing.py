@@ -15,7 +15,9 @@ A batch that is not a multiple of G is padded with zero rows whose logits are -i
 their weight is 0 and the real rows come out as without padding; no group is padding only.
 A group with one real row gives that row weight 1 for every expert: it receives
 `sum_e expert_e(x)`. Every expert runs once per group and position (`E / G` expert
-evaluations per token): one GEMM chain per expert over all groups and positions.
+evaluations per token): one GEMM chain per expert over all groups and positions, inside
+the grouped SwiGLU op that token-choice layers use (whose backward writes each expert's
+weight gradients in place, never a zero-filled copy of the whole stack per expert).
 
 `transition_to_topk` turns the mixing layers into top-1 token-choice MoE layers for
 inference on single sequences (the paper's transition to sparse, followed by a short
@@ -33,11 +35,42 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moecompose.model.config import MoEFFNSpec, TokenMixingRouterSpec, TopKRouterSpec
-from moecompose.model.moe import Dispatch, GroupedExperts, MoEFFN, swiglu_loop
+from moecompose.model.grouped_swiglu import grouped_swiglu
+from moecompose.model.moe import Dispatch, GroupedExperts, MoEFFN
 from moecompose.model.parts import SwiGLU
 
 if TYPE_CHECKING:
     from moecompose.model.causal_lm import MoECausalLM
+
+
+@torch.library.custom_op("moecompose::batch_major", mutates_args=())
+def batch_major(y: Tensor, batch: int) -> Tensor:
+    """Position-major rows [S, P, d] (P >= batch, padding last) -> the first `batch`
+    rows as a contiguous [batch, S, d].
+
+    A plain `transpose(0, 1).contiguous()` does the same; as an opaque op its output
+    layout is fixed, so Inductor cannot give the residual sum that consumes it the
+    transposed layout of this input. Under `compile_model` (unbacked B and S) that layout
+    change would not reach the backward graph, whose saved-activation strides would then
+    be wrong."""
+    return y.new_empty(batch, y.shape[0], y.shape[2]).copy_(y[:, :batch].transpose(0, 1))
+
+
+@batch_major.register_fake
+def _(y: Tensor, batch: int) -> Tensor:
+    return y.new_empty(batch, y.shape[0], y.shape[2])
+
+
+def _batch_major_setup(ctx: Any, inputs: tuple[Tensor, int], output: Tensor) -> None:
+    ctx.rows = inputs[0].shape[1]
+
+
+def _batch_major_backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+    """[batch, S, d] -> [S, P, d], zero for the padding rows."""
+    return F.pad(grad.transpose(0, 1), (0, 0, 0, ctx.rows - grad.shape[0])), None
+
+
+batch_major.register_autograd(_batch_major_backward, setup_context=_batch_major_setup)
 
 
 class TokenMixingRouter(nn.Module):
@@ -91,12 +124,9 @@ class TokenMixingFFN(nn.Module):
         `bmm`s over M whose matrices have static sizes (G, E, d), and each expert runs once
         on its M mixed tokens. Under `compile_model` B and S are unbacked sizes: a `bmm`
         over experts (Inductor tests `rows == 1`) or one reshape that splits and merges at
-        once (`[S, n*G] -> [S*n, G]`) would not compile, hence the shapes here.
-
-        Known limit: the forward compiles once for every batch and length, but the
-        backward of a `compile_model` graph fails in Inductor (a saved activation gets a
-        different layout than the traced one); train compiled with
-        `torch.compile(model, fullgraph=True, dynamic=True)`, which works."""
+        once (`[S, n*G] -> [S*n, G]`) would not compile, hence the shapes here; the
+        result goes back to [B, S, d] through `batch_major`, so forward and backward
+        compile once for every batch and length."""
         B, S, d = x.shape
         G = self.router.group_size
         n = (B + G - 1) // G
@@ -106,16 +136,17 @@ class TokenMixingFFN(nn.Module):
         real = (torch.arange(n * G, device=x.device) < B).view(n, G).repeat(S, 1)  # [M, G]
         w = self.router(padded, real).to(x.dtype)  # [M, G, E]
         mixed = torch.bmm(w.transpose(1, 2), padded)  # [M, E, d]
-        ex = self.experts
-        out = torch.stack(
-            [
-                swiglu_loop(m, ex.gate_proj[e], ex.up_proj[e], ex.down_proj[e])
-                for e, m in enumerate(mixed.unbind(dim=1))  # unbind: one stack in backward
-            ],
-            dim=1,
-        )  # [M, E, d]
+        ex, E, M = self.experts, self.num_experts, mixed.shape[0]
+        # Mixed token (m, e) is row m * E + e of `mixed`; expert e takes rows e, E + e, ...
+        order = (
+            torch.arange(E, device=x.device)[:, None] + E * torch.arange(M, device=x.device)
+        ).flatten()
+        counts = torch.full((E,), M, device=x.device)
+        out = grouped_swiglu(
+            mixed.view(M * E, d), order, counts, ex.gate_proj, ex.up_proj, ex.down_proj
+        ).view(M, E, d)
         y = torch.bmm(w, out).view(S, n, G, d).view(S, n * G, d)  # [S, n * G, d]
-        y = y[:, :B].transpose(0, 1).contiguous()  # [B, S, d]
+        y = batch_major(y, B)  # [B, S, d]
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
             if self.shared_expert_gate is not None:
