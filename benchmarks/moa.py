@@ -7,7 +7,10 @@ expert), plus the dense attention the experts would come from. Forward (no grad)
 forward+backward, eager (and the fused mixtures under `torch.compile(fullgraph=True)`),
 medians of interleaved repeats after warm-up, one process.
 Also times one decoding step over a static KV cache holding the prompt (fused against
-the loop), and prints the KV cache each variant holds per token and layer.
+the loop), prints the KV cache each variant holds per token and layer, and profiles eager
+fwd+bwd steps of each path: the time inside the GEMM and attention kernels both paths
+share (same FLOPs) bounds how far below the loop any batching of the same arithmetic can
+go, `fused / loop >= fused kernel time / loop total time`.
 
     python benchmarks/moa.py            # E=3, d=512, 8 heads, B=1, S=2048, fp32
     python benchmarks/moa.py --quick    # tiny shapes, a smoke run
@@ -16,10 +19,12 @@ the loop), and prints the KV cache each variant holds per token and layer.
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import torch
-from timing import Call, median_seconds, print_report, time_calls
+from timing import Call, forward_backward_step, median_seconds, print_report, time_calls
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 from moecompose.model.attention_mix import MixtureOfAttention
 from moecompose.model.cache import StaticKVCache
@@ -93,12 +98,44 @@ def main() -> None:
     print_report(rows, ratios)
 
     decode_report(modules, x.detach(), cos, sin, args.repeats, warmup)
+    kernel_report(modules, call, x, grad)
 
     print("KV cache per token and layer (k and v):")
     for name in ("dense attention", "expert-KV fused", "shared-KV fused"):
         heads = modules[name].cached_kv_heads
         fp32, bf16 = 2 * heads * dh * 4, 2 * heads * dh * 2
         print(f"  {name.split()[0]:10s} {heads:3d} kv heads  {fp32:6d} B fp32  {bf16:6d} B bf16")
+
+
+# The arithmetic both paths do in the same kernels: GEMMs and the attention kernels
+# (forward and backward), by profiler event name.
+KERNELS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "flash_attention")
+
+
+def kernel_report(modules: dict[str, nn.Module], call: Any, x: torch.Tensor,
+                  grad: torch.Tensor) -> None:
+    """Three profiled eager fwd+bwd steps per path: self time in the shared kernels, and
+    the best fused / loop ratio that saving every other microsecond could reach."""
+    steps = 3
+    print(f"eager fwd+bwd, profiled (mean of {steps}): time in GEMM and attention kernels")
+    for variant in ("expert-KV", "shared-KV"):
+        kernel, total = {}, {}
+        for impl in ("loop (reference)", "fused"):
+            module = modules[f"{variant} {impl}"]
+            step = forward_backward_step(call(module), module.parameters(), x, grad)
+            step()  # warm
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(steps):
+                    step()
+            events = prof.key_averages()
+            total[impl] = sum(e.self_cpu_time_total for e in events) / 1e3 / steps
+            kernel[impl] = sum(
+                e.self_cpu_time_total for e in events if any(k in e.key for k in KERNELS)
+            ) / 1e3 / steps
+            print(f"  {variant} {impl:17s} {total[impl]:8.1f} ms  kernels {kernel[impl]:8.1f} ms "
+                  f"({kernel[impl] / total[impl]:.0%})")
+        bound = kernel["fused"] / total["loop (reference)"]
+        print(f"  {variant} fused / loop cannot go below {bound:.2f}x with these kernels")
 
 
 def decode_report(modules: dict[str, nn.Module], prompt: torch.Tensor, cos: torch.Tensor,
