@@ -9,8 +9,10 @@ from typing import Any
 import torch
 import transformers
 from safetensors.torch import load_file
+from torch._dynamo.utils import counters
 
 import moecompose
+from moecompose.model import compile_model
 
 IDS = torch.tensor([[5, 9, 23, 7, 41, 3, 60, 17, 8], [1, 44, 12, 90, 2, 33, 71, 6, 19]])
 
@@ -44,3 +46,19 @@ def training_grads(
     out = run(x)
     (out.logits.square().mean() + out.aux_loss).backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_compiled_training_matches_eager(
+    model: torch.nn.Module, shapes: list[tuple[int, int]], ids: Callable[[int, int], torch.Tensor]
+) -> None:
+    """`compile_model(model)` trains with eager's gradients at every (batch, length) of
+    `shapes`, and compiles one graph for all of them (call after `torch._dynamo.reset()`
+    and `counters.clear()`)."""
+    compiled = compile_model(model)
+    for batch, seq in shapes:
+        x = ids(batch, seq)
+        fast, slow = training_grads(compiled, model, x), training_grads(model, model, x)
+        assert counters["stats"]["unique_graphs"] == 1, f"recompiled at {batch}x{seq}"
+        assert fast.keys() == slow.keys()
+        for name in slow:
+            torch.testing.assert_close(fast[name], slow[name], atol=1e-5, rtol=1e-4, msg=name)

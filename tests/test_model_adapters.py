@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import torch
 import torch._dynamo
+from helpers import assert_compiled_training_matches_eager
 from torch._dynamo.utils import counters
 
 from moecompose.model import MoECausalLM, compile_model
@@ -258,17 +259,4 @@ def test_compiled_adapter_model_does_not_recompile(model: MoECausalLM) -> None:
 @pytest.mark.slow
 @needs_shapes_spec
 def test_compiled_adapter_training_step_matches_eager(model: MoECausalLM) -> None:
-    compiled = compile_model(model)
-    for batch, seq in [(2, 7), (1, 1), (3, 33)]:
-        x = ids(batch, seq)
-        grads = []
-        for run in (compiled, model):
-            model.zero_grad()
-            out = run(x)
-            (out.logits.square().mean() + out.aux_loss).backward()
-            grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-        assert counters["stats"]["unique_graphs"] == 1, f"recompiled at {batch}x{seq}"
-        for name in grads[1]:
-            torch.testing.assert_close(
-                grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name
-            )
+    assert_compiled_training_matches_eager(model, [(2, 7), (1, 1), (3, 33)], ids)

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 import torch._dynamo
+from helpers import assert_compiled_training_matches_eager, training_grads
 from torch import Tensor
 from torch._dynamo.utils import counters
 
@@ -210,20 +211,11 @@ def test_refresh_picks_up_weights_changed_in_place_in_eval_mode() -> None:
     torch.testing.assert_close(fresh, routing_by_hand(router, x, 1, False)[2], atol=1e-6, rtol=0)
 
 
-def gradients(run: Any, model: MoECausalLM, x: Tensor) -> dict[str, Tensor]:
-    """Gradients of every parameter of `model` after one step of `run` (it or its compiled
-    form) on a loss that includes the auxiliary loss."""
-    model.zero_grad()
-    out = run(x)
-    (out.logits.square().mean() + out.aux_loss).backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 def test_training_reaches_the_projection_but_never_the_domain_embeddings() -> None:
     model = nexus_model()
     router = layer_of(model).router
     assert not router.domain_embeddings.requires_grad
-    grads = gradients(model, model, ids())
+    grads = training_grads(model, model, ids())
     assert PREFIX + "domain_embeddings" not in dict(model.named_parameters())
     assert grads[PREFIX + "w1.weight"].abs().sum() > 0
     assert grads[PREFIX + "w2.weight"].abs().sum() > 0
@@ -336,10 +328,4 @@ def test_compiled_eval_model_reads_the_cache_without_recompiling(fresh_dynamo: N
 @pytest.mark.slow
 @needs_shapes_spec
 def test_compiled_nexus_training_matches_eager_without_recompiling(fresh_dynamo: None) -> None:
-    model = nexus_model()
-    compiled = compile_model(model)
-    for batch, seq in SHAPES:
-        x = ids(batch, seq)
-        fast, reference = gradients(compiled, model, x), gradients(model, model, x)
-        assert counters["stats"]["unique_graphs"] == 1, f"recompiled at {batch}x{seq}"
-        torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-4)
+    assert_compiled_training_matches_eager(nexus_model(), SHAPES, ids)

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 import torch._dynamo
-from helpers import training_grads
+from helpers import assert_compiled_training_matches_eager, training_grads
 from torch._dynamo.utils import counters
 
 from moecompose.model import ModelConfig, MoECausalLM, compile_model
@@ -317,13 +317,7 @@ def test_compiled_mixture_of_tokens_training_step_matches_eager(fresh: MoECausal
 def test_compile_model_training_step_of_mixture_of_tokens(fresh: MoECausalLM) -> None:
     """Training through `compile_model`: the gradients of eager, one graph for every
     batch and length (padding groups or not, length 1 included)."""
-    compiled = compile_model(fresh)
-    for batch, seq in [(2, 7), (1, 1), (5, 33), (3, 8)]:
-        x = ids(batch, seq)
-        fast, slow = training_grads(compiled, fresh, x), training_grads(fresh, fresh, x)
-        assert counters["stats"]["unique_graphs"] == 1, f"recompiled at {batch}x{seq}"
-        for name in slow:
-            torch.testing.assert_close(fast[name], slow[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert_compiled_training_matches_eager(fresh, [(2, 7), (1, 1), (5, 33), (3, 8)], ids)
 
 
 @pytest.mark.slow
