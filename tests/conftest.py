@@ -14,7 +14,8 @@ from moecompose.testing import make_dense
 @pytest.fixture(scope="session")
 def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Dense sources: a Llama seed with three branches, a Qwen2 seed with two branches, a
-    Mistral model, a tied-embedding Llama, and a Llama of a different width."""
+    Mistral model (and one whose sliding window, 4, is shorter than the test texts), a
+    tied-embedding Llama, and a Llama of a different width."""
     root = tmp_path_factory.mktemp("dense")
     out = {
         "seed": make_dense(root / "seed", seed=0),
@@ -25,6 +26,7 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "qwen_code": make_dense(root / "qwen_code", family="qwen2", seed=4, base_seed=3),
         "qwen_law": make_dense(root / "qwen_law", family="qwen2", seed=5, base_seed=3),
         "mistral": make_dense(root / "mistral", family="mistral", seed=6),
+        "mistral_window": make_dense(root / "mistral_window", family="mistral", seed=10, sliding_window=4),
         "tied": make_dense(root / "tied", seed=7, tie_word_embeddings=True),
         "wide": make_dense(root / "wide", seed=8, hidden_size=96),
     }

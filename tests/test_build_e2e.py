@@ -13,7 +13,7 @@ from moecompose.build.recipes import drop_indices
 
 pytestmark = pytest.mark.slow
 
-@pytest.mark.parametrize("family", ["seed", "qwen_seed", "mistral", "tied"])
+@pytest.mark.parametrize("family", ["seed", "qwen_seed", "mistral", "mistral_window", "tied"])
 @pytest.mark.parametrize("k", [1, 2])
 def test_identical_experts_reproduce_dense_logits(write_spec, tmp_path, sources, family, k) -> None:
     spec = write_spec(
@@ -65,6 +65,28 @@ def test_btx_mixtral_export_matches_transformers_and_averages(write_spec, tmp_pa
         assert torch.equal(built[f"{prefix}.w1.weight"], src["model.layers.1.mlp.gate_proj.weight"])
         assert torch.equal(built[f"{prefix}.w3.weight"], src["model.layers.1.mlp.up_proj.weight"])
         assert torch.equal(built[f"{prefix}.w2.weight"], src["model.layers.1.mlp.down_proj.weight"])
+
+
+def test_sliding_window_source_exports_mixtral_with_its_window(write_spec, tmp_path, sources) -> None:
+    """Mistral with a window of 4 (the test texts are 9 tokens): the Mixtral export keeps
+    the window and transformers gives our logits, which are the dense model's."""
+    spec = write_spec(
+        """
+        moecompose: 1
+        sources: {base: $mistral_window}
+        layers:
+          - select: all
+            ffn:
+              experts: {copy: base, count: 2}
+              router: {kind: topk, k: 1}
+        output: {format: mixtral}
+        """
+    )
+    out = moecompose.build(spec, tmp_path / "out").path
+    assert json.loads((out / "config.json").read_text())["sliding_window"] == 4
+    ours = our_logits(out)
+    assert (hf_logits(out, "MixtralForCausalLM") - ours).abs().max().item() <= 1e-5
+    assert (hf_logits(sources["mistral_window"]) - ours).abs().max().item() <= 1e-5
 
 
 def test_shared_expert_exports_qwen2_moe_matching_transformers(write_spec, tmp_path, sources) -> None:

@@ -82,7 +82,7 @@ def copy_source(sources: dict[str, Path], tmp_path: Path, name: str = "seed", **
 # --------------------------------------------------------------------------- embeddings
 
 
-@pytest.mark.parametrize("name", ["seed", "qwen_seed", "tied"])
+@pytest.mark.parametrize("name", ["seed", "qwen_seed", "tied", "mistral_window"])
 @pytest.mark.parametrize("max_tokens", [512, 3])
 def test_text_embedding_is_transformers_last_hidden_state_mean(
     sources: dict[str, Path], name: str, max_tokens: int
@@ -117,7 +117,7 @@ def test_texts_are_truncated_to_max_position_embeddings(tmp_path: Path) -> None:
     torch.testing.assert_close(ours, hf_means(path, DOCS, 4)[-1], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["seed", "qwen_seed"])
+@pytest.mark.parametrize("name", ["seed", "qwen_seed", "mistral_window"])
 def test_layer_inputs_are_transformers_hidden_states_means(
     sources: dict[str, Path], name: str
 ) -> None:

@@ -42,6 +42,7 @@ def config_dict(**overrides: Any) -> dict[str, Any]:
         "rope_theta": 10000.0,
         "rope_scaling": None,
         "max_position_embeddings": 128,
+        "sliding_window": None,
         "tie_word_embeddings": False,
         "attention_bias": False,
         "block": "sequential",
@@ -63,8 +64,9 @@ def ids(batch: int = 2, seq: int = 5) -> torch.Tensor:
 # --------------------------------------------------------------------------- config
 
 
-def test_config_round_trips_through_dict() -> None:
-    d = config_dict(extra_provenance={"spec_hash": "abc"})
+@pytest.mark.parametrize("window", [None, 16])
+def test_config_round_trips_through_dict(window: int | None) -> None:
+    d = config_dict(extra_provenance={"spec_hash": "abc"}, sliding_window=window)
     config = ModelConfig.from_dict(d)
     assert config.to_dict() == d
     assert ModelConfig.from_dict(config.to_dict()) == config
@@ -137,6 +139,7 @@ def test_unknown_router_kind_is_rejected_by_name() -> None:
         (lambda d: d.update(moecompose_format=2), "moecompose_format 2"),
         (lambda d: d.update(num_key_value_heads=3), "multiple of num_key_value_heads"),
         (lambda d: d.update(dtype="float64"), "dtype 'float64'"),
+        (lambda d: d.update(sliding_window=0), "sliding_window must be a positive integer"),
         (lambda d: d["layers"][1]["ffn"].pop("num_experts"), "missing required key 'num_experts'"),
     ],
 )

@@ -68,6 +68,11 @@ def test_forward_has_no_graph_breaks(model: MoECausalLM) -> None:
 def test_compiled_model_does_not_recompile_for_new_batch_or_sequence_lengths(
     model: MoECausalLM,
 ) -> None:
+    assert_inference_compiles_once(model)
+
+
+def assert_inference_compiles_once(model: MoECausalLM) -> None:
+    """`compile_model(model)` gives eager's outputs at every shape of SHAPES, one graph."""
     compiled = compile_model(model)
     with torch.no_grad():
         for batch, seq in SHAPES:
@@ -81,4 +86,18 @@ def test_compiled_model_does_not_recompile_for_new_batch_or_sequence_lengths(
 
 @needs_shapes_spec
 def test_compiled_training_step_matches_eager_without_recompiling(model: MoECausalLM) -> None:
+    assert_compiled_training_matches_eager(model, [(2, 7), (1, 1), (3, 33)], ids)
+
+
+@needs_shapes_spec
+def test_sliding_window_model_compiles_once_and_trains_like_eager() -> None:
+    """A sliding window (5) builds its mask inside the graph: one graph for lengths below
+    and above the window, inference and training alike."""
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = MoECausalLM.from_config({**copy.deepcopy(CONFIG), "sliding_window": 5})
+    assert_inference_compiles_once(model)
+    torch._dynamo.reset()
+    counters.clear()
     assert_compiled_training_matches_eager(model, [(2, 7), (1, 1), (3, 33)], ids)

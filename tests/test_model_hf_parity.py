@@ -19,6 +19,7 @@ def hf_model(family: str = "llama", **overrides: Any) -> Any:
     config_cls, model_cls = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
     }[family]
     kwargs: dict[str, Any] = dict(
         vocab_size=VOCAB,
@@ -62,6 +63,7 @@ def native_config(hf: Any, layers: list[dict] | None = None) -> dict[str, Any]:
         "rope_theta": theta,
         "rope_scaling": None if rope["rope_type"] == "default" else rope,
         "max_position_embeddings": c.max_position_embeddings,
+        "sliding_window": getattr(c, "sliding_window", None),
         "tie_word_embeddings": c.tie_word_embeddings,
         "attention_bias": c.model_type == "qwen2",
         "block": "sequential",
@@ -133,8 +135,9 @@ def max_logit_diff(ours: MoECausalLM, hf: Any, ids: torch.Tensor) -> float:
             },
         ),
         ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 4.0}}),
+        ("mistral", {"sliding_window": 5}),
     ],
-    ids=["llama", "qwen2-qkv-bias", "tied-embeddings", "llama3-rope", "linear-rope"],
+    ids=["llama", "qwen2-qkv-bias", "tied-embeddings", "llama3-rope", "linear-rope", "window"],
 )
 def test_dense_config_reproduces_hf_logits(family: str, overrides: dict[str, Any]) -> None:
     hf = hf_model(family, **overrides)
@@ -200,3 +203,26 @@ def test_padding_mask_leaves_real_tokens_unchanged() -> None:
         ours = model(ids, attention_mask=mask).logits
         theirs = hf(ids, attention_mask=mask).logits
     assert (ours[mask.bool()] - theirs[mask.bool()]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_sliding_window_matches_hf_and_matters(padded: bool) -> None:
+    """Mistral's window (5 < 19 tokens): Hugging Face's logits, with and without left
+    padding; the same weights without the window give other logits."""
+    hf = hf_model("mistral", sliding_window=5)
+    model = MoECausalLM.from_config(native_config(hf, layers=[moe_layer(4, 2)] * LAYERS))
+    model.load_weights(upcycled_state_dict(hf, 4))
+    unwindowed = MoECausalLM.from_config({**native_config(hf), "sliding_window": None})
+    unwindowed.load_weights(hf_state_dict(hf))
+    ids = tokens()
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :4] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    keep = mask.bool()
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask, position_ids=positions).logits[keep]
+        theirs = hf(ids, attention_mask=mask, position_ids=positions).logits[keep]
+        full = unwindowed(ids, attention_mask=mask, position_ids=positions).logits[keep]
+    assert (ours - theirs).abs().max().item() <= 1e-5
+    assert (full - theirs).abs().max().item() > 1e-2

@@ -262,13 +262,17 @@ def variant_model(variant: str, **overrides: Any) -> MoECausalLM:
 CACHES = {"dynamic": None, "static": 16}  # max_length given to new_cache
 
 
+WINDOWS = {"full": None, "window 3": 3}  # sliding_window; 3 < the 12 tokens decoded
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("block", ["sequential", "parallel"])
 @pytest.mark.parametrize("max_length", CACHES.values(), ids=CACHES.keys())
+@pytest.mark.parametrize("window", WINDOWS.values(), ids=WINDOWS.keys())
 def test_decoding_with_the_cache_matches_the_full_forward(
-    variant: str, block: str, max_length: int | None
+    variant: str, block: str, max_length: int | None, window: int | None
 ) -> None:
-    model = variant_model(variant, block=block)
+    model = variant_model(variant, block=block, sliding_window=window)
     x = ids(2, 12)
     with torch.no_grad():
         full = model(x).logits
@@ -315,9 +319,12 @@ PADDED_CACHES = {"dynamic": (None, True), "static": (12, True), "static, new col
 @pytest.mark.parametrize(
     ("max_length", "whole_mask"), PADDED_CACHES.values(), ids=PADDED_CACHES.keys()
 )
-def test_decoding_left_padded_rows_with_the_cache(max_length: int | None, whole_mask: bool) -> None:
+@pytest.mark.parametrize("window", WINDOWS.values(), ids=WINDOWS.keys())
+def test_decoding_left_padded_rows_with_the_cache(
+    max_length: int | None, whole_mask: bool, window: int | None
+) -> None:
     """`attention_mask` covers the cached tokens too, or (static cache) just the new ones."""
-    model = variant_model("expert-kv")
+    model = variant_model("expert-kv", sliding_window=window)
     x = ids(2, 9)
     mask = torch.ones_like(x)
     mask[1, :3] = 0

@@ -225,6 +225,12 @@ CASES = [
          "moecompose: 1\nsources:\n  a: <qwen_seed>\n  b: <qwen_code>\n"
          + RULE + "      experts: [a, b]\noutput: {format: mixtral}\n",
          ("format 'mixtral' cannot express this model", "q/k/v biases"), "9:18"),
+    Case("qwen2-moe-with-sliding-window",
+         "moecompose: 1\nsources:\n  a: <mistral_window>\n"
+         + RULE + "      experts: {copy: a, count: 2}\n      shared: a\n"
+         "output: {format: qwen2_moe}\n",
+         ("format 'qwen2_moe' cannot express this model", "sliding-window attention (window 4"),
+         "9:18"),
     # --- sources
     Case("source-missing", "moecompose: 1\nsources:\n  seed: ./no/such/folder\n",
          ("source 'seed'", "does not exist", "check the path"), "3:9", cli=True),
@@ -255,6 +261,13 @@ CASES = [
          ("sources 'seed' and 'x' differ in hidden_size: 64 vs 96",), "4:6", cli=True),
     Case("sources-different-families", WITH_X.format("qwen_seed"),
          ("differ in model_type", "'llama' vs 'qwen2'"), "4:6", cli=True),
+    Case("source-qwen2-sliding-window", "moecompose: 1\nsources:\n  x: <qwenwindow>\n",
+         ("Qwen2 sliding-window attention", "max_window_layers", "use_sliding_window"), "3:6"),
+    Case("source-bad-sliding-window", "moecompose: 1\nsources:\n  x: <badwindow>\n",
+         ("sliding_window must be a positive integer, got 'wide'",), "3:6"),
+    Case("sources-different-windows",
+         "moecompose: 1\nsources:\n  a: <mistral>\n  b: <mistral_window>\n",
+         ("sources 'a' and 'b' differ in sliding_window: None vs 4",), "4:6"),
     Case("sources-different-tokenizers", WITH_X.format("tokenizer"),
          ("tokenizers of 'seed' and 'x' differ", "tokenizer.json"), "4:6", cli=True),
 ]
@@ -316,6 +329,11 @@ def broken(sources: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
     del tensors["model.layers.2.mlp.up_proj.weight"]
     save_file(tensors, out["lacking"] / "model.safetensors", metadata={"format": "pt"})
     out["bf16"] = make_dense(root / "bf16", seed=0, dtype=torch.bfloat16)
+
+    out["qwenwindow"] = Path(shutil.copytree(sources["qwen_seed"], root / "qwenwindow"))
+    edit_config(out["qwenwindow"], use_sliding_window=True, sliding_window=4)
+    out["badwindow"] = Path(shutil.copytree(sources["mistral"], root / "badwindow"))
+    edit_config(out["badwindow"], sliding_window="wide")
 
     out["tokenizer"] = copy("tokenizer")
     tok = json.loads((out["tokenizer"] / "tokenizer.json").read_text())

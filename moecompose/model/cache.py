@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moecompose.model.parts import causal_mask
+from moecompose.model.parts import causal_mask, visible
 
 
 @torch.library.custom_op("moecompose::kv_cache_slots", mutates_args=())
@@ -90,12 +90,19 @@ class KVCache:
         past = self.length
         return torch.arange(past, past + query_len, device=device)
 
-    def mask(self, query_len: int, attention_mask: Tensor | None, device: torch.device) -> Tensor:
-        """Bool mask [B or 1, 1, S, L] of the keys each new token attends to.
+    def mask(
+        self,
+        query_len: int,
+        attention_mask: Tensor | None,
+        device: torch.device,
+        window: int | None = None,
+    ) -> Tensor:
+        """Bool mask [B or 1, 1, S, L] of the keys each new token attends to (within the
+        sliding `window`, when given).
 
         `attention_mask` [B, past + S] (1 = token, 0 = padding) or None (no padding).
         """
-        return causal_mask(query_len, self.length, attention_mask, device)
+        return causal_mask(query_len, self.length, attention_mask, device, window)
 
     def advance(self, query_len: int) -> None:
         """Called after every layer has written the new tokens (nothing to do here)."""
@@ -161,8 +168,15 @@ class StaticKVCache(KVCache):
     def positions(self, query_len: int, device: torch.device) -> Tensor:
         return self.position + torch.arange(query_len, device=device)
 
-    def mask(self, query_len: int, attention_mask: Tensor | None, device: torch.device) -> Tensor:
-        """Bool mask [B, 1, S, max_length]: causal over the written positions, padding hidden.
+    def mask(
+        self,
+        query_len: int,
+        attention_mask: Tensor | None,
+        device: torch.device,
+        window: int | None = None,
+    ) -> Tensor:
+        """Bool mask [B, 1, S, max_length]: causal over the written positions (and within
+        the sliding `window`, when given), padding hidden.
 
         Also records the new tokens' padding: the last S columns of `attention_mask`
         ([B, past + S] as for `KVCache`, or just [B, S]); None means no padding. Raises
@@ -175,7 +189,7 @@ class StaticKVCache(KVCache):
         else:
             new = attention_mask[:, attention_mask.shape[-1] - query_len :].bool()  # [B, S]
         self.keep.index_copy_(1, q_pos, new)
-        seen = k_pos[None, :] <= q_pos[:, None]  # [S, L]; hides positions not written yet
+        seen = visible(q_pos, k_pos, window)  # [S, L]; hides positions not written yet
         mask = seen & self.keep[:, None, None, :]  # [B, 1, S, L]
         return mask | (k_pos[None, :] == q_pos[:, None])  # a padded query still sees itself
 

@@ -31,7 +31,14 @@ from moecompose.model.config import (
 )
 from moecompose.model.moe import DISPATCHES, Dispatch, GroupedExperts, MoEFFN
 from moecompose.model.nexus import NexusRouter
-from moecompose.model.parts import Attention, RMSNorm, RotaryEmbedding, SwiGLU, padding_mask
+from moecompose.model.parts import (
+    Attention,
+    RMSNorm,
+    RotaryEmbedding,
+    SwiGLU,
+    causal_mask,
+    padding_mask,
+)
 from moecompose.model.token_mixing import TokenMixingFFN, transition_to_topk
 
 
@@ -149,6 +156,7 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, spec, dispatch) for spec in config.layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.sliding_window = config.sliding_window
 
     def forward(
         self,
@@ -172,10 +180,13 @@ class Decoder(nn.Module):
         else:
             position_ids = torch.arange(S, device=x.device)  # [S]
         cos, sin = self.rotary_emb(position_ids, x.dtype)  # [S, dh] or [B, 1, S, dh]
+        window = self.sliding_window
         if cache is not None:
-            mask = cache.mask(S, attention_mask, x.device)  # [B or 1, 1, S, L]
+            mask = cache.mask(S, attention_mask, x.device, window)  # [B or 1, 1, S, L]
         elif attention_mask is not None:
-            mask = padding_mask(attention_mask)  # [B, 1, S, S]
+            mask = padding_mask(attention_mask, window)  # [B, 1, S, S]
+        elif window is not None:
+            mask = causal_mask(S, 0, None, x.device, window)  # [1, 1, S, S]
         else:
             mask = None  # causal
         if mask is not None:

@@ -546,7 +546,8 @@ _MODEL_KEYS = {
     "model_type", "architectures", "moecompose_format", "family", "vocab_size", "hidden_size",
     "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
     "head_dim", "hidden_act", "rms_norm_eps", "rope_theta", "rope_scaling",
-    "max_position_embeddings", "tie_word_embeddings", "attention_bias", "block", "dtype",
+    "max_position_embeddings", "sliding_window", "tie_word_embeddings", "attention_bias",
+    "block", "dtype",
     "bos_token_id", "eos_token_id", "pad_token_id", "layers", "trainable",
 }  # fmt: skip
 
@@ -572,6 +573,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
     max_position_embeddings: int = 2048
+    sliding_window: int | None = None
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     block: str = "sequential"
@@ -654,6 +656,9 @@ class ModelConfig:
             trainable = tuple(trainable)
 
         max_pos = _positive_int(d.get("max_position_embeddings", 2048), "max_position_embeddings")
+        window = d.get("sliding_window")
+        if window is not None:
+            window = _positive_int(window, "sliding_window")
         rope_theta = float(d.get("rope_theta", 10000.0))
         return cls(
             vocab_size=_positive_int(_require(d, "vocab_size", "config"), "vocab_size"),
@@ -671,6 +676,7 @@ class ModelConfig:
             rope_theta=rope_theta,
             rope_scaling=RopeScaling.from_dict(d.get("rope_scaling"), max_pos, rope_theta),
             max_position_embeddings=max_pos,
+            sliding_window=window,
             tie_word_embeddings=_bool(d.get("tie_word_embeddings", False), "tie_word_embeddings"),
             attention_bias=_bool(d.get("attention_bias", False), "attention_bias"),
             block=block,
@@ -701,6 +707,7 @@ class ModelConfig:
             "rope_theta": self.rope_theta,
             "rope_scaling": None if self.rope_scaling is None else self.rope_scaling.to_dict(),
             "max_position_embeddings": self.max_position_embeddings,
+            "sliding_window": self.sliding_window,
             "tie_word_embeddings": self.tie_word_embeddings,
             "attention_bias": self.attention_bias,
             "block": self.block,

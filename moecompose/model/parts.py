@@ -156,23 +156,39 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def visible(q_pos: Tensor, k_pos: Tensor, window: int | None = None) -> Tensor:
+    """Bool [S, L]: key slot `k_pos[j]` is visible from query slot `q_pos[i]`: causal and,
+    with a sliding `window`, one of the query's last `window` slots (itself included), as
+    Hugging Face's sliding-window mask (`key > query - window`)."""
+    mask = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        mask = mask & (k_pos[None, :] > q_pos[:, None] - window)
+    return mask
+
+
 def causal_mask(
-    query_len: int, past: int, attention_mask: Tensor | None, device: torch.device
+    query_len: int,
+    past: int,
+    attention_mask: Tensor | None,
+    device: torch.device,
+    window: int | None = None,
 ) -> Tensor:
-    """Bool mask [B or 1, 1, S, past + S] for S queries following `past` cached tokens.
+    """Bool mask [B or 1, 1, S, past + S] for S queries following `past` cached tokens,
+    limited to a sliding `window` when given (see `visible`).
 
     `attention_mask` [B, past + S] (1 = token, 0 = padding) hides padded keys; a padded
     query still sees itself, so no row is empty; its output is never meaningful.
     """
     q_pos = torch.arange(query_len, device=device) + past  # [S]
     k_pos = torch.arange(past + query_len, device=device)  # [L]
-    mask = k_pos[None, :] <= q_pos[:, None]  # [S, L]
+    mask = visible(q_pos, k_pos, window)  # [S, L]
     if attention_mask is None:
         return mask[None, None]
     keep = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, L]
     return (mask & keep) | (k_pos[None, :] == q_pos[:, None])
 
 
-def padding_mask(attention_mask: Tensor) -> Tensor:
-    """Causal mask that also hides padded keys: bool [B, 1, S, S] from `attention_mask` [B, S]."""
-    return causal_mask(attention_mask.shape[-1], 0, attention_mask, attention_mask.device)
+def padding_mask(attention_mask: Tensor, window: int | None = None) -> Tensor:
+    """Causal mask that also hides padded keys: bool [B, 1, S, S] from `attention_mask` [B, S]
+    (and keys outside a sliding `window`)."""
+    return causal_mask(attention_mask.shape[-1], 0, attention_mask, attention_mask.device, window)

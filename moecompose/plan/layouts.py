@@ -127,6 +127,11 @@ def blockers(fmt: str, arch: ArchFacts, moe: MoEShape, *, asked: bool = False) -
         if arch.attention_bias:
             out.append("q/k/v biases (Mixtral attention has none)")
     elif fmt == "qwen2_moe":
+        if arch.sliding_window is not None:
+            out.append(
+                f"sliding-window attention (window {arch.sliding_window}; Qwen2-MoE windows "
+                "only some layers)"
+            )
         if False in moe.shared:
             out.append("MoE layers without a shared expert (Qwen2-MoE always has one)")
         if len(moe.normalize) > 1:
@@ -148,6 +153,7 @@ def _arch_fields(arch: ArchFacts) -> dict[str, Any]:
         "rope_theta": arch.rope_theta,
         "rope_scaling": arch.rope_scaling,
         "max_position_embeddings": arch.max_position_embeddings,
+        "sliding_window": arch.sliding_window,
         "tie_word_embeddings": arch.tie_word_embeddings,
         "bos_token_id": arch.bos_token_id,
         "eos_token_id": arch.eos_token_id,
@@ -194,7 +200,6 @@ def hf_config(
             "intermediate_size": ffn_width,
             "num_local_experts": experts,
             "num_experts_per_tok": k,
-            "sliding_window": arch.sliding_window,
             "router_aux_loss_coef": moe.load_balance,
             "output_router_logits": False,
         }
@@ -214,8 +219,7 @@ def hf_config(
             "decoder_sparse_step": 1,
             "mlp_only_layers": list(moe.dense_layers),
             "qkv_bias": arch.attention_bias,
-            "use_sliding_window": arch.sliding_window is not None,
-            "sliding_window": arch.sliding_window,
+            "use_sliding_window": False,
             "router_aux_loss_coef": moe.load_balance,
             "output_router_logits": False,
         }

@@ -192,17 +192,21 @@ def _arch_facts(config: dict[str, Any], family: Family, where: str) -> ArchFacts
     else:
         bias = bool(config.get(family.qkv_bias_key, family.qkv_bias_default))
     window = config.get("sliding_window")
-    if family.name == "qwen2" and not config.get("use_sliding_window", False):
-        window = None
     max_positions = int(config.get("max_position_embeddings", 2048))
-    if window is not None and int(window) >= max_positions:
+    if family.name == "qwen2":
+        if config.get("use_sliding_window", False) and window:
+            raise SourceError(
+                f"{where}: Qwen2 sliding-window attention (use_sliding_window: true) is not "
+                "supported: Qwen2 applies the window only to layers from max_window_layers on",
+                hint="set use_sliding_window to false if the model was trained without it",
+            )
+        window = None
+    if window is not None and (
+        isinstance(window, bool) or not isinstance(window, int) or window < 1
+    ):
+        raise SourceError(f"{where}: sliding_window must be a positive integer, got {window!r}")
+    if window is not None and window >= max_positions:
         window = None  # a window as long as the context changes nothing
-    if window is not None:
-        raise SourceError(
-            f"{where}: sliding-window attention (window {window} < {max_positions} positions) "
-            "is not supported",
-            hint="only full causal attention sources can be upcycled by this version",
-        )
     return ArchFacts(
         model_type=str(config["model_type"]),
         vocab_size=int(need("vocab_size")),
@@ -219,7 +223,7 @@ def _arch_facts(config: dict[str, Any], family: Family, where: str) -> ArchFacts
         max_position_embeddings=max_positions,
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         attention_bias=bias,
-        sliding_window=int(window) if window else None,
+        sliding_window=window,
         initializer_range=float(config.get("initializer_range", 0.02)),
         bos_token_id=config.get("bos_token_id"),
         eos_token_id=config.get("eos_token_id"),
