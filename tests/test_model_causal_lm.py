@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from moecompose.model import CausalLMOutput, ModelConfig, MoECausalLM
+from moecompose.model.parts import sequence_mask
 
 DENSE = {"ffn": {"kind": "dense"}}
 MOE = {
@@ -292,3 +293,15 @@ def test_explicit_positions_match_default_positions() -> None:
         default = model(x).logits
         explicit = model(x, position_ids=torch.arange(6).expand(2, 6)).logits
     torch.testing.assert_close(default, explicit)
+
+
+def test_sequence_mask_is_built_only_when_the_window_hides_a_key() -> None:
+    """No padding, no cache: None (the causal fast path) while every key is within the
+    window; past it, token t sees positions t-W+1 .. t."""
+    cpu = torch.device("cpu")
+    assert sequence_mask(7, cpu, None) is None
+    assert sequence_mask(5, cpu, 5) is None
+    mask = sequence_mask(7, cpu, 5)
+    assert mask is not None and mask.shape == (1, 1, 7, 7)
+    expected = torch.tensor([[0 <= t - k < 5 for k in range(7)] for t in range(7)])
+    assert torch.equal(mask[0, 0], expected)

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from moecompose.errors import BuildError, MoeComposeError, SourceError
 from moecompose.model.causal_lm import DecoderLayer
 from moecompose.model.config import ModelConfig
-from moecompose.model.parts import RMSNorm, RotaryEmbedding, causal_mask
+from moecompose.model.parts import RMSNorm, RotaryEmbedding, sequence_mask
 from moecompose.plan.layouts import native_base
 from moecompose.sources.checkpoint import Checkpoint, open_checkpoint
 from moecompose.sources.safetensors_io import SafetensorsWriter, read_header, read_tensor
@@ -189,17 +189,17 @@ class Embedder:
         rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(self.device)
         longest = max(len(ids) for ids in tokens)
         cos, sin = rope(torch.arange(longest, device=self.device), torch.float32)  # [S, dh]
-        def masks(length: int) -> Tensor | None:  # None: plain causal
-            if cfg.sliding_window is None:
-                return None
-            return causal_mask(length, 0, None, self.device, cfg.sliding_window)
+        def mask(length: int) -> Tensor | None:  # None: plain causal
+            return sequence_mask(length, self.device, cfg.sliding_window)
 
         means: dict[int, Tensor] = {}
         for i, spec in enumerate(cfg.layers):
             if i in wanted:
                 means[i] = _mean_of_means(states)
             layer = self._weights(DecoderLayer(cfg, spec, "grouped"), f"model.layers.{i}.")
-            states = [layer(x[None], cos[: len(x)], sin[: len(x)], masks(len(x)))[0][0] for x in states]
+            states = [
+                layer(x[None], cos[: len(x)], sin[: len(x)], mask(len(x)))[0][0] for x in states
+            ]
             del layer  # one layer's weights in memory at a time
         if cfg.num_hidden_layers in wanted:
             norm = self._weights(RMSNorm(cfg.hidden_size, cfg.rms_norm_eps), "model.norm.")

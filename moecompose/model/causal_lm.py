@@ -36,8 +36,8 @@ from moecompose.model.parts import (
     RMSNorm,
     RotaryEmbedding,
     SwiGLU,
-    causal_mask,
     padding_mask,
+    sequence_mask,
 )
 from moecompose.model.token_mixing import TokenMixingFFN, transition_to_topk
 
@@ -185,10 +185,8 @@ class Decoder(nn.Module):
             mask = cache.mask(S, attention_mask, x.device, window)  # [B or 1, 1, S, L]
         elif attention_mask is not None:
             mask = padding_mask(attention_mask, window)  # [B, 1, S, S]
-        elif window is not None:
-            mask = causal_mask(S, 0, None, x.device, window)  # [1, 1, S, S]
         else:
-            mask = None  # causal
+            mask = sequence_mask(S, x.device, window)  # None (causal) or [1, 1, S, S]
         if mask is not None:
             mask = mask.expand(B, 1, S, mask.shape[-1])  # no size-1 broadcast to guard on
         aux = torch.zeros((), device=x.device)

@@ -188,6 +188,15 @@ def causal_mask(
     return (mask & keep) | (k_pos[None, :] == q_pos[:, None])
 
 
+def sequence_mask(query_len: int, device: torch.device, window: int | None) -> Tensor | None:
+    """Mask of S tokens with nothing cached and no padding: None (plain causal, attention's
+    fast path) unless a sliding `window` hides some key. Eager calls skip the window when
+    S <= window; a compiled graph serves every length, so it always builds the mask."""
+    if window is None or (not torch.compiler.is_compiling() and query_len <= window):
+        return None
+    return causal_mask(query_len, 0, None, device, window)
+
+
 def padding_mask(attention_mask: Tensor, window: int | None = None) -> Tensor:
     """Causal mask that also hides padded keys: bool [B, 1, S, S] from `attention_mask` [B, S]
     (and keys outside a sliding `window`)."""
