@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("script", ["moe_layer", "adapters", "mot", "moa", "nexus"])
+@pytest.mark.parametrize("script", ["moe_layer", "adapters", "mot", "moa", "nexus", "window"])
 def test_layer_benchmark_prints_ratios(script: str) -> None:
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--quick", "--no-compile"],
