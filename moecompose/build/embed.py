@@ -189,17 +189,17 @@ class Embedder:
         rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(self.device)
         longest = max(len(ids) for ids in tokens)
         cos, sin = rope(torch.arange(longest, device=self.device), torch.float32)  # [S, dh]
-        def mask(length: int) -> Tensor | None:  # None: plain causal
-            return sequence_mask(length, self.device, cfg.sliding_window)
+
+        def positional(n: int) -> tuple[Tensor, Tensor, Tensor | None]:
+            """Rotary tables and mask (None: plain causal) of a text of n tokens."""
+            return cos[:n], sin[:n], sequence_mask(n, self.device, cfg.sliding_window)
 
         means: dict[int, Tensor] = {}
         for i, spec in enumerate(cfg.layers):
             if i in wanted:
                 means[i] = _mean_of_means(states)
             layer = self._weights(DecoderLayer(cfg, spec, "grouped"), f"model.layers.{i}.")
-            states = [
-                layer(x[None], cos[: len(x)], sin[: len(x)], mask(len(x)))[0][0] for x in states
-            ]
+            states = [layer(x[None], *positional(len(x)))[0][0] for x in states]
             del layer  # one layer's weights in memory at a time
         if cfg.num_hidden_layers in wanted:
             norm = self._weights(RMSNorm(cfg.hidden_size, cfg.rms_norm_eps), "model.norm.")
