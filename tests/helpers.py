@@ -48,6 +48,23 @@ def training_grads(
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def assert_compiled_inference_matches_eager(
+    model: torch.nn.Module, shapes: list[tuple[int, int]], ids: Callable[[int, int], torch.Tensor]
+) -> None:
+    """`compile_model(model)` gives eager's logits and aux loss at every (batch, length) of
+    `shapes` without gradients, and compiles one graph for all of them (call after
+    `torch._dynamo.reset()` and `counters.clear()`)."""
+    compiled = compile_model(model)
+    with torch.no_grad():
+        for batch, seq in shapes:
+            x = ids(batch, seq)
+            out = compiled(x)
+            assert counters["stats"]["unique_graphs"] == 1, f"recompiled at {batch}x{seq}"
+            reference = model(x)
+            torch.testing.assert_close(out.logits, reference.logits, atol=1e-4, rtol=0)
+            torch.testing.assert_close(out.aux_loss, reference.aux_loss, atol=1e-6, rtol=1e-4)
+
+
 def assert_compiled_training_matches_eager(
     model: torch.nn.Module, shapes: list[tuple[int, int]], ids: Callable[[int, int], torch.Tensor]
 ) -> None:

@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 import torch
 import torch._dynamo
-from helpers import assert_compiled_training_matches_eager
+from helpers import assert_compiled_inference_matches_eager, assert_compiled_training_matches_eager
 from torch._dynamo.utils import counters
 
-from moecompose.model import MoECausalLM, compile_model
+from moecompose.model import MoECausalLM
 from moecompose.model.compile import supports_shapes_spec
 
 pytestmark = pytest.mark.slow
@@ -68,20 +68,7 @@ def test_forward_has_no_graph_breaks(model: MoECausalLM) -> None:
 def test_compiled_model_does_not_recompile_for_new_batch_or_sequence_lengths(
     model: MoECausalLM,
 ) -> None:
-    assert_inference_compiles_once(model)
-
-
-def assert_inference_compiles_once(model: MoECausalLM) -> None:
-    """`compile_model(model)` gives eager's outputs at every shape of SHAPES, one graph."""
-    compiled = compile_model(model)
-    with torch.no_grad():
-        for batch, seq in SHAPES:
-            x = ids(batch, seq)
-            out = compiled(x)
-            assert compiled_graphs() == 1, f"recompiled at batch={batch}, seq={seq}"
-            reference = model(x)
-            torch.testing.assert_close(out.logits, reference.logits, atol=1e-4, rtol=0)
-            torch.testing.assert_close(out.aux_loss, reference.aux_loss, atol=1e-6, rtol=1e-4)
+    assert_compiled_inference_matches_eager(model, SHAPES, ids)
 
 
 @needs_shapes_spec
@@ -97,7 +84,7 @@ def test_sliding_window_model_compiles_once_and_trains_like_eager() -> None:
     counters.clear()
     torch.manual_seed(0)
     model = MoECausalLM.from_config({**copy.deepcopy(CONFIG), "sliding_window": 5})
-    assert_inference_compiles_once(model)
+    assert_compiled_inference_matches_eager(model, SHAPES, ids)
     torch._dynamo.reset()
     counters.clear()
     assert_compiled_training_matches_eager(model, [(2, 7), (1, 1), (3, 33)], ids)

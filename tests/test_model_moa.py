@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 import torch._dynamo
-from helpers import assert_compiled_training_matches_eager
+from helpers import assert_compiled_inference_matches_eager, assert_compiled_training_matches_eager
 from torch._dynamo.utils import counters
 
 from moecompose.model import MoECausalLM, compile_model
@@ -427,14 +427,9 @@ def test_mixture_of_attention_forward_has_no_graph_breaks(block: str) -> None:
 @needs_shapes_spec
 @pytest.mark.parametrize("block", ["sequential", "parallel"])
 def test_compiled_mixture_of_attention_does_not_recompile(block: str) -> None:
-    model = mixed_model(block)
-    compiled = compile_model(model)
-    with torch.no_grad():
-        for batch, seq in SHAPES:
-            x = ids(batch, seq, seed=batch * seq)
-            out = compiled(x)
-            assert counters["stats"]["unique_graphs"] == 1, f"recompiled at {batch}x{seq}"
-            torch.testing.assert_close(out.logits, model(x).logits, atol=1e-4, rtol=0)
+    assert_compiled_inference_matches_eager(
+        mixed_model(block), SHAPES, lambda b, s: ids(b, s, seed=b * s)
+    )
 
 
 @pytest.mark.slow

@@ -8,10 +8,14 @@ from typing import Any
 import pytest
 import torch
 import torch._dynamo
-from helpers import assert_compiled_training_matches_eager, training_grads
+from helpers import (
+    assert_compiled_inference_matches_eager,
+    assert_compiled_training_matches_eager,
+    training_grads,
+)
 from torch._dynamo.utils import counters
 
-from moecompose.model import ModelConfig, MoECausalLM, compile_model
+from moecompose.model import ModelConfig, MoECausalLM
 from moecompose.model.compile import supports_shapes_spec
 from moecompose.model.config import MoEFFNSpec, TokenMixingRouterSpec
 from moecompose.model.moe import MoEFFN, swiglu_loop
@@ -292,14 +296,8 @@ def test_mixture_of_tokens_has_no_graph_breaks(fresh: MoECausalLM, batch: int) -
 @pytest.mark.slow
 @needs_shapes_spec
 def test_compiled_mixture_of_tokens_does_not_recompile(fresh: MoECausalLM) -> None:
-    compiled = compile_model(fresh)
-    with torch.no_grad():
-        for batch in (1, 2, 3, 4, 5):
-            for seq in (1, 7, 64):
-                x = ids(batch, seq)
-                out = compiled(x)
-                assert counters["stats"]["unique_graphs"] == 1, f"recompiled at {batch}x{seq}"
-                torch.testing.assert_close(out.logits, fresh(x).logits, atol=1e-4, rtol=0)
+    shapes = [(batch, seq) for batch in (1, 2, 3, 4, 5) for seq in (1, 7, 64)]
+    assert_compiled_inference_matches_eager(fresh, shapes, ids)
 
 
 @pytest.mark.slow
@@ -324,10 +322,4 @@ def test_compile_model_training_step_of_mixture_of_tokens(fresh: MoECausalLM) ->
 @needs_shapes_spec
 def test_compiled_transitioned_model_does_not_recompile(fresh: MoECausalLM) -> None:
     fresh.transition_to_topk()
-    compiled = compile_model(fresh)
-    with torch.no_grad():
-        for batch, seq in [(1, 1), (1, 7), (2, 64), (3, 7)]:
-            x = ids(batch, seq)
-            out = compiled(x)
-            assert counters["stats"]["unique_graphs"] == 1, f"recompiled at {batch}x{seq}"
-            torch.testing.assert_close(out.logits, fresh(x).logits, atol=1e-4, rtol=0)
+    assert_compiled_inference_matches_eager(fresh, [(1, 1), (1, 7), (2, 64), (3, 7)], ids)
