@@ -146,9 +146,11 @@ def inspect(artifact: Path, verify: bool) -> None:
               help="Syntax to write (default: SPEC's own; .moe files are dsl).")
 @click.option("--full", is_flag=True, help="Write every default out instead of leaving defaults implicit.")
 @click.option("--check", is_flag=True,
-              help="Write nothing; exit 1 if SPEC's text differs from the canonical form.")
+              help="Write nothing; exit 1 if SPEC's text, comments and spacing included, "
+                   "differs from the canonical form that fmt would print.")
 def fmt(spec: Path, syntax: str | None, full: bool, check: bool) -> None:
-    """Print SPEC in canonical form (keys in schema order, defaults left out)."""
+    """Print SPEC in canonical form (keys in schema order, defaults left out), keeping its
+    comments: each stays with the key or line it was written on, in either syntax."""
     from moecompose.spec import syntax_of
     from moecompose.spec.formatter import format_spec
 

@@ -14,6 +14,7 @@ import functools
 import json
 import re
 from collections.abc import Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from lark.exceptions import LarkError, UnexpectedCharacters, UnexpectedInput, Un
 
 from moecompose.errors import Location, MoeComposeError, SpecError, did_you_mean, one_of
 from moecompose.spec import fields as F
+from moecompose.spec.comments import Comment, comment
 from moecompose.spec.origin import DataPath, Origin, path_text
 from moecompose.spec.schema import Spec
 from moecompose.spec.validation import spec_from_data
@@ -52,10 +54,21 @@ class _Brackets:
             yield token
 
 
+_COMMENT_TOKENS: ContextVar[list[Token] | None] = ContextVar("dsl_comment_tokens", default=None)
+
+
+def _on_comment(token: Token) -> Token:
+    found = _COMMENT_TOKENS.get()
+    if found is not None:
+        found.append(token)
+    return token
+
+
 @functools.cache
 def _parser() -> Lark:
     grammar = (Path(__file__).with_name("dsl.lark")).read_text(encoding="utf-8")
-    return Lark(grammar, parser="lalr", postlex=_Brackets(), propagate_positions=True)
+    return Lark(grammar, parser="lalr", postlex=_Brackets(), propagate_positions=True,
+                lexer_callbacks={"COMMENT": _on_comment})
 
 
 # ------------------------------------------------------------------------ snippets
@@ -94,7 +107,7 @@ def parse_dsl(text: str, file: str | None = None, base_dir: Path | None = None) 
     ``base_dir``."""
     origin = Origin(file=file, base_dir=(base_dir or Path.cwd()).resolve())
     try:
-        tree = _parse_tree(text, file)
+        tree, origin.comments = _parse_tree(text, file)
         data = _Lowering(origin).top(tree)
         if not data:
             raise SpecError(
@@ -107,15 +120,22 @@ def parse_dsl(text: str, file: str | None = None, base_dir: Path | None = None) 
         raise attach_snippet(exc, text, file) from None
 
 
-def _parse_tree(text: str, file: str | None) -> Tree:
+def _parse_tree(text: str, file: str | None) -> tuple[Tree, list[Comment]]:
+    """The parse tree of ``text`` and its comments."""
     _check_brackets(text, file)
+    found: list[Token] = []
+    collecting = _COMMENT_TOKENS.set(found)
     try:
-        return _parser().parse(text)
+        tree = _parser().parse(text)
     except UnexpectedInput as exc:
         raise _syntax_error(exc, text, file) from None
     except LarkError as exc:  # anything else the parser may raise: still one located line
         raise SpecError(f"syntax error: {exc.__class__.__name__.lower()}",
                         location=Location(file)) from None
+    finally:
+        _COMMENT_TOKENS.reset(collecting)
+    return tree, [comment(str(t), text[t.start_pos - t.column + 1:t.start_pos], t.line, t.column)
+                  for t in found]
 
 
 def _check_brackets(text: str, file: str | None) -> None:

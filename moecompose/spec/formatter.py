@@ -5,6 +5,9 @@ equals its default left out (``full=True`` keeps them), keys in schema order. Wh
 form a value takes (``topk(k=2)``, ``copy(base, count=8)``, ``0..4 every 2``) follows from
 the schema at its position, the same way the parser reads it back, so
 ``parse(format(spec)) == spec`` for both syntaxes.
+
+The comments of the text a spec was parsed from (kept on its ``Origin``) are written back
+at the same data paths, in either syntax; :mod:`moecompose.spec.comments` has the rules.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from typing import Any
 
 import yaml
 
+from moecompose.spec import comments as C
 from moecompose.spec import fields as F
+from moecompose.spec.origin import DataPath
 from moecompose.spec.schema import Spec
 
 __all__ = ["format_dsl", "format_spec", "format_yaml", "inline", "pruned", "short"]
@@ -29,24 +34,77 @@ _RESERVED = {"true", "false", "null", "every"}
 _RANGE_KEYS = {"from", "to", "every"}
 
 
-def format_spec(spec: Spec, syntax: str, *, full: bool = False) -> str:
-    """The canonical text of ``spec`` in ``syntax`` (``yaml`` or ``dsl``)."""
+def format_spec(spec: Spec, syntax: str, *, full: bool = False, comments: bool = True) -> str:
+    """The canonical text of ``spec`` in ``syntax`` (``yaml`` or ``dsl``), with the
+    comments of the text it was parsed from unless ``comments`` is false."""
     if syntax == "yaml":
-        return format_yaml(spec, full=full)
+        return format_yaml(spec, full=full, comments=comments)
     if syntax == "dsl":
-        return format_dsl(spec, full=full)
+        return format_dsl(spec, full=full, comments=comments)
     raise ValueError(f"syntax must be 'yaml' or 'dsl', got {syntax!r}")
 
 
-def format_yaml(spec: Spec, *, full: bool = False) -> str:
+def format_yaml(spec: Spec, *, full: bool = False, comments: bool = True) -> str:
+    """:func:`format_spec` in YAML."""
     data = pruned(spec.to_data(), Spec, full=full)
-    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=WIDTH,
-                          allow_unicode=True)
+    attached = _attached(spec, data) if comments else []
+    text = yaml.dump(_yaml_layout(data, C.holders(attached)), Dumper=_Dumper, sort_keys=False,
+                     default_flow_style=None, width=WIDTH, allow_unicode=True)
+    if not attached:
+        return text
+    from moecompose.spec.yaml_front import parse_yaml
+
+    return C.weave(text, attached, parse_yaml(text).origin, C.yaml_scalar_lines(text))
 
 
-def format_dsl(spec: Spec, *, full: bool = False) -> str:
+def format_dsl(spec: Spec, *, full: bool = False, comments: bool = True) -> str:
+    """:func:`format_spec` in the ``.moe`` syntax."""
     data = pruned(spec.to_data(), Spec, full=full)
-    return "\n".join(_lines(data, Spec, 0)) + "\n"
+    attached = _attached(spec, data) if comments else []
+    text = "\n".join(_lines(data, Spec, 0, (), C.holders(attached))) + "\n"
+    if not attached:
+        return text
+    from moecompose.spec.dsl import parse_dsl
+
+    return C.weave(text, attached, parse_dsl(text).origin)
+
+
+def _attached(spec: Spec, data: dict[str, Any]) -> list[C.Attached]:
+    """The comments of the text ``spec`` was parsed from, attached to paths of ``data``."""
+    if not spec.origin.comments:
+        return []
+    return C.attach(spec.origin, C.data_paths(data))
+
+
+class _BlockMapping(dict[str, Any]):
+    """A mapping YAML writes one key per line."""
+
+
+class _BlockSequence(list[Any]):
+    """A sequence YAML writes one item per line."""
+
+
+class _Dumper(yaml.SafeDumper):
+    """``yaml.safe_dump``'s writer, which also writes the two block types above."""
+
+
+_Dumper.add_representer(
+    _BlockMapping, lambda d, v: d.represent_mapping("tag:yaml.org,2002:map", v, flow_style=False))
+_Dumper.add_representer(
+    _BlockSequence, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=False))
+
+
+def _yaml_layout(data: Any, expand: frozenset[DataPath], path: DataPath = ()) -> Any:
+    """``data`` with the collections at ``expand`` marked to be written one entry per line."""
+    if not expand:
+        return data
+    if isinstance(data, dict):
+        out = {k: _yaml_layout(v, expand, (*path, k)) for k, v in data.items()}
+        return _BlockMapping(out) if path in expand else out
+    if isinstance(data, list):
+        items = [_yaml_layout(v, expand, (*path, i)) for i, v in enumerate(data)]
+        return _BlockSequence(items) if path in expand else items
+    return data
 
 
 # ----------------------------------------------------------------------------- data
@@ -171,26 +229,29 @@ def _model_inline(value: dict[str, Any], tp: Any, model: Any, models: list[Any])
     return "(" + ", ".join(_kwargs(value, model)) + ")"
 
 
-def _lines(data: dict[str, Any], model: Any, depth: int) -> list[str]:
-    """The lines of a mapping of ``model``'s fields, at ``depth`` levels of indentation."""
+def _lines(data: dict[str, Any], model: Any, depth: int, path: DataPath = (),
+           expand: frozenset[DataPath] = frozenset()) -> list[str]:
+    """The lines of a mapping of ``model``'s fields, at ``depth`` levels of indentation;
+    the mappings at ``expand`` are written one key per line."""
     out: list[str] = []
     for key, value in data.items():
         field_tp = F.field_type([model], key)
         item = F.list_item(field_tp)
         item_models = F.models_of(item) if item is not None else []
         if item_models and isinstance(value, list) and value and len(item_models) == 1:
-            out += _rule_lines(key, value, item_models[0], depth)
+            out += _rule_lines(key, value, item_models[0], depth, (*path, key), expand)
             continue
-        out += _entry(key, value, field_tp, depth)
+        out += _entry(key, value, field_tp, depth, (*path, key), expand)
     return out
 
 
-def _rule_lines(key: str, items: list[dict[str, Any]], model: Any, depth: int) -> list[str]:
+def _rule_lines(key: str, items: list[dict[str, Any]], model: Any, depth: int, path: DataPath,
+                expand: frozenset[DataPath]) -> list[str]:
     """``layers all { ... }``: one line per item, its first field written first."""
     pad = INDENT * depth
     head, head_field = F.fields(model)[0]
     out = []
-    for item in items:
+    for i, item in enumerate(items):
         if head not in item or not head_field.is_required():
             out.append(f"{pad}{_key(key)} [{inline(item, model)}]")
             continue
@@ -200,28 +261,35 @@ def _rule_lines(key: str, items: list[dict[str, Any]], model: Any, depth: int) -
             out.append(first)
             continue
         out.append(first + " {")
-        out += _lines(rest, model, depth + 1)
+        out += _lines(rest, model, depth + 1, (*path, i), expand)
         out.append(pad + "}")
     return out
 
 
-def _entry(key: str, value: Any, tp: Any, depth: int) -> list[str]:
+def _entry(key: str, value: Any, tp: Any, depth: int, path: DataPath = (),
+           expand: frozenset[DataPath] = frozenset()) -> list[str]:
     pad = INDENT * depth
     models = F.models_of(tp)
     if isinstance(value, dict) and value:
         model = F.which_model(value, models)
         if model is None:  # free-key mapping: { name = value; ... }
             line = f"{pad}{_key(key)} {inline(value, tp)}"
-            if len(line) <= WIDTH:
+            if len(line) <= WIDTH and path not in expand:
                 return [line]
             value_tp = F.dict_value(tp)
-            body = [f"{pad}{INDENT}{_key(k)} = {inline(v, value_tp)}" for k, v in value.items()]
+            body = []
+            for k, v in value.items():
+                nested = _entry(k, v, value_tp, depth + 1, (*path, k), expand)
+                if (*path, k) in expand and len(nested) > 1:
+                    body += nested
+                else:
+                    body.append(f"{pad}{INDENT}{_key(k)} = {inline(v, value_tp)}")
             return [f"{pad}{_key(key)} {{", *body, pad + "}"]
         text = inline(value, tp)
         if not text.startswith("("):  # topk(k=2), copy(base, count=8), 0..4
             return [f"{pad}{_key(key)} {text}"]
         line = f"{pad}{_key(key)} " + " ".join(_kwargs(value, model))
-        if len(line) <= WIDTH:
+        if len(line) <= WIDTH and path not in expand:
             return [line]
-        return [f"{pad}{_key(key)} {{", *_lines(value, model, depth + 1), pad + "}"]
+        return [f"{pad}{_key(key)} {{", *_lines(value, model, depth + 1, path, expand), pad + "}"]
     return [f"{pad}{_key(key)} {inline(value, tp)}"]

@@ -1,5 +1,6 @@
-"""Where a spec came from: its file, the folder its relative paths start from, and the
-line/column of every key and value, so later stages can point at the text."""
+"""Where a spec came from: its file, the folder its relative paths start from, the
+line/column of every key and value, so later stages can point at the text, and the text's
+comments, so the formatter can keep them."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moecompose.errors import Location
+from moecompose.spec.comments import Comment
 
 DataPath = tuple[str | int, ...]
 
@@ -17,6 +19,7 @@ class Origin:
     base_dir: Path
     values: dict[DataPath, tuple[int, int]] = field(default_factory=dict)
     keys: dict[DataPath, tuple[int, int]] = field(default_factory=dict)
+    comments: list[Comment] = field(default_factory=list)
 
     @classmethod
     def in_memory(cls, base_dir: Path | None = None) -> Origin:

@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 
 from moecompose.errors import Location, SpecError
+from moecompose.spec.comments import yaml_comments
 from moecompose.spec.origin import DataPath, Origin
 from moecompose.spec.schema import Spec
 from moecompose.spec.validation import spec_from_data
@@ -46,6 +47,7 @@ def parse_yaml(text: str, file: str | None = None, base_dir: Path | None = None)
         raise SpecError(f"YAML syntax: {_one_line(str(exc))}", location=Location(file)) from None
     finally:
         loader.dispose()
+    origin.comments = yaml_comments(text)
     return spec_from_data(data, origin)
 
 
