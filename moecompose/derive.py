@@ -1,9 +1,19 @@
 """Artifacts derived from built ones: ``moecompose transition`` (Mixture of Tokens ->
-top-1 routing). The source artifact is only read; the new one is written atomically and
-records where it came from in its plan, spec, manifest and model card."""
+top-1 routing).
+
+A transition is planned the way ``extend`` is: the artifact's recorded spec, with every
+token-mixing router turned into ``{kind: topk, k: 1, normalize: true}``, is planned again
+from the facts the artifact records (its dense sources need not exist any more), which
+gives the new model's config, layer rows, totals and normalised spec. Then every recipe
+is rewritten to read the artifact (the input named ``@base``): a copy of its tensor, and
+for the router of a transitioned layer its controller scaled by ``1/T``. The new weights
+are made by running those recipes, so ``plan.json`` says how each tensor was made. The
+source artifact is only read; the new one is written atomically.
+"""
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from dataclasses import replace
@@ -11,30 +21,83 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from safetensors.torch import save_file
 
+from moecompose.build.card import model_card
 from moecompose.build.executor import (
+    DOMAINS_FILE,
     check_output,
     sha256_file,
     versions,
     write_atomically,
     write_text,
 )
-from moecompose.errors import BuildError
+from moecompose.build.recipes import produce
+from moecompose.errors import BuildError, MoeComposeError
+from moecompose.extend import BASE
 from moecompose.inspect import read_plan
-from moecompose.sources.checkpoint import TOKENIZER_FILES
+from moecompose.plan.layouts import LAYOUTS
+from moecompose.plan.planner import TEMPERATURE
+from moecompose.plan.planner import plan as make_plan
+from moecompose.plan.recipe import Plan, PlannedTensor, Recipe, TensorRef
+from moecompose.resolve import recorded_checkpoint, resolve
+from moecompose.sources.checkpoint import TOKENIZER_FILES, open_tensors, tensors_fingerprint
+from moecompose.sources.safetensors_io import CODES, SafetensorsWriter, TensorEntry, read_tensor
+from moecompose.spec.schema import Spec
+
+TOP1 = {"kind": "topk", "k": 1, "normalize": True}
+MAPPING = "router.weight = controller / T; topk k=1, normalize=true"
 
 
 def transition(artifact: str | Path, out: str | Path, *, force: bool = False) -> Path:
     """Turn every Mixture-of-Tokens layer of ``artifact`` into a top-1 token-choice MoE
     layer (router = controller / T) and write the result to ``out``."""
-    from moecompose.api import load
-
     artifact, out = Path(artifact).resolve(), Path(out).resolve()
+    plan = transition_plan(artifact)
+    check_output(out, force, {"the artifact": artifact})
+    index = open_tensors("the artifact", artifact)
+    if tensors_fingerprint(index) != plan.sources[BASE]["fingerprint"]:
+        raise BuildError(f"the artifact {artifact} changed while it was planned",
+                         hint="run the transition again")
+    layers = plan.derivations[-1]["layers"]
+
+    def fill(tmp: Path) -> None:
+        files = {"model.safetensors": _write_weights(plan, index, tmp / "model.safetensors")}
+        files["config.json"] = write_text(tmp / "config.json", json.dumps(plan.config, indent=2) + "\n")
+        files["plan.json"] = write_text(tmp / "plan.json", plan.to_json())
+        files["spec.yaml"] = write_text(
+            tmp / "spec.yaml", yaml.safe_dump(plan.spec, sort_keys=False, default_flow_style=None, width=100)
+        )
+        for file in (*TOKENIZER_FILES, DOMAINS_FILE):
+            if (artifact / file).is_file():
+                shutil.copyfile(artifact / file, tmp / file)
+                files[file] = sha256_file(tmp / file)
+        card = model_card(plan) + (
+            f"\n## Transition\n\nLayers {', '.join(map(str, layers))} of `{artifact}` were "
+            "switched from Mixture-of-Tokens mixing to top-1 token-choice routing (router = "
+            "controller / T). Outputs differ from the mixing model; fine-tune briefly before use.\n"
+        )
+        files["README.md"] = write_text(tmp / "README.md", card)
+        manifest: dict[str, Any] = {
+            "moecompose_manifest": 1,
+            "versions": versions(),
+            "plan_digest": plan.digest(),
+            "format": plan.format,
+            "derived_from": plan.derivations[-1],
+            "files": dict(sorted(files.items())),
+        }
+        write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+
+    write_atomically(out, fill)
+    return out
+
+
+def transition_plan(artifact: str | Path) -> Plan:
+    """The plan of ``artifact`` with its token-mixing layers made top-1 (see the module
+    docstring); every recipe reads the artifact."""
+    artifact = Path(artifact).resolve()
     if not (artifact / "config.json").is_file():
         raise BuildError(f"{artifact} is not a moecompose artifact", hint="give a folder `build` wrote")
-    check_output(out, force, {"the artifact": artifact})
-    plan = read_plan(artifact)
+    base = read_plan(artifact)
     config = json.loads((artifact / "config.json").read_text())
     if config.get("model_type") != "moecompose":
         raise BuildError(f"{artifact} is a {config.get('model_type')} export without token mixing")
@@ -42,50 +105,88 @@ def transition(artifact: str | Path, out: str | Path, *, force: bool = False) ->
               if layer["ffn"].get("router", {}).get("kind") == "token_mixing"]
     if not layers:
         raise BuildError(f"{artifact} has no token-mixing layer", hint="nothing to transition")
-    model = load(artifact)
-    new_config = model.transition_to_topk()
-    state = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
-    spec = yaml.safe_load((artifact / "spec.yaml").read_text())
-    for rule in spec.get("layers", []):
-        router = (rule.get("ffn") or {}).get("router") or {}
-        if router.get("kind") == "token_mixing":
-            rule["ffn"]["router"] = {"kind": "topk", "k": 1, "normalize": True}
+    index = open_tensors("the artifact", artifact)
+    spec_data = copy.deepcopy(base.spec)
+    for rule in spec_data.get("layers", []):
+        ffn = rule.get("ffn") or {}
+        if ffn.get("router", {}).get("kind") == "token_mixing":
+            ffn["router"] = dict(TOP1)
+    # Top-1 layers could now be written as a Hugging Face layout; the artifact stays native.
+    spec_data["output"]["format"] = base.format
+    recorded = copy.deepcopy(spec_data)
+    for name in base.domains:  # planned from the artifact's vectors: the texts may be gone
+        spec_data["domains"][name] = {"embedding": str(artifact / DOMAINS_FILE), "key": name}
+    tokenizer = {f: sha256_file(artifact / f) for f in TOKENIZER_FILES if (artifact / f).is_file()}
+    try:
+        opened = {name: recorded_checkpoint(name, base.sources[name], config, tokenizer)
+                  for name in spec_data["sources"]}
+    except (KeyError, TypeError) as exc:
+        raise BuildError(f"{artifact}: plan.json and config.json do not fit together: {exc!r}",
+                         hint="is this an unmodified moecompose artifact?") from None
+    try:
+        new = make_plan(resolve(Spec.model_validate(spec_data), opened))
+    except MoeComposeError as exc:
+        raise type(exc)(f"transitioning {artifact}: {exc.message}", hint=exc.hint) from None
+    scales = {LAYOUTS["native"].router.format(i=i): 1.0 / _temperature(config, index, i)
+              for i in layers}
+    tensors = tuple(_from_artifact(t, index, scales.get(t.name)) for t in new.tensors)
+    dropped = {TEMPERATURE.format(i=i) for i in layers}
+    extra = sorted(set(index) - {t.name for t in tensors} - dropped)
+    if extra:
+        raise BuildError(f"the artifact has tensors its spec does not plan: {', '.join(extra[:3])}",
+                         hint="is this an unmodified moecompose artifact?")
     derivation = {
         "operation": "transition",
         "from": str(artifact),
-        "from_plan_digest": plan.digest(),
+        "from_plan_digest": base.digest(),
         "layers": layers,
-        "mapping": "router.weight = controller / T; topk k=1, normalize=true",
+        "mapping": MAPPING,
     }
+    return replace(
+        new,
+        tensors=tensors,
+        sources={**new.sources, BASE: {"path": str(artifact), "kind": "artifact",
+                                       "fingerprint": tensors_fingerprint(index)}},
+        tokenizer_source=BASE if tokenizer else None,
+        spec={**new.spec, **({"domains": recorded["domains"]} if "domains" in recorded else {})},
+        # The domain vectors are the artifact's; how they were first made is kept under "from".
+        domains={name: {**d, "from": base.domains[name]} for name, d in new.domains.items()},
+        derivations=(*base.derivations, derivation),
+    )
 
-    def fill(tmp: Path) -> None:
-        files: dict[str, str] = {}
-        save_file(dict(sorted(state.items())), tmp / "model.safetensors", metadata={"format": "pt"})
-        files["model.safetensors"] = sha256_file(tmp / "model.safetensors")
-        files["config.json"] = write_text(tmp / "config.json", json.dumps(new_config, indent=2) + "\n")
-        derived = replace(plan, config=new_config, derivations=(*plan.derivations, derivation))
-        files["plan.json"] = write_text(tmp / "plan.json", derived.to_json())
-        files["spec.yaml"] = write_text(
-            tmp / "spec.yaml", yaml.safe_dump(spec, sort_keys=False, default_flow_style=None, width=100)
-        )
-        for file in TOKENIZER_FILES:
-            if (artifact / file).is_file():
-                shutil.copyfile(artifact / file, tmp / file)
-                files[file] = sha256_file(tmp / file)
-        card = (artifact / "README.md").read_text() if (artifact / "README.md").is_file() else ""
-        card += (
-            f"\n## Transition\n\nLayers {', '.join(map(str, layers))} were switched from "
-            "Mixture-of-Tokens mixing to top-1 token-choice routing (router = controller / T). "
-            "Outputs differ from the mixing model; fine-tune briefly before use.\n"
-        )
-        files["README.md"] = write_text(tmp / "README.md", card)
-        manifest: dict[str, Any] = {
-            "moecompose_manifest": 1,
-            "versions": versions(),
-            "derived_from": derivation,
-            "files": dict(sorted(files.items())),
-        }
-        write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
 
-    write_atomically(out, fill)
-    return out
+def _temperature(config: dict[str, Any], index: dict[str, TensorEntry], i: int) -> float:
+    """T of token-mixing layer ``i``: the learned value the artifact holds, or the config's."""
+    router = config["layers"][i]["ffn"]["router"]
+    if router.get("learn_temperature"):
+        return float(read_tensor(index[TEMPERATURE.format(i=i)]).float())
+    return float(router["temperature"])
+
+
+def _from_artifact(t: PlannedTensor, index: dict[str, TensorEntry], scale: float | None) -> PlannedTensor:
+    """``t`` made from the artifact's tensor of the same name (times ``scale``)."""
+    entry = index.get(t.name)
+    if entry is None or entry.shape != t.shape or entry.dtype != CODES[t.dtype]:
+        have = "lacks it" if entry is None else f"has it as {entry.dtype} {list(entry.shape)}"
+        raise BuildError(
+            f"the transitioned model needs tensor '{t.name}' as {t.dtype} {list(t.shape)}; "
+            f"the artifact {have}",
+            hint="is this an unmodified moecompose artifact?",
+        )
+    args = {} if scale is None else {"scale": scale}
+    return replace(t, recipe=Recipe("copy", (TensorRef(BASE, t.name),), args))
+
+
+def _write_weights(plan: Plan, index: dict[str, TensorEntry], path: Path) -> str:
+    """Run ``plan``'s recipes on the artifact's tensors into one safetensors file."""
+    writer = SafetensorsWriter(path, [(t.name, CODES[t.dtype], t.shape) for t in plan.tensors])
+    for tensor in plan.tensors:
+        try:
+            for chunk in produce(tensor, lambda ref: index[ref.tensor]):
+                writer.write(tensor.name, chunk)
+        except Exception as exc:
+            writer.abort()
+            if isinstance(exc, MoeComposeError):
+                raise
+            raise BuildError(f"failed to compute tensor '{tensor.name}': {exc}") from None
+    return writer.close()

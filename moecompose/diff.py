@@ -14,7 +14,7 @@ import dataclasses
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 from moecompose.errors import BuildError, MoeComposeError
-from moecompose.plan.recipe import Plan, PlannedTensor, Totals
+from moecompose.plan.recipe import Plan, PlannedTensor, Recipe, Totals
 from moecompose.spec import fields as F
 from moecompose.spec import load_spec
 from moecompose.spec.formatter import short
@@ -227,22 +227,28 @@ def diff(a: Spec | str | Path, b: Spec | str | Path) -> Diff:
 
 def _data(side: _Side, normalised: bool) -> dict[str, Any]:
     """The side's spec as plain data. With both plans at hand, the plans' normalised specs
-    (every choice the sources decide filled in); else the IR's data with source paths
-    made absolute."""
+    (every choice the sources decide filled in); else the IR's data with its paths
+    (sources, domain texts and embeddings) made absolute, as a normalised spec has them."""
     if normalised and side.plan is not None:
         data = json.loads(json.dumps(side.plan.spec))
         data.setdefault("name", side.spec.name)
         return data
     data = side.spec.to_data()
-    base = side.spec.origin.base_dir
-    sources = {}
-    for name, raw in data["sources"].items():
-        try:
-            sources[name] = str((base / Path(raw).expanduser()).resolve())
-        except (OSError, RuntimeError, ValueError):
-            sources[name] = raw
-    data["sources"] = sources
+    data["sources"] = {name: _absolute(side.spec, raw) for name, raw in data["sources"].items()}
+    for domain in (data.get("domains") or {}).values():
+        for key in ("texts", "embedding"):
+            if domain.get(key) is not None:
+                domain[key] = _absolute(side.spec, domain[key], pattern=key == "texts")
     return data
+
+
+def _absolute(spec: Spec, raw: str, *, pattern: bool = False) -> str:
+    from moecompose.resolve import spec_path
+
+    try:
+        return str(spec_path(spec, raw, pattern=pattern))
+    except (OSError, RuntimeError, ValueError):  # unknown ~user, NUL byte, loops
+        return raw
 
 
 def _changes(a: Any, b: Any, tp: Any, path: tuple[str, ...]) -> list[tuple[str, Any, Any]]:
@@ -364,6 +370,10 @@ def _plan_diff(a: Plan, b: Plan) -> PlanDiff:
     out = PlanDiff(totals, None if a.format == b.format else (a.format, b.format))
     tensors_a = {t.name: t for t in a.tensors}
     tensors_b = {t.name: t for t in b.tensors}
+    if _derived(b, a):
+        tensors_b = {n: replace(t, recipe=_inline(t.recipe, tensors_a)) for n, t in tensors_b.items()}
+    elif _derived(a, b):
+        tensors_a = {n: replace(t, recipe=_inline(t.recipe, tensors_b)) for n, t in tensors_a.items()}
     out.added = [name for name in tensors_b if name not in tensors_a]
     out.removed = [name for name in tensors_a if name not in tensors_b]
     for name, old in tensors_a.items():
@@ -376,6 +386,31 @@ def _plan_diff(a: Plan, b: Plan) -> PlanDiff:
         if a.sources[name].get("fingerprint") != b.sources[name].get("fingerprint"):
             out.source_contents.append(name)
     return out
+
+
+def _derived(child: Plan, parent: Plan) -> bool:
+    """Whether ``child`` was derived (transition, extend) from the artifact ``parent`` plans."""
+    last = child.derivations[-1] if child.derivations else {}
+    return last.get("from_plan_digest") == parent.digest()
+
+
+def _inline(recipe: Recipe, base: dict[str, PlannedTensor]) -> Recipe:
+    """``recipe`` of a derived plan with each plain copy of a tensor (or expert) of the
+    artifact it read as ``@base`` replaced by the recipe that made that tensor, so tensors
+    carried over unchanged compare equal to the artifact's."""
+    from moecompose.extend import BASE
+
+    if recipe.op == "copy" and len(recipe.inputs) == 1 and recipe.inputs[0].source == BASE:
+        made = base.get(recipe.inputs[0].tensor)
+        if made is not None and not recipe.args:
+            return made.recipe
+        index = recipe.args.get("index")
+        if (made is not None and set(recipe.args) == {"index"} and made.recipe.op == "stack"
+                and index < len(made.recipe.parts)):
+            return made.recipe.parts[index]
+    if recipe.parts:
+        return replace(recipe, parts=tuple(_inline(p, base) for p in recipe.parts))
+    return recipe
 
 
 def _canonical(recipe: dict[str, Any]) -> dict[str, Any]:

@@ -7,12 +7,15 @@ tokenizers, layer selections. Errors point at the spec text that caused them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from moecompose.errors import SourceError, SpecError
 from moecompose.sources.checkpoint import ArchFacts, Checkpoint, open_checkpoint
-from moecompose.sources.families import GLOBAL_ROLES, LAYER_ROLES, Family
+from moecompose.sources.families import FAMILIES, GLOBAL_ROLES, LAYER_ROLES, Family
+from moecompose.sources.safetensors_io import CODES, ITEMSIZE, TensorEntry
 from moecompose.sources.vectors import (
     VectorFileError,
     documents,
@@ -111,17 +114,21 @@ class Resolved:
         return [layer for layer in self.layers if layer.ffn is not None]
 
 
-def resolve(spec: Spec) -> Resolved:
-    """Check ``spec`` against its sources' metadata and gather what planning needs."""
+def resolve(spec: Spec, opened: dict[str, Checkpoint] | None = None) -> Resolved:
+    """Check ``spec`` against its sources' metadata and gather what planning needs.
+
+    ``opened``: sources already read, by name (e.g. as an artifact recorded them, see
+    ``recorded_checkpoint``); they are used instead of reading their paths again.
+    """
     check_spec(spec)
     origin = spec.origin
     sources: dict[str, Checkpoint] = {}
     for name, raw in spec.sources.items():
+        if opened is not None and name in opened:
+            sources[name] = opened[name]
+            continue
         try:
-            path = Path(raw).expanduser()
-            if not path.is_absolute():
-                path = origin.base_dir / path
-            path = path.resolve()
+            path = spec_path(spec, raw)
             path.exists()
         except (OSError, RuntimeError, ValueError) as exc:  # unknown ~user, NUL byte, loops
             raise SourceError(
@@ -167,9 +174,67 @@ def resolve(spec: Spec) -> Resolved:
     return resolved
 
 
-def _spec_path(spec: Spec, raw: str) -> Path:
+def spec_path(spec: Spec, raw: str, *, pattern: bool = False) -> Path:
+    """A path written in ``spec`` (a source, domain texts, an embedding file), absolute:
+    ``~`` expanded, relative to the spec's folder, resolved; a glob ``pattern`` is
+    resolved up to its first wildcard. The normalised spec records paths this way, so
+    it means the same wherever it is saved."""
     path = Path(raw).expanduser()
-    return path if path.is_absolute() else spec.origin.base_dir / path
+    if not path.is_absolute():
+        path = spec.origin.base_dir / path
+    if not pattern:
+        return path.resolve()
+    parts = path.parts
+    fixed = next((j for j, part in enumerate(parts) if any(c in part for c in "*?[")), len(parts))
+    return Path(*parts[:fixed]).resolve().joinpath(*parts[fixed:])
+
+
+def recorded_checkpoint(
+    name: str, recorded: dict[str, str], config: dict[str, Any], tokenizer: dict[str, str]
+) -> Checkpoint:
+    """Source ``name`` as an artifact recorded it: its path and fingerprint (the plan's
+    ``sources[name]``), its facts (the artifact's native ``config``: every source shares
+    them), the artifact's ``tokenizer`` file hashes, and the dense tensors those facts
+    imply. Re-plans an artifact's spec without reading its sources, which may be gone."""
+    family = FAMILIES[config["family"]]
+    known = {f.name for f in fields(ArchFacts)}
+    arch = ArchFacts(**{
+        **{key: value for key, value in config.items() if key in known},
+        "model_type": family.model_types[0],
+        "initializer_range": 0.02,  # not recorded; only Hugging Face configs carry it
+    })
+    code = CODES[config["dtype"]]
+    path = Path(recorded["path"])
+    tensors = {}
+    for tensor, shape in dense_tensors(arch, family).items():
+        size = ITEMSIZE[code] * math.prod(shape)
+        tensors[tensor] = TensorEntry(str(path), code, shape, 0, size, tensor)
+    return Checkpoint(name, path, family, arch, tensors, tokenizer, recorded["fingerprint"])
+
+
+def dense_tensors(arch: ArchFacts, family: Family) -> dict[str, tuple[int, ...]]:
+    """Every tensor a dense checkpoint of ``family`` with the facts ``arch`` holds, with
+    its shape."""
+    q_out = arch.num_attention_heads * arch.head_dim
+    kv_out = arch.num_key_value_heads * arch.head_dim
+    d, f, v = arch.hidden_size, arch.intermediate_size, arch.vocab_size
+    shapes = {
+        "embed": (v, d), "final_norm": (d,), "lm_head": (v, d),
+        "attn_norm": (d,), "ffn_norm": (d,), "q": (q_out, d), "k": (kv_out, d),
+        "v": (kv_out, d), "o": (d, q_out), "q_bias": (q_out,), "k_bias": (kv_out,),
+        "v_bias": (kv_out,), "ffn_gate": (f, d), "ffn_up": (f, d), "ffn_down": (d, f),
+    }
+    out: dict[str, tuple[int, ...]] = {}
+    for role in GLOBAL_ROLES:
+        if role == "lm_head" and arch.tie_word_embeddings:
+            continue
+        out[family.tensor(role)] = shapes[role]
+    for i in range(arch.num_hidden_layers):
+        for role in LAYER_ROLES:
+            if role.endswith("_bias") and not arch.attention_bias:
+                continue
+            out[family.tensor(role, i)] = shapes[role]
+    return out
 
 
 def _needs_tokenizer(spec: Spec, ckpt: Checkpoint, at: DataPath, what: str) -> None:
@@ -207,7 +272,7 @@ def _text_domain(
 ) -> ResolvedDomain:
     assert domain.texts is not None
     _needs_tokenizer(spec, embedder, ("embed_with",), "embedding domain texts")
-    matched = documents(_spec_path(spec, domain.texts))
+    matched = documents(spec_path(spec, domain.texts, pattern=True))
     if not matched:
         raise SpecError(
             f"domain '{name}': texts {domain.texts!r} match no file",
@@ -230,7 +295,7 @@ def _text_domain(
 
 def _stored_domain(spec: Spec, name: str, domain: Domain) -> ResolvedDomain:
     assert domain.embedding is not None
-    path = _spec_path(spec, domain.embedding).resolve()
+    path = spec_path(spec, domain.embedding)
     width = embedding_width(path, domain.key)
     return ResolvedDomain(
         name, "embedding", (path,), files_fingerprint((path,)), width, key=domain.key
@@ -287,27 +352,7 @@ def _check_compatible(spec: Spec, sources: dict[str, Checkpoint]) -> None:
 
 def _check_tensors(spec: Spec, sources: dict[str, Checkpoint]) -> None:
     for name, ckpt in sources.items():
-        arch, fam = ckpt.arch, ckpt.family
-        q_out = arch.num_attention_heads * arch.head_dim
-        kv_out = arch.num_key_value_heads * arch.head_dim
-        d, f, v = arch.hidden_size, arch.intermediate_size, arch.vocab_size
-        shapes = {
-            "embed": (v, d), "final_norm": (d,), "lm_head": (v, d),
-            "attn_norm": (d,), "ffn_norm": (d,), "q": (q_out, d), "k": (kv_out, d),
-            "v": (kv_out, d), "o": (d, q_out), "q_bias": (q_out,), "k_bias": (kv_out,),
-            "v_bias": (kv_out,), "ffn_gate": (f, d), "ffn_up": (f, d), "ffn_down": (d, f),
-        }
-        wanted: list[tuple[str, tuple[int, ...]]] = []
-        for role in GLOBAL_ROLES:
-            if role == "lm_head" and arch.tie_word_embeddings:
-                continue
-            wanted.append((fam.tensor(role), shapes[role]))
-        for i in range(arch.num_hidden_layers):
-            for role in LAYER_ROLES:
-                if role.endswith("_bias") and not arch.attention_bias:
-                    continue
-                wanted.append((fam.tensor(role, i), shapes[role]))
-        for tensor, shape in wanted:
+        for tensor, shape in dense_tensors(ckpt.arch, ckpt.family).items():
             entry = ckpt.tensors.get(tensor)
             where = spec.origin.locate(("sources", name))
             if entry is None:

@@ -8,7 +8,13 @@ from typing import Any
 from moecompose.errors import SpecError
 from moecompose.plan.layouts import LAYOUTS, Layout, MoEShape, blockers, hf_config, native_base
 from moecompose.plan.recipe import Plan, PlannedTensor, Recipe, TensorRef, Totals
-from moecompose.resolve import AttentionMixture, FFNMixture, Resolved, ResolvedDomain
+from moecompose.resolve import (
+    AttentionMixture,
+    FFNMixture,
+    Resolved,
+    ResolvedDomain,
+    spec_path,
+)
 from moecompose.sources.families import Family
 from moecompose.spec.schema import (
     NexusRouter,
@@ -470,6 +476,10 @@ def normalised_spec(resolved: Resolved) -> dict[str, Any]:
     data = resolved.spec.model_dump(mode="json", by_alias=True, exclude_none=True)
     data["name"] = resolved.name
     data["sources"] = {name: str(ckpt.path) for name, ckpt in resolved.sources.items()}
+    for domain in (data.get("domains") or {}).values():
+        for key in ("texts", "embedding"):
+            if key in domain:
+                domain[key] = str(spec_path(resolved.spec, domain[key], pattern=key == "texts"))
     data["block"] = resolved.spec.block or "sequential"
     data["train"] = data.get("train") or ["all"]
     data["output"]["dtype"] = resolved.dtype
