@@ -3,26 +3,50 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
 import click
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.text import Text
 
 from moecompose import api
 from moecompose.build.executor import check_target
 from moecompose.errors import MoeComposeError
-from moecompose.report import human, print_plan
+from moecompose.report import human, print_plan, styled
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+
+def plain_console(*, stderr: bool = False, **options: object) -> Console:
+    """A console that prints text as it is: no markup, emoji codes or highlighting, so a
+    path or name holding ``[/x]`` or ``:smile:`` is shown as written (styles come from
+    ``Text`` objects only)."""
+    return Console(stderr=stderr, highlight=False, markup=False, emoji=False, **options)  # type: ignore[arg-type]
+
+
+out = plain_console()
+err = plain_console(stderr=True)
+
+
+def _label(label: str, style: str, rest: str) -> Text:
+    """``label`` in ``style``, then plain ``rest``."""
+    return styled((label, style), " ", rest)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised like Ctrl-C so that every ``finally`` and cleanup runs."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated
 
 
 class _Group(click.Group):
     """Turns every user error into one line on stderr and exit status 2."""
 
     def main(self, *args: object, **kwargs: object) -> object:  # type: ignore[override]
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             return super().main(*args, standalone_mode=False, **kwargs)  # type: ignore[arg-type]
         except click.exceptions.NoArgsIsHelpError as exc:
@@ -30,26 +54,32 @@ class _Group(click.Group):
             sys.exit(2)
         except click.UsageError as exc:
             command = exc.ctx.command_path if exc.ctx else "moecompose"
-            err.print(f"[bold red]error:[/bold red] {exc.format_message()} "
-                      f"(see '{command} --help')", soft_wrap=True)
+            err.print(_label("error:", "bold red", f"{exc.format_message()} "
+                             f"(see '{command} --help')"), soft_wrap=True)
             sys.exit(2)
         except click.exceptions.Abort:
-            err.print("[bold red]aborted[/bold red]")
+            err.print(_label("aborted", "bold red", "(nothing was left half-written)"))
             sys.exit(130)
+        except Terminated:
+            err.print(_label("terminated", "bold red", "(nothing was left half-written)"))
+            sys.exit(128 + signal.SIGTERM)
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
         except MoeComposeError as exc:
-            err.print(f"[bold red]error:[/bold red] {exc.format()}", soft_wrap=True, markup=True)
-            from moecompose.spec.dsl import file_snippet
+            err.print(_label("error:", "bold red", exc.format()), soft_wrap=True)
+            if err.is_terminal:  # a person reading: show the line and a caret under it
+                from moecompose.spec.dsl import file_snippet
 
-            shown = exc.snippet or file_snippet(exc.location)
-            if shown:
-                err.print(shown, soft_wrap=True, markup=False, highlight=False)
-            sys.exit(2)
+                shown = exc.snippet or file_snippet(exc.location)
+                if shown:
+                    err.print(shown, soft_wrap=True)
+            sys.exit(exc.exit_code)
 
 
 SPEC = click.argument("spec", type=click.Path(path_type=Path, dir_okay=False))
@@ -75,12 +105,12 @@ def validate(spec: Path) -> None:
     resolved = api.validate(spec)
     moe = len(resolved.moe_layers)
     out.print(
-        f"[green]ok[/green] {spec}: {len(resolved.sources)} source(s), {resolved.family.name}, "
-        f"{moe}/{len(resolved.layers)} MoE layers",
+        _label("ok", "green", f"{spec}: {len(resolved.sources)} source(s), "
+               f"{resolved.family.name}, {moe}/{len(resolved.layers)} MoE layers"),
         soft_wrap=True,
     )
     for warning in resolved.warnings:
-        out.print(f"[yellow]warning:[/yellow] {warning}")
+        out.print(_label("warning:", "yellow", warning), soft_wrap=True)
 
 
 @main.command()
@@ -114,7 +144,7 @@ def build(spec: Path, output: Path, force: bool, quiet: bool) -> None:
         print_plan(the_plan, out)
     with Progress(
         TextColumn("[bold]building[/bold]"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-        TextColumn("{task.description}"), console=err, transient=True, disable=quiet,
+        TextColumn("{task.description}", markup=False), console=err, transient=True, disable=quiet,
     ) as bar:
         task = bar.add_task("", total=None)
 
@@ -123,9 +153,10 @@ def build(spec: Path, output: Path, force: bool, quiet: bool) -> None:
 
         result = api.build(the_plan, output, force=force, progress=progress)
     for warning in result.warnings:
-        out.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
+        out.print(_label("warning:", "yellow", warning), soft_wrap=True)
     out.print(
-        f"[green]built[/green] {result.path} ({the_plan.format}, {human(the_plan.totals.bytes)}B)",
+        _label("built", "green", f"{result.path} ({the_plan.format}, "
+               f"{human(the_plan.totals.bytes)}B)"),
         soft_wrap=True,
     )
 
@@ -162,7 +193,7 @@ def fmt(spec: Path, syntax: str | None, full: bool, check: bool) -> None:
     if spec.read_text(encoding="utf-8") != text:
         err.print(f"{spec}: not in canonical form (see 'moecompose fmt {spec}')", soft_wrap=True)
         sys.exit(1)
-    out.print(f"[green]ok[/green] {spec} is in canonical form", soft_wrap=True)
+    out.print(_label("ok", "green", f"{spec} is in canonical form"), soft_wrap=True)
 
 
 @main.command()
@@ -202,7 +233,7 @@ def transition(artifact: Path, output: Path, force: bool) -> None:
     from moecompose.derive import transition as run
 
     path = run(artifact, output, force=force)
-    out.print(f"[green]transitioned[/green] {artifact} -> {path}", soft_wrap=True)
+    out.print(_label("transitioned", "green", f"{artifact} -> {path}"), soft_wrap=True)
 
 
 @main.command()
@@ -239,8 +270,9 @@ def extend(artifact: Path, expert: str, domain_texts: str | None, domain_embeddi
                         domain_embedding=domain_embedding, domain_key=domain_key,
                         prompts=prompts, lam=lam, force=force)
     for warning in result.warnings:
-        out.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
-    out.print(f"[green]extended[/green] {artifact} by '{name}' -> {result.path}", soft_wrap=True)
+        out.print(_label("warning:", "yellow", warning), soft_wrap=True)
+    out.print(_label("extended", "green", f"{artifact} by '{name}' -> {result.path}"),
+              soft_wrap=True)
 
 
 @main.command()

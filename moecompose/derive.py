@@ -87,7 +87,7 @@ def transition(artifact: str | Path, out: str | Path, *, force: bool = False) ->
         }
         write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
 
-    write_atomically(out, fill)
+    write_atomically(out, fill, force=force)
     return out
 
 

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
 from moecompose.errors import BuildError, MoeComposeError
 from moecompose.plan.recipe import Plan, PlannedTensor, Recipe, Totals
+from moecompose.report import add_row, styled, table
 from moecompose.spec import fields as F
 from moecompose.spec import load_spec
 from moecompose.spec.formatter import short
@@ -498,69 +498,69 @@ def _human(n: float) -> str:
 
 def print_diff(result: Diff, console: Console, *, max_tensors: int = 12) -> None:
     """The diff as rich tables: settings, sources, plan consequences."""
-    console.print(f"[bold]A[/bold] {result.a}\n[bold]B[/bold] {result.b}", soft_wrap=True)
+    console.print(styled(("A", "bold"), f" {result.a}\n", ("B", "bold"), f" {result.b}"),
+                  soft_wrap=True)
     if result.equal:
-        console.print("[green]A and B describe the same model[/green]")
+        console.print(styled(("A and B describe the same model", "green")))
         if result.plan is None:
-            console.print(f"[yellow]plans not compared:[/yellow] {result.plan_skipped}",
+            console.print(styled(("plans not compared:", "yellow"), f" {result.plan_skipped}"),
                           soft_wrap=True)
         return
     if result.changes or result.sources_added or result.sources_removed:
-        table = Table(title="Spec", title_justify="left")
-        for column in ("where", "setting", "A", "B"):
-            table.add_column(column)
+        settings = table("Spec", ["where", "setting", "A", "B"])
         for name, path in result.sources_added.items():
-            table.add_row("", f"sources.{name}", "", Text(f"added {path}", style="green"))
+            add_row(settings, "", f"sources.{name}", "", Text(f"added {path}", style="green"))
         for name, path in result.sources_removed.items():
-            table.add_row("", f"sources.{name}", Text(path), Text("removed", style="red"))
+            add_row(settings, "", f"sources.{name}", path, Text("removed", style="red"))
         for change in result.changes:
-            table.add_row(change.where, change.path, Text(_show(change.old, change.path)),
-                          Text(_show(change.new, change.path)))
-        console.print(table)
+            add_row(settings, change.where, change.path, _show(change.old, change.path),
+                    _show(change.new, change.path))
+        console.print(settings)
     if result.plan is None:
-        console.print(f"[yellow]plan comparison skipped:[/yellow] {result.plan_skipped}",
+        console.print(styled(("plan comparison skipped:", "yellow"), f" {result.plan_skipped}"),
                       soft_wrap=True)
         return
     plan = result.plan
     if plan.equal:
-        console.print("[green]the plans are the same[/green] (same tensors, recipes and totals)")
+        console.print(styled(("the plans are the same", "green"),
+                             " (same tensors, recipes and totals)"))
         return
-    totals = Table(title="Plan", title_justify="left")
-    for column, justify in (("", "left"), ("A", "right"), ("B", "right"), ("change", "right")):
-        totals.add_column(column, justify=justify)  # type: ignore[arg-type]
+    totals = table("Plan", ["", "A", "B", "change"])
+    for column in totals.columns[1:]:
+        column.justify = "right"
     if plan.format is not None:
-        totals.add_row("format", plan.format[0], plan.format[1], "")
+        add_row(totals, "format", plan.format[0], plan.format[1], "")
     for key, label in TOTALS.items():
         old, new = plan.totals[key]
         if old == new:
             continue
         change = new - old
         percent = f" ({100 * change / old:+.1f}%)" if old else ""
-        totals.add_row(label, f"{old:,}", f"{new:,}", f"{'+' if change > 0 else ''}{_human(change)}{percent}")
+        add_row(totals, label, f"{old:,}", f"{new:,}",
+                f"{'+' if change > 0 else ''}{_human(change)}{percent}")
     for name in plan.source_contents:
-        totals.add_row(f"source {name}", "", "other weights", "")
+        add_row(totals, f"source {name}", "", "other weights", "")
     console.print(totals)
     for title, names, style in (("added", plan.added, "green"), ("removed", plan.removed, "red")):
         if names:
             grouped = _grouped(names)
-            console.print(f"[{style}]{len(names)} tensor(s) {title}[/{style}]")
+            console.print(styled((f"{len(names)} tensor(s) {title}", style)))
             for line in grouped[:max_tensors]:
-                console.print(f"  {line}", soft_wrap=True, markup=False)
+                console.print(Text(f"  {line}"), soft_wrap=True)
             if len(grouped) > max_tensors:
                 console.print(f"  ... {len(grouped) - max_tensors} more")
     if plan.changed:
-        console.print(f"[yellow]{len(plan.changed)} tensor(s) made differently[/yellow]")
+        console.print(styled((f"{len(plan.changed)} tensor(s) made differently", "yellow")))
         by_change: dict[str, list[str]] = {}
         for change in plan.changed:
-            text = "; ".join(f"{k}: {_short(a)} → {_short(b)}" for k, (a, b) in change.what.items())
+            text = "; ".join(f"{k}: {_plain(a)} → {_plain(b)}" for k, (a, b) in change.what.items())
             by_change.setdefault(text, []).append(change.name)
         lines = [f"{name}  {text}" for text, names in by_change.items() for name in _grouped(names)]
         for line in lines[:max_tensors]:
-            console.print(f"  {line}", soft_wrap=True, markup=False)
+            console.print(Text(f"  {line}"), soft_wrap=True)
         if len(lines) > max_tensors:
             console.print(f"  ... {len(lines) - max_tensors} more")
 
 
-def _short(value: Any, width: int = 60) -> str:
-    text = "x".join(map(str, value)) if isinstance(value, list) else str(value)
-    return text if len(text) <= width else text[: width - 1] + "…"
+def _plain(value: Any) -> str:
+    return "x".join(map(str, value)) if isinstance(value, list) else str(value)

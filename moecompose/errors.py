@@ -33,6 +33,7 @@ class MoeComposeError(Exception):
     """A user error. ``format()`` gives the one-line message the CLI prints."""
 
     kind = "error"
+    exit_code = 2  # the CLI's exit status: a mistake in the input
 
     def __init__(
         self,
@@ -69,7 +70,14 @@ class SourceError(MoeComposeError):
 
 
 class BuildError(MoeComposeError):
-    """The build could not be carried out (output exists, disk, corrupted tensor data)."""
+    """The build could not be carried out (output exists, corrupted tensor data)."""
+
+
+class ResourceError(BuildError):
+    """The machine could not do what was asked (a full disk, no memory, no permission):
+    not a mistake in the input, so the CLI exits with status 1, still with one line."""
+
+    exit_code = 1
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str | None:

@@ -10,7 +10,7 @@ from rich.console import Console
 
 from moecompose.errors import BuildError
 from moecompose.plan.recipe import Plan
-from moecompose.report import print_plan
+from moecompose.report import print_plan, styled
 
 
 def read_plan(artifact: Path) -> Plan:
@@ -52,9 +52,9 @@ def inspect_artifact(artifact: Path, console: Console, *, verify: bool = False) 
     plan = read_plan(artifact)
     print_plan(plan, console)
     files = sorted(p.name for p in artifact.iterdir() if p.is_file())
-    console.print(f"[bold]Files:[/bold] {', '.join(files)}")
+    console.print(styled(("Files:", "bold"), f" {', '.join(files)}"), soft_wrap=True)
     if verify:
         bad = verify_files(artifact)
         if bad:
             raise BuildError(f"{artifact}: files differ from manifest.json: {', '.join(bad)}")
-        console.print("[green]all files match manifest.json[/green]")
+        console.print(styled(("all files match manifest.json", "green")))

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import yaml
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.syntax import Syntax
 from rich.table import Table
+from rich.text import Text
 
 from moecompose.plan.recipe import Plan
 
@@ -17,6 +18,35 @@ def human(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:.2f}{unit}"
     return f"{n:.0f}"
+
+
+def styled(*parts: str | tuple[str, str]) -> Text:
+    """Text from plain strings and ``(text, style)`` pairs: user text is never markup."""
+    return Text.assemble(*parts)
+
+
+def table(title: str, columns: list[str], **options: object) -> Table:
+    """A table whose cells wrap (``fold``) instead of being cut with an ellipsis, so
+    every path and tensor name stays whole in a narrow terminal or a pipe."""
+    out = Table(title=title, title_justify="left", **options)  # type: ignore[arg-type]
+    for column in columns:
+        justify = "right" if column == "value" else "left"
+        out.add_column(column, overflow="fold", justify=justify)  # type: ignore[arg-type]
+    return out
+
+
+def add_row(to: Table, *cells: RenderableType) -> None:
+    """Add a row; plain strings are shown as they are, never read as markup."""
+    to.add_row(*(Text(c) if isinstance(c, str) else c for c in cells))
+
+
+def print_yaml(text: str, console: Console) -> None:
+    """YAML text, highlighted on a terminal; long lines wrap, never cropped."""
+    if console.is_terminal:
+        console.print(Syntax(text, "yaml", theme="ansi_dark", background_color="default",
+                             word_wrap=True))
+    else:
+        console.print(Text(text, end=""), soft_wrap=True)
 
 
 def _layer_groups(rows: tuple[dict[str, Any], ...]) -> list[tuple[str, dict[str, Any]]]:
@@ -37,28 +67,24 @@ def _layer_groups(rows: tuple[dict[str, Any], ...]) -> list[tuple[str, dict[str,
 
 def print_plan(plan: Plan, console: Console, *, tensors: bool = False) -> None:
     t = plan.totals
-    console.print(f"[bold]{plan.name}[/bold]: format [cyan]{plan.format}[/cyan] "
-                  f"({plan.format_reason}), dtype {plan.dtype}")
+    console.print(styled((plan.name, "bold"), ": format ", (plan.format, "cyan"),
+                         f" ({plan.format_reason}), dtype {plan.dtype}"), soft_wrap=True)
     for warning in plan.warnings:
-        console.print(f"[yellow]warning:[/yellow] {warning}")
+        console.print(styled(("warning:", "yellow"), f" {warning}"), soft_wrap=True)
 
-    layers = Table(title="Layers", title_justify="left")
-    for col in ("layers", "attention", "ffn", "experts", "router", "shared"):
-        layers.add_column(col)
+    layers = table("Layers", ["layers", "attention", "ffn", "experts", "router", "shared"])
     for label, row in _layer_groups(plan.layers):
         attention = row.get("attention", "dense")
         if row["ffn"] == "dense":
-            layers.add_row(label, attention, "dense", f"merged: {row['merge']}", "", "")
+            add_row(layers, label, attention, "dense", f"merged: {row['merge']}", "", "")
         else:
             drop = f" (drop {row['drop']:g})" if row.get("drop") else ""
-            layers.add_row(label, attention, "MoE", f"{row['experts']}{drop}", row["router"],
-                           row["shared"] or "")
+            add_row(layers, label, attention, "MoE", f"{row['experts']}{drop}", row["router"],
+                    row["shared"] or "")
     console.print(layers)
 
     if plan.domains:
-        domains = Table(title="Domains (Nexus)", title_justify="left")
-        for col in ("domain", "from", "width", "fingerprint"):
-            domains.add_column(col)
+        domains = table("Domains (Nexus)", ["domain", "from", "width", "fingerprint"])
         for name, d in plan.domains.items():
             if d["kind"] == "texts":
                 used = len(d["documents"])
@@ -67,30 +93,26 @@ def print_plan(plan: Plan, console: Console, *, tensors: bool = False) -> None:
                           f"{d['embed_with']} (<= {d['max_tokens']} tokens each)")
             else:
                 origin = d["path"] + (f" [{d['key']}]" if d.get("key") else "")
-            domains.add_row(name, origin, str(d["width"]), d["fingerprint"][:12])
+            add_row(domains, name, origin, str(d["width"]), d["fingerprint"][:12])
         console.print(domains)
 
     if tensors:
-        table = Table(title="Tensors", title_justify="left")
-        for col in ("tensor", "shape", "dtype", "recipe", "train"):
-            table.add_column(col)
+        listing = table("Tensors", ["tensor", "shape", "dtype", "recipe", "train"])
         for tensor in plan.tensors:
-            table.add_row(tensor.name, "x".join(map(str, tensor.shape)), tensor.dtype,
-                          tensor.recipe.summary(), "yes" if tensor.trainable else "no")
-        console.print(table)
+            add_row(listing, tensor.name, "x".join(map(str, tensor.shape)), tensor.dtype,
+                    tensor.recipe.summary(), "yes" if tensor.trainable else "no")
+        console.print(listing)
 
-    totals = Table(title="Totals", title_justify="left", show_header=False)
-    totals.add_column("what")
-    totals.add_column("value", justify="right")
-    totals.add_row("parameters", f"{human(t.params)} ({t.params:,})")
-    totals.add_row("active parameters / token", f"{human(t.active_params)} ({t.active_params:,})")
-    totals.add_row("trainable parameters", f"{human(t.trainable_params)} ({t.trainable_params:,})")
-    totals.add_row(f"forward FLOPs / token (context {t.flops_context})", human(t.flops_per_token))
-    totals.add_row("KV cache / token", f"{human(t.kv_cache_bytes_per_token)}B")
-    totals.add_row("weights", f"{human(t.bytes)}B")
-    totals.add_row("output tensors", str(len(plan.tensors)))
+    totals = table("Totals", ["what", "value"], show_header=False)
+    add_row(totals, "parameters", f"{human(t.params)} ({t.params:,})")
+    add_row(totals, "active parameters / token", f"{human(t.active_params)} ({t.active_params:,})")
+    add_row(totals, "trainable parameters", f"{human(t.trainable_params)} ({t.trainable_params:,})")
+    add_row(totals, f"forward FLOPs / token (context {t.flops_context})", human(t.flops_per_token))
+    add_row(totals, "KV cache / token", f"{human(t.kv_cache_bytes_per_token)}B")
+    add_row(totals, "weights", f"{human(t.bytes)}B")
+    add_row(totals, "output tensors", str(len(plan.tensors)))
     console.print(totals)
 
-    console.print("[bold]Spec, every default filled in:[/bold]")
-    text = yaml.safe_dump(plan.spec, sort_keys=False, default_flow_style=None, width=100)
-    console.print(Syntax(text, "yaml", theme="ansi_dark", background_color="default"))
+    console.print(styled(("Spec, every default filled in:", "bold")))
+    print_yaml(yaml.safe_dump(plan.spec, sort_keys=False, default_flow_style=None, width=100),
+               console)

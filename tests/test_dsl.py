@@ -136,15 +136,25 @@ def test_malformed_text_gives_a_located_error_with_a_caret(
         assert leak not in error.format() + error.snippet
 
 
-def test_cli_prints_one_error_line_and_the_caret(tmp_path: Path) -> None:
+def test_cli_prints_one_error_line_and_on_a_terminal_the_caret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "bad.moe"
     path.write_text(HEAD + "layers all { ffn experts=[a] router=topk(k=3) }\n")
     result = CliRunner().invoke(main, ["validate", str(path)])
     assert result.exit_code == 2
+    assert result.output.splitlines() == [result.output.splitlines()[0]]
+    assert result.output.startswith(f"error: {path}:3:44: k = 3")
+    assert "Traceback" not in result.output
+
+    import moecompose.cli
+
+    monkeypatch.setattr(moecompose.cli, "err", moecompose.cli.plain_console(
+        stderr=True, force_terminal=True, color_system=None))
+    result = CliRunner().invoke(main, ["validate", str(path)])
     lines = result.output.splitlines()
     assert lines[0].startswith(f"error: {path}:3:44: k = 3")
     assert lines[1].startswith(" 3 | layers all") and lines[2].endswith("^")
-    assert "Traceback" not in result.output
 
 
 def test_errors_from_reading_sources_point_into_the_moe_file(

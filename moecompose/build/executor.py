@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from safetensors.torch import save_file
 
 from moecompose.build.card import model_card
+from moecompose.build.output import check_free_space, check_output, write_atomically
 from moecompose.build.recipes import Lookup, produce
-from moecompose.errors import BuildError, MoeComposeError, SourceError
+from moecompose.errors import BuildError, MoeComposeError, ResourceError, SourceError
 from moecompose.plan.recipe import Plan, PlannedTensor, TensorRef
 from moecompose.sources.checkpoint import (
     TOKENIZER_FILES,
@@ -29,7 +29,7 @@ from moecompose.sources.checkpoint import (
     open_tensors,
     tensors_fingerprint,
 )
-from moecompose.sources.safetensors_io import CODES, SafetensorsWriter, TensorEntry
+from moecompose.sources.safetensors_io import CODES, ITEMSIZE, SafetensorsWriter, TensorEntry
 
 if TYPE_CHECKING:
     from moecompose.build.computed import Computed
@@ -50,42 +50,15 @@ def build(plan: Plan, out: str | Path, *, force: bool = False, progress: Progres
     """Write ``plan``'s artifact to ``out``; refuses an existing ``out`` unless ``force``."""
     out = Path(out).resolve()
     check_target(plan, out, force)
+    check_free_space(out, plan.totals.bytes)
     from moecompose.build.computed import compute  # loads the model code: only to build
 
     lookup = open_sources(plan)
     computed = compute(plan, lookup)  # model runs (domain texts, router prompts) come first
     files = write_atomically(
-        out, lambda tmp: _write_artifact(plan, tmp, progress, lookup, computed)
+        out, lambda tmp: _write_artifact(plan, tmp, progress, lookup, computed), force=force
     )
     return BuildResult(out, files, sum(t.numel for t in plan.tensors), tuple(computed.warnings))
-
-
-T = TypeVar("T")
-
-
-def write_atomically(out: Path, fill: Callable[[Path], T]) -> T:
-    """Run ``fill`` on a hidden temporary folder beside ``out``, then put it in place of
-    ``out``. On any failure the temporary folder is removed and ``out`` is untouched."""
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
-        result = fill(tmp)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise BuildError(f"cannot write {out}: {exc.strerror or exc}") from None
-        raise
-    return result
 
 
 def check_target(plan: Plan, out: Path, force: bool) -> None:
@@ -96,28 +69,6 @@ def check_target(plan: Plan, out: Path, force: bool) -> None:
         for name, src in plan.sources.items()
     }
     check_output(Path(out), force, sources)
-
-
-def check_output(out: Path, force: bool, protected: dict[str, Path]) -> None:
-    """Refuse an output folder that overlaps a ``protected`` folder (what is read), that
-    exists (without ``force``), or that exists and is not a moecompose artifact."""
-    out = out.resolve()
-    if out.exists() and not out.is_dir():
-        raise BuildError(f"output {out} is a file", hint="choose a folder path for the artifact")
-    for what, folder in protected.items():
-        folder = folder.resolve()
-        if out == folder or folder.is_relative_to(out) or out.is_relative_to(folder):
-            raise BuildError(
-                f"output {out} overlaps {what} ({folder})",
-                hint="choose an output folder outside what is read",
-            )
-    if out.exists() and not force:
-        raise BuildError(f"output {out} already exists", hint="pass --force to replace it")
-    if out.exists() and not (out / "plan.json").is_file() and any(out.iterdir()):
-        raise BuildError(
-            f"output {out} exists and is not a moecompose artifact",
-            hint="refusing to replace it even with --force; choose another folder",
-        )
 
 
 def _shards(plan: Plan, max_bytes: int) -> list[list[PlannedTensor]]:
@@ -184,6 +135,16 @@ def _write_artifact(
         except MoeComposeError:
             writer.abort()
             raise
+        except OSError:
+            writer.abort()
+            raise  # write_atomically names the output and the cause
+        except MemoryError:
+            writer.abort()
+            raise ResourceError(
+                f"out of memory computing tensor '{tensor.name}' (shape {list(tensor.shape)}, "
+                f"{tensor.numel * ITEMSIZE[CODES[tensor.dtype]]:,} bytes)",
+                hint="free memory on this machine or build on a larger one",
+            ) from None
         except Exception as exc:
             writer.abort()
             raise BuildError(f"failed to compute tensor '{tensor.name}': {exc}") from None

@@ -1,0 +1,256 @@
+"""Putting an artifact folder in place without ever losing data.
+
+A folder is written under a hidden temporary name beside its target and renamed into
+place when complete. Around that rename:
+
+* one writer per target: an advisory lock (``.NAME.lock`` beside the target) is held
+  from the first byte written to the rename, so a second build to the same path stops
+  at once with a message naming the first one;
+* no silent replacement: without ``force``, the rename refuses a target that appeared
+  during the build (``renameat2(RENAME_NOREPLACE)`` on Linux, ``renamex_np`` on macOS;
+  a check under the lock elsewhere); with ``force``, a target is replaced only if it is
+  a moecompose artifact, swapped atomically where the system allows;
+* nothing left behind: temporary folders are named after their writer
+  (``.NAME.partial-HOST-PID-START``), so a later build removes those of writers that died
+  (``kill -9``), and only those: never another host's, never a live process's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import platform
+import re
+import shutil
+import socket
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import psutil
+
+from moecompose.errors import BuildError, ResourceError
+
+T = TypeVar("T")
+
+_NOREPLACE, _EXCHANGE = 1, 2  # renameat2 flags (Linux)
+_MAC_SWAP, _MAC_EXCL = 0x2, 0x4  # renamex_np flags (macOS)
+_AT_FDCWD = -100
+_OWNER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-(?P<start>\d+)$")
+_SPACE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _host() -> str:
+    import hashlib
+
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _me() -> str:
+    """``HOST-PID-START``: names this process unambiguously (a pid can be reused)."""
+    start = int(psutil.Process().create_time() * 1000)
+    return f"{_host()}-{os.getpid()}-{start}"
+
+
+def _alive(pid: int, start: int) -> bool:
+    try:
+        return int(psutil.Process(pid).create_time() * 1000) == start
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
+    except psutil.Error:
+        return True  # cannot tell: keep it
+
+
+def remove_stale(out: Path) -> list[Path]:
+    """Remove the temporary folders of dead writers of ``out`` (on this host); a
+    half-swapped ``.old`` folder whose target is missing is put back. Returns what was
+    removed or restored."""
+    if not out.parent.is_dir():
+        return []
+    host, done = _host(), []
+    for path in out.parent.iterdir():
+        match = _OWNER.match(path.name)
+        if not match or match["name"] != out.name or match["host"] != host:
+            continue
+        if _alive(int(match["pid"]), int(match["start"])):
+            continue
+        if match["kind"] == "old" and not out.exists():
+            path.rename(out)  # the swap died between its two renames: keep the old artifact
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+        done.append(path)
+    return done
+
+
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold the advisory lock of ``out`` (``.NAME.lock`` beside it) or fail at once."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; the rename checks still apply
+        yield
+        return
+    lock = out.parent / f".{out.name}.lock"
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise BuildError(
+                f"another build is writing {out} ({holder})",
+                hint="wait for it to finish, or choose another output folder",
+            ) from None
+        if os.path.exists(lock) and os.path.samestat(os.fstat(fd), os.stat(lock)):
+            break
+        os.close(fd)  # the lock file was replaced while we waited: lock the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        os.close(fd)
+
+
+def _rename_call(src: Path, dst: Path, flags: int) -> bool:
+    """rename with ``flags`` (Linux ``RENAME_*`` meaning); False when the system or the
+    file system lacks it. Raises ``OSError`` for a refusal such as ``EEXIST``."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if sys.platform.startswith("linux") and hasattr(libc, "renameat2"):
+        rc = libc.renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags)
+    elif platform.system() == "Darwin" and hasattr(libc, "renamex_np"):
+        mac = {_NOREPLACE: _MAC_EXCL, _EXCHANGE: _MAC_SWAP}[flags]
+        rc = libc.renamex_np(os.fsencode(src), os.fsencode(dst), mac)
+    else:
+        return False
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(dst))
+
+
+def _appeared(out: Path) -> BuildError:
+    return BuildError(
+        f"output {out} appeared while the build ran; it was left as it is",
+        hint="pass --force to replace it, or choose another output folder",
+    )
+
+
+def check_output(out: Path, force: bool, protected: dict[str, Path]) -> None:
+    """Refuse an output folder that overlaps a ``protected`` folder (what is read), that
+    exists (without ``force``), or that exists and is not a moecompose artifact."""
+    out = out.resolve()
+    if out.exists() and not out.is_dir():
+        raise BuildError(f"output {out} is a file", hint="choose a folder path for the artifact")
+    for what, folder in protected.items():
+        folder = folder.resolve()
+        if out == folder or folder.is_relative_to(out) or out.is_relative_to(folder):
+            raise BuildError(
+                f"output {out} overlaps {what} ({folder})",
+                hint="choose an output folder outside what is read",
+            )
+    if out.exists() and not force:
+        raise BuildError(f"output {out} already exists", hint="pass --force to replace it")
+    if out.exists() and not (out / "plan.json").is_file() and any(out.iterdir()):
+        raise BuildError(
+            f"output {out} exists and is not a moecompose artifact",
+            hint="refusing to replace it even with --force; choose another folder",
+        )
+
+
+def put_in_place(tmp: Path, out: Path, *, force: bool) -> None:
+    """Rename the finished folder ``tmp`` to ``out``; see the module docstring."""
+    if not force:
+        try:
+            if _rename_call(tmp, out, _NOREPLACE):
+                return
+        except FileExistsError:
+            raise _appeared(out) from None
+        except OSError as exc:
+            if exc.errno == errno.ENOTEMPTY:
+                raise _appeared(out) from None
+            raise
+        if out.exists():
+            raise _appeared(out)
+        tmp.rename(out)
+        return
+    check_output(out, True, {})  # what appeared meanwhile is replaced only if ours
+    if not out.exists():
+        tmp.rename(out)
+        return
+    old = out.parent / f".{out.name}.old-{_me()}"
+    if _rename_call(tmp, out, _EXCHANGE):
+        tmp.rename(old)  # tmp now holds the replaced artifact
+    else:
+        out.rename(old)
+        tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_atomically(out: Path, fill: Callable[[Path], T], *, force: bool) -> T:
+    """Run ``fill`` on a hidden temporary folder beside ``out``, then put it in place of
+    ``out``. On any failure (SIGINT and SIGTERM included) the temporary folder is removed
+    and ``out`` is untouched."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(exc, out) from None
+    with output_lock(out):
+        remove_stale(out)
+        tmp = out.parent / f".{out.name}.partial-{_me()}"
+        try:
+            tmp.mkdir()
+            result = fill(tmp)
+            put_in_place(tmp, out, force=force)
+        except BaseException as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise write_error(exc, out) from None
+            raise
+    return result
+
+
+def write_error(exc: OSError, out: Path) -> BuildError:
+    """A located one-line error for a failed write of ``out``: a full disk, a quota or a
+    permission is a ``ResourceError`` (the machine, not the input)."""
+    where = exc.filename or out
+    if exc.errno in _SPACE_ERRORS:
+        try:
+            free = f", {shutil.disk_usage(out.parent).free:,} bytes free in {out.parent}"
+        except OSError:
+            free = ""
+        return ResourceError(
+            f"cannot write {out}: {exc.strerror or exc}{free}",
+            hint="free some space or write the artifact to another disk",
+        )
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return ResourceError(
+            f"cannot write {out}: {where}: {exc.strerror or exc}",
+            hint="choose an output folder you can write to",
+        )
+    return BuildError(f"cannot write {out}: {where}: {exc.strerror or exc}")
+
+
+def check_free_space(out: Path, needed: int) -> None:
+    """Refuse before writing when the output's file system has less room than ``needed``
+    bytes (the plan knows them all)."""
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if free < needed:
+        raise ResourceError(
+            f"cannot write {out}: the artifact needs {needed:,} bytes, {folder} has {free:,} free",
+            hint="free some space or write the artifact to another disk",
+        )
