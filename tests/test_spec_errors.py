@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import struct
@@ -38,6 +39,7 @@ class Case:
     expect: tuple[str, ...]  # substrings of the message
     at: str | None  # "line:col" in the spec, or None when the problem has no spec location
     cli: bool = False  # also run through `moecompose validate` and `moecompose build`
+    file: str = "spec.yaml"  # the spec's file name: .moe for the text syntax
 
 
 CASES = [
@@ -100,6 +102,44 @@ CASES = [
          ("merge keys ('<<') are not supported",), "7:3"),
     Case("recursive-alias", BASE + "name: &n [*n]\n", ("alias refers to a node that contains it",),
          "5:7"),
+    # --- hostile documents: bounded before they are parsed or expanded
+    Case("yaml-nested-too-deep", BASE + "name: " + "[" * 20000 + "]" * 20000 + "\n",
+         ("nested more than 32 levels deep",), "5:38", cli=True),
+    Case("yaml-alias-bomb", BASE + "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi")),
+         ("aliases expand to more than 100,000 values",), "6:8", cli=True),
+    Case("yaml-huge-integer", BASE + "seed: " + "9" * 5000 + "\n",
+         ("cannot read the value '9999", "5000 digits"), "5:7", cli=True),
+    Case("integer-above-bound", BASE + "seed: " + "9" * 100 + "\n",
+         ("seed must be at most 9007199254740992",), "5:7"),
+    Case("bool-for-integer", BASE + RULE + "      experts: [seed, code]\n"
+         "      router: {kind: topk, k: true}\n",
+         ("router.k: expected a whole number", "got the boolean true"), "9:31"),
+    Case("init-std-infinite", BASE + RULE + "      experts: [seed, code]\n"
+         "      router: {kind: topk, init_std: .inf}\n",
+         ("router.init_std: expected a finite number",), "9:38"),
+    Case("adapter-scale-nan", BASE + RULE + "      experts: {adapters: seed, count: 2, scale: .nan}\n",
+         ("experts.scale: expected a finite number",), "8:50"),
+    Case("load-balance-infinite", BASE + RULE + "      experts: [seed, code]\n"
+         "      aux_loss: {load_balance: .inf}\n",
+         ("aux_loss.load_balance: expected a finite number",), "9:32", cli=True),
+    Case("adapter-bottleneck-resource-bomb",
+         BASE + RULE + "      experts: {adapters: seed, count: 8, bottleneck: 1000000000000}\n",
+         ("the plan writes", "PB", "the largest source", "refused as a likely mistake"), "1:1",
+         cli=True),
+    Case("markup-in-a-path", "moecompose: 1\nsources:\n  seed: ./no/[/x]/[bold]such\n",
+         ("does not exist", "[/x]/[bold]such"), "3:9", cli=True),
+    Case("dsl-unknown-key-in-block",
+         "moecompose 1\nsources { seed = <seed>; code = <code> }\nlayers all {\n"
+         "  ffn experts=[seed, code] routr=topk(k=1)\n}\n",
+         ("unknown key 'routr' in layers[0].ffn", "did you mean 'router'?"), "4:28", cli=True,
+         file="spec.moe"),
+    Case("dsl-unknown-line-in-block",
+         "moecompose 1\nsources { seed = <seed>; code = <code> }\nlayers all {\n"
+         "  fnn experts=[seed, code]\n}\n",
+         ("unknown key 'fnn' in layers[0]", "did you mean 'ffn'?"), "4:3", file="spec.moe"),
+    Case("dsl-nested-too-deep", "moecompose 1\nname " + "[" * 5000 + "]" * 5000 + "\n",
+         ("nested more than 64 deep",), "2:70", file="spec.moe"),
     # --- names that must be sources
     Case("expert-not-a-source", BASE + RULE + "      experts: [seed, cod]\n",
          ("expert 'cod' is not defined in 'sources'", "did you mean 'code'?"), "8:23", cli=True),
@@ -152,7 +192,7 @@ CASES = [
          ("share[0]: expected 'k' or 'v'", "got 'q'"), "9:15", cli=True),
     Case("attention-share-k-only", BASE + "layers:\n  - select: all\n    attention:\n"
          "      experts: [seed, code]\n      share: [k]\n",
-         ("keys and values are shared together", "share: [k, v]"), "9:14"),
+         ("keys and values are shared together", "share: [k, v]"), "9:14", cli=True),
     Case("attention-share-single-expert", BASE + "layers:\n  - select: all\n    attention:\n"
          "      experts: [seed]\n      share: [k, v]\n",
          ("share needs at least two attention experts",), "9:14"),
@@ -239,7 +279,7 @@ CASES = [
     Case("source-config-bad-json", WITH_X.format("badjson"),
          ("config.json is not valid JSON",), "4:6"),
     Case("source-config-bad-value", WITH_X.format("badvalue"),
-         ("config.json has an invalid value",), "4:6"),
+         ("config.json field 'hidden_size' must be a whole number", "'big'"), "4:6"),
     Case("source-unknown-family", WITH_X.format("gpt2"),
          ("model_type 'gpt2'", "supported: llama"), "4:6"),
     Case("source-only-bin-weights", WITH_X.format("binonly"),
@@ -265,6 +305,35 @@ CASES = [
          ("Qwen2 sliding-window attention", "max_window_layers", "use_sliding_window"), "3:6"),
     Case("source-bad-sliding-window", "moecompose: 1\nsources:\n  x: <badwindow>\n",
          ("sliding_window must be a positive integer, got 'wide'",), "3:6"),
+    Case("source-config-nested-too-deep", WITH_X.format("deepconfig"),
+         ("config.json is not valid JSON", "nested more than 64 levels deep"), "4:6", cli=True),
+    Case("source-config-huge-integer", WITH_X.format("bigint"),
+         ("config.json is not valid JSON", "a number with 5000 digits"), "4:6"),
+    Case("source-config-infinite-number", WITH_X.format("infconfig"),
+         ("config.json is not valid JSON", "1e999 is out of range"), "4:6"),
+    Case("source-config-bool-as-string", WITH_X.format("tiestring"),
+         ("field 'tie_word_embeddings' must be true or false", "the string 'false'"), "4:6",
+         cli=True),
+    Case("source-config-heads-not-dividing", WITH_X.format("kvheads"),
+         ("not a multiple of its 3 key-value heads",), "4:6"),
+    Case("source-header-nested-too-deep", WITH_X.format("deepheader"),
+         ("corrupted safetensors header", "nested more than 64 levels deep"), "4:6"),
+    Case("source-header-shape-not-numbers", WITH_X.format("badshape"),
+         ("corrupted safetensors header", "entry 'model.norm.weight'"), "4:6"),
+    Case("source-tensors-share-bytes", WITH_X.format("overlap"),
+         ("corrupted safetensors header", "share bytes"), "4:6", cli=True),
+    Case("source-index-outside-folder", WITH_X.format("escaping"),
+         ("maps tensor", "'../", "outside the model folder"), "4:6", cli=True),
+    Case("source-index-absolute-path", WITH_X.format("absolute"),
+         ("maps tensor", "outside the model folder"), "4:6"),
+    Case("source-weights-is-a-folder", WITH_X.format("weightsdir"),
+         ("weights file 'model.safetensors' is a folder, not a file",), "4:6"),
+    Case("source-weights-is-a-fifo", WITH_X.format("weightsfifo"),
+         ("weights file 'model.safetensors' is a named pipe (FIFO)",), "4:6", cli=True),
+    Case("source-weights-symlink-loop", WITH_X.format("weightsloop"),
+         ("weights file 'model.safetensors' is a symbolic link loop",), "4:6"),
+    Case("source-config-is-a-fifo", WITH_X.format("configfifo"),
+         ("config.json is a named pipe (FIFO)",), "4:6"),
     Case("sources-different-windows",
          "moecompose: 1\nsources:\n  a: <mistral>\n  b: <mistral_window>\n",
          ("sources 'a' and 'b' differ in sliding_window: None vs 4",), "4:6"),
@@ -335,6 +404,60 @@ def broken(sources: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
     out["badwindow"] = Path(shutil.copytree(sources["mistral"], root / "badwindow"))
     edit_config(out["badwindow"], sliding_window="wide")
 
+    def edit_header(path: Path, edit) -> None:
+        """Rewrite a safetensors header in place, keeping the data bytes."""
+        data = path.read_bytes()
+        (n,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + n])
+        raw = edit(header)
+        raw = raw if isinstance(raw, bytes) else json.dumps(header).encode()
+        path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+
+    out["deepconfig"] = copy("deepconfig")
+    (out["deepconfig"] / "config.json").write_text(
+        '{"model_type": "llama", "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    out["bigint"] = copy("bigint")
+    text = (out["bigint"] / "config.json").read_text()
+    (out["bigint"] / "config.json").write_text(
+        re.sub(r'"vocab_size": \d+', '"vocab_size": ' + "9" * 5000, text))
+    out["infconfig"] = copy("infconfig")
+    text = (out["infconfig"] / "config.json").read_text()
+    (out["infconfig"] / "config.json").write_text(
+        re.sub(r'"rms_norm_eps": [^,}]+', '"rms_norm_eps": 1e999', text))
+    out["tiestring"] = copy("tiestring")
+    edit_config(out["tiestring"], tie_word_embeddings="false")
+    out["kvheads"] = copy("kvheads")
+    edit_config(out["kvheads"], num_key_value_heads=3)
+    out["deepheader"] = copy("deepheader")
+    edit_header(out["deepheader"] / "model.safetensors",
+                lambda h: b'{"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    out["badshape"] = copy("badshape")
+    edit_header(out["badshape"] / "model.safetensors",
+                lambda h: h["model.norm.weight"].update(shape=["a"]))
+    out["overlap"] = copy("overlap")
+    edit_header(out["overlap"] / "model.safetensors", lambda h: h[
+        "model.layers.1.input_layernorm.weight"].update(
+        data_offsets=h["model.layers.0.input_layernorm.weight"]["data_offsets"]))
+    for name, prefix in (("escaping", "../seed/"), ("absolute", f"{seed}/")):
+        out[name] = root / name
+        out[name].mkdir()
+        shutil.copyfile(seed / "config.json", out[name] / "config.json")
+        names = load_file(seed / "model.safetensors")
+        (out[name] / "model.safetensors.index.json").write_text(json.dumps(
+            {"weight_map": {t: prefix + "model.safetensors" for t in names}}))
+    out["weightsdir"] = copy("weightsdir")
+    (out["weightsdir"] / "model.safetensors").unlink()
+    (out["weightsdir"] / "model.safetensors").mkdir()
+    out["weightsfifo"] = copy("weightsfifo")
+    (out["weightsfifo"] / "model.safetensors").unlink()
+    os.mkfifo(out["weightsfifo"] / "model.safetensors")
+    out["weightsloop"] = copy("weightsloop")
+    (out["weightsloop"] / "model.safetensors").unlink()
+    (out["weightsloop"] / "model.safetensors").symlink_to("model.safetensors")
+    out["configfifo"] = copy("configfifo")
+    (out["configfifo"] / "config.json").unlink()
+    os.mkfifo(out["configfifo"] / "config.json")
+
     out["tokenizer"] = copy("tokenizer")
     tok = json.loads((out["tokenizer"] / "tokenizer.json").read_text())
     tok["model"]["vocab"]["zebra"] = len(tok["model"]["vocab"])
@@ -355,10 +478,10 @@ def spec_text(sources: dict[str, Path], broken: dict[str, Path]):
     return fill
 
 
-def _write(tmp_path: Path, text: str) -> Path:
+def _write(tmp_path: Path, text: str, name: str = "spec.yaml") -> Path:
     folder = tmp_path / "specs"
     folder.mkdir(exist_ok=True)
-    path = folder / "spec.yaml"
+    path = folder / name
     path.write_text(text)
     return path
 
@@ -412,7 +535,7 @@ def test_the_table_is_large_enough() -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_validate_gives_one_located_line(case: Case, spec_text, tmp_path: Path) -> None:
-    spec = _write(tmp_path, spec_text(case.text))
+    spec = _write(tmp_path, spec_text(case.text), case.file)
     with pytest.raises(MoeComposeError) as info:
         mc.validate(spec)
     _check_message(info.value.format(), spec, case)
@@ -421,7 +544,7 @@ def test_validate_gives_one_located_line(case: Case, spec_text, tmp_path: Path) 
 
 @pytest.mark.parametrize("case", CLI_CASES, ids=[c.id for c in CLI_CASES])
 def test_cli_validate_exits_2_with_one_line(case: Case, spec_text, tmp_path: Path) -> None:
-    spec = _write(tmp_path, spec_text(case.text))
+    spec = _write(tmp_path, spec_text(case.text), case.file)
     message = _check_cli_error(_run_cli("validate", str(spec)))
     _check_message(message, spec, case)
 
@@ -431,7 +554,7 @@ def test_cli_validate_exits_2_with_one_line(case: Case, spec_text, tmp_path: Pat
 def test_cli_build_fails_cleanly(
     case: Case, spec_text, tmp_path: Path, sources: dict[str, Path], broken: dict[str, Path]
 ) -> None:
-    spec = _write(tmp_path, spec_text(case.text))
+    spec = _write(tmp_path, spec_text(case.text), case.file)
     watched = [*sources.values(), *broken.values()]
     before = _tree_hashes(*watched)
     out_parent = tmp_path / "artifacts"
@@ -448,7 +571,7 @@ def test_cli_build_fails_cleanly(
 
 def test_plan_reports_the_same_error_as_validate(spec_text, tmp_path: Path) -> None:
     case = next(c for c in CASES if c.id == "mixtral-with-shared-expert")
-    spec = _write(tmp_path, spec_text(case.text))
+    spec = _write(tmp_path, spec_text(case.text), case.file)
     message = _check_cli_error(_run_cli("plan", str(spec)))
     _check_message(message, spec, case)
 
@@ -565,3 +688,66 @@ def test_api_messages_are_one_line_for_in_memory_specs() -> None:
     assert info.value.format() == (
         "<spec>:3:1: unknown top-level key 'sorces' (did you mean 'sources'?)"
     )
+
+
+def test_spec_file_that_is_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "spec.yaml"
+    os.mkfifo(fifo)
+    message = _check_cli_error(_run_cli("validate", str(fifo)))
+    assert message == (f"{fifo}: the spec file is a named pipe (FIFO), not a file "
+                       "(give the path of a .yaml or .moe spec file)")
+
+
+@pytest.mark.slow
+def test_source_with_non_finite_weights_builds_nothing_and_names_the_tensor(
+    tmp_path: Path, sources: dict[str, Path]
+) -> None:
+    """Headers cannot show a NaN, so validate passes; the build finds it while streaming."""
+    copy = Path(shutil.copytree(sources["seed"], tmp_path / "seed"))
+    tensors = load_file(copy / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    tensors["model.layers.1.mlp.up_proj.weight"][4, 5] = float("inf")
+    save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"moecompose: 1\nsources: {{seed: {copy}, code: {sources['code']}}}\n"
+                    "layers:\n  - select: all\n    ffn:\n      experts: [seed, code]\n")
+    mc.validate(spec)
+    out = tmp_path / "out" / "model"
+    message = _check_cli_error(_run_cli("build", str(spec), "-o", str(out), "-q"))
+    assert ("tensor 'model.layers.1.mlp.up_proj.weight' in "
+            f"{copy / 'model.safetensors'} has 2 non-finite value(s) (NaN or Inf)") in message
+    assert not out.exists() and list(out.parent.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_build_runs_without_numpy(tmp_path: Path, sources: dict[str, Path]) -> None:
+    """numpy is not a runtime dependency: a build must not import it."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"moecompose: 1\nsources: {{seed: {sources['seed']}, code: {sources['code']}}}\n"
+                    "layers:\n  - select: all\n    ffn:\n      experts: [seed, code]\n")
+    out = tmp_path / "model"
+    script = ("import sys; sys.modules['numpy'] = None\n"  # any import of numpy fails
+              "from moecompose.cli import main\nmain(sys.argv[1:])\n")
+    result = subprocess.run([sys.executable, "-c", script, "build", str(spec), "-o", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (out / "model.safetensors").is_file()
+
+
+def test_printed_plan_keeps_user_text_and_long_paths_whole(
+    tmp_path: Path, sources: dict[str, Path]
+) -> None:
+    """Names are never read as markup or emoji codes, and nothing a user may copy is cut
+    with an ellipsis, even in a pipe 40 columns wide."""
+    deep = tmp_path / ("a-rather-long-folder-name-" * 4) / "seed"
+    shutil.copytree(sources["seed"], deep)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"moecompose: 1\nname: 'x[/x] [bold]y :smile:'\nsources: {{seed: {deep}}}\n"
+                    "layers:\n  - select: all\n    ffn:\n      experts: {copy: seed, count: 2}\n")
+    result = subprocess.run([sys.executable, "-m", "moecompose.cli", "plan", str(spec)],
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "COLUMNS": "40"})
+    assert result.returncode == 0, result.stderr
+    assert "x[/x] [bold]y :smile:" in result.stdout
+    assert str(deep) in result.stdout.replace("\n", "") and str(deep) in result.stdout
+    assert "…" not in result.stdout

@@ -471,6 +471,36 @@ def _check_train_groups(resolved: Resolved, tensors: list[PlannedTensor]) -> Non
             )
 
 
+MAX_GROWTH = 256  # output bytes per byte of the largest source: 64 experts of it is ~40x
+
+
+def _check_size(resolved: Resolved, tensors: list[PlannedTensor]) -> None:
+    """Refuse a plan far larger than its sources (a typo such as ``bottleneck: 1e12``)
+    before anything tries to allocate or write it."""
+    largest = max(resolved.sources.values(), key=lambda c: sum(
+        e.end - e.start for e in c.tensors.values()))
+    source_bytes = max(1, sum(e.end - e.start for e in largest.tensors.values()))
+    out_bytes = sum(t.numel * ITEMSIZE[t.dtype] for t in tensors)
+    if out_bytes <= MAX_GROWTH * source_bytes:
+        return
+    biggest = max(tensors, key=lambda t: t.numel)
+    raise SpecError(
+        f"the plan writes {_bytes(out_bytes)}, {out_bytes / source_bytes:,.0f}x the largest "
+        f"source '{largest.name}' ({_bytes(source_bytes)}); plans over {MAX_GROWTH}x are "
+        f"refused as a likely mistake (largest tensor: {biggest.name}, shape "
+        f"{list(biggest.shape)})",
+        location=resolved.spec.origin.locate(()),
+        hint="check the sizes in the spec (expert count, adapter bottleneck)",
+    )
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("PB", 1 << 50), ("TB", 1 << 40), ("GB", 1 << 30), ("MB", 1 << 20)):
+        if n >= size:
+            return f"{n / size:,.1f} {unit}"
+    return f"{n:,} bytes"
+
+
 def normalised_spec(resolved: Resolved) -> dict[str, Any]:
     """The spec as built: defaults written out, resolved choices (name, dtype) filled in."""
     data = resolved.spec.model_dump(mode="json", by_alias=True, exclude_none=True)
@@ -494,6 +524,7 @@ def plan(resolved: Resolved) -> Plan:
     planner = _Planner(resolved, fmt)
     planner.run()
     _check_train_groups(resolved, planner.tensors)
+    _check_size(resolved, planner.tensors)
     native = planner.native_config()
     config = hf_config(fmt, resolved.arch, resolved.dtype, shape, native)
     if fmt != "native" and native["trainable"] is not None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from moecompose.errors import SourceError
+from moecompose.files import FileKindError, file_problem, read_json_file
 from moecompose.sources.families import FAMILIES, Family, family_for
 from moecompose.sources.safetensors_io import DTYPE_NAMES, TensorEntry, read_header
 
@@ -84,10 +85,14 @@ class Checkpoint:
 def open_checkpoint(name: str, path: Path) -> Checkpoint:
     """Read a Hugging Face model folder's metadata; every problem is a ``SourceError``."""
     where = f"source '{name}' ({path})"
-    if not path.exists():
-        raise SourceError(f"{where} does not exist", hint="check the path in 'sources'")
     if not path.is_dir():
-        raise SourceError(f"{where} is not a folder", hint="point to a Hugging Face model folder")
+        problem = file_problem(path)
+        if problem == "does not exist":
+            raise SourceError(f"{where} does not exist", hint="check the path in 'sources'")
+        raise SourceError(
+            f"{where} {'is not a folder' if problem is None else problem}",
+            hint="point to a Hugging Face model folder",
+        )
     config = _read_json(path / "config.json", where)
     model_type = str(config.get("model_type", ""))
     family = family_for(model_type)
@@ -132,13 +137,15 @@ def open_tensors(name: str, path: Path) -> dict[str, TensorEntry]:
 
 
 def _read_json(path: Path, where: str) -> dict[str, Any]:
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise SourceError(f"{where} has no {path.name}", hint="is this a Hugging Face model folder?")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_json_file(path)
+    except FileKindError as exc:
+        raise SourceError(f"{where}: {path.name} {exc}", hint="replace it with the real file") from None
     except OSError as exc:
         raise SourceError(f"{where}: cannot read {path.name}: {exc.strerror or exc}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:
         raise SourceError(
             f"{where}: {path.name} is not valid JSON: {exc}",
             hint="the file is corrupted; re-download or re-save the checkpoint",
@@ -151,28 +158,97 @@ def _read_json(path: Path, where: str) -> dict[str, Any]:
     return data
 
 
-def _arch_facts(config: dict[str, Any], family: Family, where: str) -> ArchFacts:
-    def need(key: str) -> Any:
-        if key not in config:
-            raise SourceError(
-                f"{where}: config.json lacks '{key}'",
-                hint="is this a complete Hugging Face config?",
-            )
-        return config[key]
+_REQUIRED = object()
+MAX_DIM = 2**31 - 1
 
+
+class _Config:
+    """Typed reads of config.json fields: each wrong type or range is a located error that
+    names the field and the value found (``"false"``, a string, is not ``false``)."""
+
+    def __init__(self, config: dict[str, Any], where: str) -> None:
+        self.config, self.where = config, where
+
+    def _get(self, key: str, default: Any) -> tuple[Any, bool]:
+        """The value, and whether the config gives it (``null`` means not given)."""
+        if key not in self.config or self.config[key] is None:
+            if default is _REQUIRED:
+                raise SourceError(
+                    f"{self.where}: config.json lacks '{key}'",
+                    hint="is this a complete Hugging Face config?",
+                )
+            return default, False
+        return self.config[key], True
+
+    def _wrong(self, key: str, expected: str, value: Any) -> SourceError:
+        found = f"the string {value!r}" if isinstance(value, str) else json.dumps(value)[:60]
+        return SourceError(
+            f"{self.where}: config.json field '{key}' must be {expected}, got {found}",
+            hint="fix config.json or re-save the checkpoint with transformers",
+        )
+
+    def int(self, key: str, default: Any = _REQUIRED, *, low: int = 1) -> Any:
+        value, given = self._get(key, default)
+        if not given:
+            return value
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= MAX_DIM:
+            raise self._wrong(key, f"a whole number from {low} to {MAX_DIM}", value)
+        return value
+
+    def float(self, key: str, default: Any = _REQUIRED, *, positive: bool = True) -> float:
+        value, _ = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            positive and value <= 0) or value < 0:
+            raise self._wrong(key, "a positive number" if positive else "a number >= 0", value)
+        return float(value)
+
+    def bool(self, key: str, default: bool) -> bool:
+        value, _ = self._get(key, default)
+        if not isinstance(value, bool):
+            raise self._wrong(key, "true or false", value)
+        return value
+
+    def str(self, key: str, default: Any = _REQUIRED) -> str:
+        value, _ = self._get(key, default)
+        if not isinstance(value, str):
+            raise self._wrong(key, "a string", value)
+        return value
+
+
+def _arch_facts(config: dict[str, Any], family: Family, where: str) -> ArchFacts:
+    read = _Config(config, where)
     for key, off in family.must_be.items():
         if config.get(key, off) != off:
             raise SourceError(
                 f"{where}: {key}={config[key]!r} is not supported",
                 hint=f"only checkpoints with {key}={off!r} can be read",
             )
-    heads = int(need("num_attention_heads"))
-    hidden = int(need("hidden_size"))
-    rope = dict(config.get("rope_parameters") or {})
-    rope_theta = float(config.get("rope_theta", rope.pop("rope_theta", 10000.0)))
+    heads = read.int("num_attention_heads")
+    hidden = read.int("hidden_size")
+    kv_heads = read.int("num_key_value_heads", heads)
+    if heads % kv_heads:
+        raise SourceError(
+            f"{where}: config.json has {heads} attention heads, not a multiple of its "
+            f"{kv_heads} key-value heads", hint="fix num_key_value_heads",
+        )
+    head_dim = read.int("head_dim", 0)
+    if not head_dim:
+        if hidden % heads:
+            raise SourceError(
+                f"{where}: config.json hidden_size {hidden} is not a multiple of "
+                f"num_attention_heads {heads}", hint="give head_dim explicitly or fix the widths",
+            )
+        head_dim = hidden // heads
+    rope = config.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise read._wrong("rope_parameters", "a mapping", rope)
+    rope = dict(rope)
+    rope_theta = read.float("rope_theta", _Config(rope, where).float("rope_theta", 10000.0))
     rope.pop("rope_theta", None)
     scaling = config.get("rope_scaling") or (rope if rope else None)
     if scaling is not None:
+        if not isinstance(scaling, dict):
+            raise read._wrong("rope_scaling", "a mapping", scaling)
         scaling = dict(scaling)
         kind = scaling.get("rope_type", scaling.get("type", "default"))
         if kind == "default":
@@ -184,17 +260,17 @@ def _arch_facts(config: dict[str, Any], family: Family, where: str) -> ArchFacts
         else:
             scaling["rope_type"] = kind
             scaling.pop("type", None)
-    act = str(config.get("hidden_act", "silu"))
+    act = read.str("hidden_act", "silu")
     if act != "silu":
         raise SourceError(f"{where}: hidden_act '{act}' is not supported (only silu / SwiGLU)")
     if family.qkv_bias_key is None:
         bias = family.qkv_bias_default
     else:
-        bias = bool(config.get(family.qkv_bias_key, family.qkv_bias_default))
+        bias = read.bool(family.qkv_bias_key, family.qkv_bias_default)
     window = config.get("sliding_window")
-    max_positions = int(config.get("max_position_embeddings", 2048))
+    max_positions = read.int("max_position_embeddings", 2048)
     if family.name == "qwen2":
-        if config.get("use_sliding_window", False) and window:
+        if read.bool("use_sliding_window", False) and window:
             raise SourceError(
                 f"{where}: Qwen2 sliding-window attention (use_sliding_window: true) is not "
                 "supported: Qwen2 applies the window only to layers from max_window_layers on",
@@ -208,43 +284,61 @@ def _arch_facts(config: dict[str, Any], family: Family, where: str) -> ArchFacts
     if window is not None and window >= max_positions:
         window = None  # a window as long as the context changes nothing
     return ArchFacts(
-        model_type=str(config["model_type"]),
-        vocab_size=int(need("vocab_size")),
+        model_type=read.str("model_type"),
+        vocab_size=read.int("vocab_size"),
         hidden_size=hidden,
-        intermediate_size=int(need("intermediate_size")),
-        num_hidden_layers=int(need("num_hidden_layers")),
+        intermediate_size=read.int("intermediate_size"),
+        num_hidden_layers=read.int("num_hidden_layers"),
         num_attention_heads=heads,
-        num_key_value_heads=int(config.get("num_key_value_heads") or heads),
-        head_dim=int(config.get("head_dim") or hidden // heads),
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
         hidden_act=act,
-        rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        rms_norm_eps=read.float("rms_norm_eps", 1e-6),
         rope_theta=rope_theta,
         rope_scaling=scaling,
         max_position_embeddings=max_positions,
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        tie_word_embeddings=read.bool("tie_word_embeddings", False),
         attention_bias=bias,
         sliding_window=window,
-        initializer_range=float(config.get("initializer_range", 0.02)),
+        initializer_range=read.float("initializer_range", 0.02, positive=False),
         bos_token_id=config.get("bos_token_id"),
         eos_token_id=config.get("eos_token_id"),
         pad_token_id=config.get("pad_token_id"),
     )
 
 
+def _shard_names(index: Path, where: str) -> tuple[list[str], dict[str, str]]:
+    """The shard files an index names, and its weight map; shards must be plain file
+    names in the index's own folder (an index cannot pull tensors from elsewhere)."""
+    weight_map = _read_json(index, where).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(f, str) for f in weight_map.values()
+    ):
+        raise SourceError(
+            f"{where}: {index.name} has no valid 'weight_map' (tensor name -> shard file)",
+            hint="the index is corrupted; re-download or re-save the checkpoint",
+        )
+    for tensor_name, file in weight_map.items():
+        if (not file or file in (".", "..") or "/" in file or "\\" in file or "\0" in file
+                or Path(file).is_absolute()):
+            raise SourceError(
+                f"{where}: {index.name} maps tensor '{tensor_name}' to {file!r}, outside "
+                "the model folder",
+                hint="an index may only name shard files in its own folder",
+            )
+    return sorted(set(weight_map.values())), weight_map
+
+
 def _tensor_index(path: Path, where: str) -> dict[str, TensorEntry]:
     index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = _read_json(index, where).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise SourceError(
-                f"{where}: {index.name} has no 'weight_map'",
-                hint="the index is corrupted; re-download or re-save the checkpoint",
-            )
-        files = sorted(set(weight_map.values()))
-    elif (path / "model.safetensors").is_file():
-        files, weight_map = ["model.safetensors"], None
+    single = path / "model.safetensors"
+    weight_map: dict[str, str] | None = None
+    if index.exists() or index.is_symlink():
+        files, weight_map = _shard_names(index, where)
+    elif single.exists() or single.is_symlink():
+        files = [single.name]
     else:
-        files, weight_map = sorted(p.name for p in path.glob("*.safetensors")), None
+        files = sorted(p.name for p in path.glob("*.safetensors"))
         if not files:
             hint = (
                 "convert it with transformers: model.save_pretrained(path, safe_serialization=True)"
@@ -254,10 +348,16 @@ def _tensor_index(path: Path, where: str) -> dict[str, TensorEntry]:
             raise SourceError(f"{where} has no safetensors weights", hint=hint)
     tensors: dict[str, TensorEntry] = {}
     for file in files:
-        if not (path / file).is_file():
+        problem = file_problem(path / file)
+        if problem == "does not exist" and weight_map is not None:
             raise SourceError(
                 f"{where}: shard '{file}' named in the index is missing",
                 hint="the download is incomplete; fetch the missing shard",
+            )
+        if problem is not None:
+            raise SourceError(
+                f"{where}: weights file '{file}' {problem}",
+                hint="replace it with the real safetensors file",
             )
         entries, _ = read_header(path / file)
         for tensor_name, entry in entries.items():

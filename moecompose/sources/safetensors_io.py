@@ -7,7 +7,9 @@ resident set, so a build's peak RSS is what it computes, not what it reads.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import itertools
 import json
 import os
 import struct
@@ -18,6 +20,7 @@ from typing import BinaryIO
 import torch
 
 from moecompose.errors import SourceError
+from moecompose.files import file_problem, loads_json
 
 DTYPES: dict[str, torch.dtype] = {
     "F32": torch.float32,
@@ -46,6 +49,7 @@ class TensorEntry:
     shape: tuple[int, ...]
     start: int
     end: int
+    name: str = ""
 
     @property
     def numel(self) -> int:
@@ -55,9 +59,29 @@ class TensorEntry:
         return n
 
 
+def _corrupted(path: str, what: str) -> SourceError:
+    return SourceError(
+        f"corrupted safetensors header in {path}: {what}",
+        hint="the file is corrupted; re-download or re-save the checkpoint",
+    )
+
+
+def _dims(value: object) -> tuple[int, ...] | None:
+    if not isinstance(value, list) or len(value) > 8:
+        return None
+    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value):
+        return None
+    return tuple(value)
+
+
 def read_header(path: str | Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
-    """Tensor entries and ``__metadata__`` of a safetensors file, validated against its size."""
+    """Tensor entries and ``__metadata__`` of a safetensors file, validated against its size:
+    every entry well typed, its byte range inside the file and of its shape's size, and no
+    two entries sharing bytes."""
     path = str(path)
+    problem = file_problem(path)
+    if problem is not None:
+        raise SourceError(f"{path} {problem}", hint="point to a safetensors weights file")
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as fh:
@@ -77,50 +101,46 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorEntry], dict[str, str
     except OSError as exc:
         raise SourceError(f"cannot read {path}: {exc.strerror or exc}") from None
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise SourceError(
-            f"corrupted safetensors header in {path}: not JSON",
-            hint="re-download or re-save the checkpoint",
-        ) from None
+        header = loads_json(raw)
+    except ValueError as exc:
+        what = "not JSON" if isinstance(exc, (UnicodeDecodeError, json.JSONDecodeError)) else str(exc)
+        raise _corrupted(path, what) from None
     if not isinstance(header, dict):
-        raise SourceError(
-            f"corrupted safetensors header in {path}: not a JSON object",
-            hint="re-download or re-save the checkpoint",
-        )
+        raise _corrupted(path, "not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict):
         metadata = {}
     base = 8 + n
     entries: dict[str, TensorEntry] = {}
     for name, info in header.items():
-        try:
-            dtype, shape = info["dtype"], tuple(int(s) for s in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise SourceError(
-                f"corrupted safetensors header in {path}: entry '{name}'",
-                hint="re-download or re-save the checkpoint",
-            ) from None
-        if not isinstance(dtype, str) or any(s < 0 for s in shape) or begin < 0 or end < begin:
-            raise SourceError(
-                f"corrupted safetensors header in {path}: entry '{name}'",
-                hint="re-download or re-save the checkpoint",
-            )
+        shape = _dims(info.get("shape")) if isinstance(info, dict) else None
+        offsets = _dims(info.get("data_offsets")) if isinstance(info, dict) else None
+        dtype = info.get("dtype") if isinstance(info, dict) else None
+        if shape is None or offsets is None or len(offsets) != 2 or not isinstance(dtype, str):
+            raise _corrupted(path, f"entry '{name}'")
+        begin, end = offsets
         numel = 1
         for s in shape:
             numel *= s
-        if dtype not in ITEMSIZE or end - begin != numel * ITEMSIZE[dtype] or base + end > size:
+        if dtype not in ITEMSIZE or end < begin or end - begin != numel * ITEMSIZE[dtype] or base + end > size:
             raise SourceError(
                 f"tensor '{name}' in {path} is truncated or has inconsistent offsets",
                 hint="the file is corrupted; re-download or re-save the checkpoint",
             )
-        entries[name] = TensorEntry(path, dtype, shape, base + begin, base + end)
+        entries[name] = TensorEntry(path, dtype, shape, base + begin, base + end, name)
+    spans = sorted((e.start, e.end, e.name) for e in entries.values() if e.end > e.start)
+    for (_, end_a, name_a), (start_b, _, name_b) in itertools.pairwise(spans):
+        if start_b < end_a:
+            raise _corrupted(path, f"tensors '{name_a}' and '{name_b}' share bytes")
     return entries, metadata
 
 
 def read_tensor(entry: TensorEntry, rows: tuple[int, int] | None = None) -> torch.Tensor:
-    """The tensor (or rows ``[a, b)`` of its first dimension) as a fresh CPU tensor."""
+    """The tensor (or rows ``[a, b)`` of its first dimension) as a fresh CPU tensor.
+
+    Floating-point values are checked to be finite on the way (one pass over bytes just
+    read): a NaN or Inf in a source would otherwise be built into every model made from it.
+    """
     shape = list(entry.shape)
     start, end = entry.start, entry.end
     if rows is not None:
@@ -138,13 +158,29 @@ def read_tensor(entry: TensorEntry, rows: tuple[int, int] | None = None) -> torc
             got += n
     if not buf:
         return torch.empty(shape, dtype=DTYPES[entry.dtype])
-    return torch.frombuffer(buf, dtype=DTYPES[entry.dtype]).reshape(shape)
+    tensor = torch.frombuffer(buf, dtype=DTYPES[entry.dtype]).reshape(shape)
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise SourceError(
+            f"tensor '{entry.name}' in {entry.file} has {bad:,} non-finite value(s) (NaN or Inf)",
+            hint="the checkpoint is corrupted or diverged; use a healthy one",
+        )
+    return tensor
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """The raw little-endian bytes of a contiguous CPU tensor, without a copy."""
+    """The raw little-endian bytes of a CPU tensor, without a copy of contiguous data.
+
+    The view reads the tensor's storage in place (no NumPy needed); the returned object
+    keeps the tensor alive for as long as the view is used.
+    """
     flat = tensor.contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    nbytes = flat.numel() * flat.element_size()
+    if nbytes == 0:
+        return memoryview(b"")
+    buffer = (ctypes.c_ubyte * nbytes).from_address(flat.data_ptr())
+    buffer._owner = flat  # type: ignore[attr-defined]  # the storage outlives the view
+    return memoryview(buffer).cast("B")
 
 
 class SafetensorsWriter:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import ast
 import glob
 import hashlib
-import json
 import struct
 from pathlib import Path
 
 import torch
+
+from moecompose.files import file_problem, loads_json
 
 NPY_DTYPES = {"<f2": torch.float16, "<f4": torch.float32, "<f8": torch.float64}
 
@@ -54,8 +55,8 @@ def _safetensors_header(path: Path) -> tuple[dict, int]:
             (n,) = struct.unpack("<Q", raw)
             if n > 100_000_000:
                 raise VectorFileError(f"{path} is not a safetensors file (bad header length)")
-            header = json.loads(fh.read(n))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            header = loads_json(fh.read(n))
+    except (OSError, ValueError) as exc:
         raise VectorFileError(f"{path} is not a readable safetensors file: {exc}") from None
     if not isinstance(header, dict) or not all(
         isinstance(v, dict) for k, v in header.items() if k != "__metadata__"
@@ -78,7 +79,7 @@ def _safetensors_entry(path: Path, key: str | None) -> tuple[str, list[int]]:
     if key not in header:
         raise VectorFileError(f"{path} has no tensor '{key}'",
                               hint=f"tensors: {', '.join(sorted(header)[:8])}")
-    return key, list(header[key].get("shape", []))
+    return key, _shape(path, header[key].get("shape", []))
 
 
 def _npy_header(path: Path) -> tuple[torch.dtype, list[int], int]:
@@ -90,9 +91,11 @@ def _npy_header(path: Path) -> tuple[torch.dtype, list[int], int]:
             major = magic[6]
             size_bytes = 2 if major == 1 else 4
             (n,) = struct.unpack("<H" if major == 1 else "<I", fh.read(size_bytes))
+            if n > 1 << 20:
+                raise VectorFileError(f"{path} is not a .npy file (header of {n:,} bytes)")
             header = ast.literal_eval(fh.read(n).decode("latin1"))
             offset = 8 + size_bytes + n
-    except (OSError, ValueError, SyntaxError, struct.error) as exc:
+    except (OSError, ValueError, SyntaxError, struct.error, RecursionError, MemoryError) as exc:
         raise VectorFileError(f"{path} is not a readable .npy file: {exc}") from None
     descr = header.get("descr") if isinstance(header, dict) else None
     if descr not in NPY_DTYPES:
@@ -100,7 +103,17 @@ def _npy_header(path: Path) -> tuple[torch.dtype, list[int], int]:
                               hint="store the vector as little-endian float16, float32 or float64")
     if header.get("fortran_order"):
         raise VectorFileError(f"{path} is in Fortran order", hint="save it in C order")
-    return NPY_DTYPES[descr], list(header.get("shape", ())), offset
+    return NPY_DTYPES[descr], _shape(path, list(header.get("shape", ()))), offset
+
+
+def _shape(path: Path, shape: object) -> list[int]:
+    """A header's shape: a short list of whole numbers >= 0, or a located error."""
+    if not isinstance(shape, (list, tuple)) or len(shape) > 8 or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
+    ):
+        raise VectorFileError(f"{path} has an invalid shape {shape!r} in its header",
+                              hint="the file is corrupted; save the vector again")
+    return list(shape)
 
 
 def _width(path: Path, shape: list[int]) -> int:
@@ -112,8 +125,9 @@ def _width(path: Path, shape: list[int]) -> int:
 
 def embedding_width(path: Path, key: str | None = None) -> int:
     """The width ``m`` of a stored vector, from the file's header only."""
-    if not path.is_file():
-        raise VectorFileError(f"{path} does not exist", hint="check the path")
+    problem = file_problem(path)
+    if problem is not None:
+        raise VectorFileError(f"{path} {problem}", hint="check the path")
     if path.suffix == ".npy":
         if key is not None:
             raise VectorFileError(f"{path}: 'key' applies to safetensors files only")

@@ -7,6 +7,7 @@ from pathlib import Path
 import yaml
 
 from moecompose.errors import Location, SpecError
+from moecompose.files import file_problem
 from moecompose.spec.check import check_spec
 from moecompose.spec.origin import Origin
 from moecompose.spec.schema import Spec
@@ -15,6 +16,7 @@ from moecompose.spec.yaml_front import parse_yaml
 __all__ = ["Origin", "Spec", "check_spec", "dump_yaml", "load_spec", "parse_spec", "syntax_of"]
 
 SYNTAXES = ("yaml", "dsl")
+MAX_SPEC_BYTES = 4 * 1024 * 1024
 
 
 def syntax_of(path: str | Path) -> str:
@@ -55,6 +57,15 @@ def load_spec(path: str | Path, *, check: bool = True) -> Spec:
     """Read a spec file (``.moe``: the text syntax, else YAML); relative source paths in it
     are taken from the file's folder."""
     path = Path(path)
+    problem = file_problem(path)
+    if problem == "does not exist":
+        raise SpecError("spec file not found", location=Location(str(path)))
+    if problem is not None:
+        raise SpecError(f"the spec file {problem}", location=Location(str(path)),
+                        hint="give the path of a .yaml or .moe spec file")
+    if path.stat().st_size > MAX_SPEC_BYTES:
+        raise SpecError(f"the spec file is larger than {MAX_SPEC_BYTES:,} bytes",
+                        location=Location(str(path)), hint="a spec is a short text file")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -372,6 +372,7 @@ class _Lowering:
             if key in out:
                 raise self.error(f"duplicate key '{key}'" + (f" in {path_text(path)}" if path else ""),
                                  key_token, "each key may appear once")
+            self.check_key(key, key_token, models, free, path)
             self.origin.keys[where] = _at(key_token)
             out[key] = self.value(terms, value_tp, where, key_token)
         return out
@@ -448,10 +449,22 @@ class _Lowering:
                 raise self.error("expected 'key value' or 'key=value' here", term, hint)
         return out
 
+    def check_key(self, key: str, key_node: Term, models: list[F.Model], free: Any,
+                  path: DataPath) -> None:
+        """An unknown key is reported at the key itself, as the YAML front end does."""
+        if not models or free is not None:
+            return
+        known = list(dict.fromkeys(name for m in models for name, _ in F.fields(m)))
+        if key in known:
+            return
+        what = f"key '{key}' in {path_text(path)}" if path else f"top-level key '{key}'"
+        raise self.error(f"unknown {what}", key_node, models[0].unknown_key_hint(key, known))
+
     def put(self, out: dict[str, Any], key: str, value: Term, key_node: Term,
             models: list[F.Model], free: Any, path: DataPath) -> None:
         if key in out:
             raise self.error(f"duplicate key '{key}'", key_node, "each key may appear once")
+        self.check_key(key, key_node, models, free, path)
         value_tp = free if free is not None and not models else F.field_type(models, key)
         self.origin.keys[(*path, key)] = _at(key_node)
         out[key] = self.term(value, value_tp, (*path, key))

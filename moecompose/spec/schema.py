@@ -17,6 +17,8 @@ from pydantic import (
     Discriminator,
     Field,
     PrivateAttr,
+    StrictFloat,
+    StrictInt,
     Tag,
     model_validator,
 )
@@ -25,6 +27,7 @@ from pydantic_core import PydanticCustomError
 from moecompose.errors import did_you_mean, one_of
 from moecompose.spec.origin import Origin
 
+MAX_INT = 2**53  # every count, width and seed stays exactly representable in JSON
 SourceName = Annotated[
     str,
     Field(
@@ -37,7 +40,9 @@ SourceName = Annotated[
 class Node(BaseModel):
     """Base of every spec model: unknown keys are errors that suggest the closest key."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -46,15 +51,16 @@ class Node(BaseModel):
             known = [f.alias or name for name, f in cls.model_fields.items()]
             for key in data:
                 if key not in known and key not in cls.model_fields:
-                    hint = (
-                        cls.key_hints().get(key)
-                        or did_you_mean(key, known)
-                        or f"valid keys: {one_of(known)}"
-                    )
                     raise PydanticCustomError(
-                        "unknown_key", "unknown key '{key}' ({hint})", {"key": key, "hint": hint}
+                        "unknown_key", "unknown key '{key}' ({hint})",
+                        {"key": key, "hint": cls.unknown_key_hint(key, known)},
                     )
         return data
+
+    @classmethod
+    def unknown_key_hint(cls, key: str, known: list[str]) -> str:
+        """What to say about ``key``, unknown here, given the ``known`` keys."""
+        return cls.key_hints().get(key) or did_you_mean(key, known) or f"valid keys: {one_of(known)}"
 
     @classmethod
     def key_hints(cls) -> dict[str, str]:
@@ -68,11 +74,11 @@ class Node(BaseModel):
 class LayerRange(Node):
     """Layers ``from, from+every, ...`` below ``to`` (exclusive)."""
 
-    from_: int = Field(0, alias="from", ge=0, description="First layer (inclusive).")
-    to: int | None = Field(
-        None, ge=1, description="End layer (exclusive); default: the number of layers."
+    from_: StrictInt = Field(0, alias="from", ge=0, le=MAX_INT, description="First layer (inclusive).")
+    to: StrictInt | None = Field(
+        None, ge=1, le=MAX_INT, description="End layer (exclusive); default: the number of layers."
     )
-    every: int = Field(1, ge=1, description="Step between selected layers.")
+    every: StrictInt = Field(1, ge=1, le=MAX_INT, description="Step between selected layers.")
 
     @model_validator(mode="after")
     def _ordered(self) -> LayerRange:
@@ -96,7 +102,7 @@ def _select_tag(value: Any) -> str | None:
 
 
 Select = Annotated[
-    Annotated[Literal["all"], Tag("select-all")] | Annotated[list[Annotated[int, Field(ge=0)]], Tag("select-list")] | Annotated[LayerRange, Tag("select-range")],
+    Annotated[Literal["all"], Tag("select-all")] | Annotated[list[Annotated[StrictInt, Field(ge=0, le=MAX_INT)]], Tag("select-list")] | Annotated[LayerRange, Tag("select-range")],
     Discriminator(
         _select_tag,
         custom_error_type="invalid_select",
@@ -111,8 +117,8 @@ class CopyExperts(Node):
     """``count`` experts copied from one source's FFN (sparse upcycling)."""
 
     copy_: SourceName = Field(alias="copy", description="Source whose FFN every expert copies.")
-    count: int = Field(ge=1, le=1024, description="Number of experts.")
-    drop: float = Field(
+    count: StrictInt = Field(ge=1, le=1024, description="Number of experts.")
+    drop: StrictFloat = Field(
         0.0,
         ge=0.0,
         lt=1.0,
@@ -125,11 +131,11 @@ class AdapterExperts(Node):
     """PESC: one shared FFN copied from ``adapters``; experts are bottleneck adapters."""
 
     adapters: SourceName = Field(description="Source whose FFN every expert shares.")
-    count: int = Field(ge=1, le=1024, description="Number of adapter experts.")
-    bottleneck: int = Field(64, ge=1, description="Adapter width r (512 in the released models).")
-    scale: float = Field(1.0, description="Adapter output scale s (0.25 in the released models).")
+    count: StrictInt = Field(ge=1, le=1024, description="Number of adapter experts.")
+    bottleneck: StrictInt = Field(64, ge=1, le=MAX_INT, description="Adapter width r (512 in the released models).")
+    scale: StrictFloat = Field(1.0, description="Adapter output scale s (0.25 in the released models).")
     activation: Literal["gelu", "relu", "silu"] = Field("gelu", description="Adapter activation.")
-    dropout: float = Field(
+    dropout: StrictFloat = Field(
         0.0, ge=0.0, lt=1.0, description="Dropout after the adapter down-projection."
     )
 
@@ -171,14 +177,14 @@ class PromptInit(Node):
         None, description="The model run over the prompts; default: `embed_with`, else the "
         "first source.",
     )
-    max_tokens: int = Field(512, ge=1, description="Each prompt is truncated to this many tokens.")
+    max_tokens: StrictInt = Field(512, ge=1, le=MAX_INT, description="Each prompt is truncated to this many tokens.")
 
 
 class TopKRouter(Node):
     """Token-choice top-k: softmax over all experts, keep the k best (Mixtral, BTX)."""
 
     kind: Literal["topk"] = Field(description="Token-choice top-k routing.")
-    k: int = Field(2, ge=1, description="Experts per token.")
+    k: StrictInt = Field(2, ge=1, le=MAX_INT, description="Experts per token.")
     normalize: bool = Field(
         True, description="Renormalise the k kept probabilities to sum to 1 (Mixtral)."
     )
@@ -187,7 +193,7 @@ class TopKRouter(Node):
         description="Router weights: N(0, init_std) seeded by `seed`, zeros, or "
         "{prompts: {EXPERT: [...]}} (rows from the experts' prompts' hidden states).",
     )
-    init_std: float = Field(0.02, gt=0.0, description="Std of the random router init.")
+    init_std: StrictFloat = Field(0.02, gt=0.0, description="Std of the random router init.")
 
 
 class SoftRouter(Node):
@@ -202,7 +208,7 @@ class SoftRouter(Node):
     def key_hints(cls) -> dict[str, str]:
         hint = "soft routing weights every expert; use kind: topk to choose k"
         return {"k": hint, "normalize": hint}
-    init_std: float = Field(0.02, gt=0.0, description="Std of the random router init.")
+    init_std: StrictFloat = Field(0.02, gt=0.0, description="Std of the random router init.")
 
 
 class NexusRouter(Node):
@@ -210,7 +216,7 @@ class NexusRouter(Node):
     ``e = W2 . SwiGLU(W1 . dom)``, scores ``softmax(x . e^T)``."""
 
     kind: Literal["nexus"] = Field(description="Router projected from domain embeddings.")
-    k: int = Field(1, ge=1, description="Routed experts per token.")
+    k: StrictInt = Field(1, ge=1, le=MAX_INT, description="Routed experts per token.")
     normalize: bool = Field(
         False, description="Renormalise the k kept probabilities (Nexus does not)."
     )
@@ -225,14 +231,14 @@ class TokenMixingRouter(Node):
     """Mixture of Tokens: tokens at one position of G sequences are mixed per expert."""
 
     kind: Literal["token_mixing"] = Field(description="Mixture of Tokens: no discrete routing.")
-    group_size: int = Field(ge=1, description="G: sequences of the batch mixed at each position.")
-    temperature: float = Field(1.0, gt=0.0, description="Softmax temperature T.")
+    group_size: StrictInt = Field(ge=1, le=MAX_INT, description="G: sequences of the batch mixed at each position.")
+    temperature: StrictFloat = Field(1.0, gt=0.0, description="Softmax temperature T.")
     learn_temperature: bool = Field(False, description="Make T a trainable parameter.")
-    batch_size: int | None = Field(
-        None, ge=1, description="The batch size you will train with; G must not exceed it."
+    batch_size: StrictInt | None = Field(
+        None, ge=1, le=MAX_INT, description="The batch size you will train with; G must not exceed it."
     )
     init: Literal["random", "zeros"] = Field("random", description="Controller init.")
-    init_std: float = Field(0.02, gt=0.0, description="Std of the random controller init.")
+    init_std: StrictFloat = Field(0.02, gt=0.0, description="Std of the random controller init.")
 
     @classmethod
     def key_hints(cls) -> dict[str, str]:
@@ -250,8 +256,8 @@ ROUTER_KINDS = ("topk", "soft", "nexus", "token_mixing")
 class AuxLoss(Node):
     """Auxiliary router losses, added to the LM loss, summed over MoE layers."""
 
-    load_balance: float = Field(0.01, ge=0.0, description="Switch load-balance coefficient.")
-    z_loss: float = Field(0.001, ge=0.0, description="ST-MoE router z-loss coefficient.")
+    load_balance: StrictFloat = Field(0.01, ge=0.0, description="Switch load-balance coefficient.")
+    z_loss: StrictFloat = Field(0.001, ge=0.0, description="ST-MoE router z-loss coefficient.")
 
 
 class FFNMix(Node):
@@ -319,7 +325,7 @@ class MergeFrom(Node):
 class MergeWeights(Node):
     """Weighted mean of the sources' non-expert tensors (weights are normalised)."""
 
-    weights: dict[SourceName, Annotated[float, Field(ge=0.0)]] = Field(
+    weights: dict[SourceName, Annotated[StrictFloat, Field(ge=0.0)]] = Field(
         description="source -> weight (>= 0, normalised to sum 1)."
     )
 
@@ -366,10 +372,10 @@ class Domain(Node):
     key: str | None = Field(
         None, description="The tensor to read from an `embedding` safetensors file holding several."
     )
-    max_docs: int = Field(
-        64, ge=1, description="Embed at most this many documents (the first, in sorted order)."
+    max_docs: StrictInt = Field(
+        64, ge=1, le=MAX_INT, description="Embed at most this many documents (the first, in sorted order)."
     )
-    max_tokens: int = Field(512, ge=1, description="Each document is truncated to this many tokens.")
+    max_tokens: StrictInt = Field(512, ge=1, le=MAX_INT, description="Each document is truncated to this many tokens.")
 
     @model_validator(mode="after")
     def _one_kind(self) -> Domain:
@@ -409,7 +415,7 @@ class Spec(Node):
 
     moecompose: Literal[1] = Field(description="Format version.")
     name: str | None = Field(None, description="Defaults to the file name.")
-    seed: int = Field(0, ge=0, description="Seeds every random initialisation.")
+    seed: StrictInt = Field(0, ge=0, le=MAX_INT, description="Seeds every random initialisation.")
     sources: dict[SourceName, str] = Field(
         min_length=1, description="name -> dense Hugging Face checkpoint folder."
     )

@@ -21,11 +21,60 @@ _UNCLOSED = {
 }
 
 
+MAX_DEPTH = 32  # a spec needs about 6 levels of nesting
+MAX_NODES = 100_000  # values after aliases are expanded; specs have hundreds
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, bounded: nesting deeper than ``MAX_DEPTH`` is refused while
+    composing (PyYAML's composer recurses), and the first alias is remembered so that
+    an expansion beyond ``MAX_NODES`` can be reported where it starts."""
+
+    def __init__(self, text: str, file: str | None) -> None:
+        super().__init__(text)
+        self.file = file
+        self.depth = 0
+        self.first_alias: yaml.Mark | None = None
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            self.first_alias = self.first_alias or event.start_mark
+        if not isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            return super().compose_node(parent, index)  # type: ignore[arg-type]
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise SpecError(
+                f"the spec is nested more than {MAX_DEPTH} levels deep",
+                location=Location(self.file, event.start_mark.line + 1, event.start_mark.column + 1),
+                hint="a spec needs only a few levels; check the brackets",
+            )
+        try:
+            return super().compose_node(parent, index)  # type: ignore[arg-type]
+        finally:
+            self.depth -= 1
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """How many values ``node`` stands for once every alias is written out (linear time:
+    a node shared through aliases is counted once per use but measured once)."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    sizes[id(node)] = 0  # a node that contains itself is refused by _to_data
+    size = 1
+    if isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(v, sizes) for _, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(v, sizes) for v in node.value)
+    sizes[id(node)] = size = min(size, MAX_NODES + 1)
+    return size
+
+
 def parse_yaml(text: str, file: str | None = None, base_dir: Path | None = None) -> Spec:
     """Parse YAML spec text. ``file`` names it in errors; relative paths start at ``base_dir``."""
     origin = Origin(file=file, base_dir=(base_dir or Path.cwd()).resolve())
     try:
-        loader = yaml.SafeLoader(text)  # checks every character up front
+        loader = _SpecLoader(text, file)  # checks every character up front
     except yaml.reader.ReaderError as exc:
         raise _reader_error(exc, text, file) from None
     except yaml.YAMLError as exc:
@@ -37,6 +86,13 @@ def parse_yaml(text: str, file: str | None = None, base_dir: Path | None = None)
                 "the spec is empty",
                 location=Location(file, 1, 1),
                 hint="write at least 'moecompose: 1' and 'sources: {NAME: PATH}'",
+            )
+        if loader.first_alias is not None and _expanded_size(root, {}) > MAX_NODES:
+            mark = loader.first_alias
+            raise SpecError(
+                f"YAML aliases expand to more than {MAX_NODES:,} values",
+                location=Location(file, mark.line + 1, mark.column + 1),
+                hint="write the repeated parts out, or use fewer nested aliases",
             )
         data = _to_data(loader, root, (), origin, set())
     except yaml.MarkedYAMLError as exc:
@@ -140,4 +196,12 @@ def _to_data(
         return [
             _to_data(loader, item, (*path, i), origin, active) for i, item in enumerate(node.value)
         ]
-    return loader.construct_object(node, deep=True)
+    try:
+        return loader.construct_object(node, deep=True)
+    except ValueError as exc:  # e.g. an integer of thousands of digits
+        raise SpecError(
+            f"cannot read the value {node.value[:20]!r}{'...' if len(node.value) > 20 else ''}: "
+            f"{_one_line(str(exc)).split(';')[0]}",
+            location=Location(origin.file, node.start_mark.line + 1, node.start_mark.column + 1),
+            hint="write a number of normal size",
+        ) from None
