@@ -1,11 +1,16 @@
 """moecompose: compile dense transformer checkpoints into Mixture-of-Experts models."""
 
+import warnings
+
+# NumPy is not a dependency: torch's notice that it is missing says nothing to our users.
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
+
 # Submodules named like API functions are loaded first, so the names below are the functions.
-import moecompose.diff
-import moecompose.extend  # noqa: F401
-from moecompose.api import build, diff, extend, load, plan, validate
-from moecompose.errors import BuildError, MoeComposeError, SourceError, SpecError
-from moecompose.spec import Spec, dump_yaml, load_spec, parse_spec
+import moecompose.diff  # noqa: E402
+import moecompose.extend  # noqa: E402, F401
+from moecompose.api import build, diff, extend, load, plan, validate  # noqa: E402
+from moecompose.errors import BuildError, MoeComposeError, SourceError, SpecError  # noqa: E402
+from moecompose.spec import Spec, dump_yaml, load_spec, parse_spec  # noqa: E402
 
 __version__ = "0.1.0"
 
