@@ -5,7 +5,9 @@ import warnings
 # NumPy is not a dependency: torch's notice that it is missing says nothing to our users.
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
 
-# Submodules named like API functions are loaded first, so the names below are the functions.
+# Submodules named like API functions are loaded first, so the names below are the functions
+# (a submodule imported later would not rebind them).
+import moecompose.build  # noqa: E402
 import moecompose.diff  # noqa: E402
 import moecompose.extend  # noqa: E402, F401
 from moecompose.api import build, diff, extend, load, plan, validate  # noqa: E402

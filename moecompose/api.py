@@ -20,15 +20,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from moecompose.build import BuildResult
-from moecompose.build import build as _build
+from moecompose.artifact import BuildResult
 from moecompose.plan import Plan
 from moecompose.plan import plan as _plan
 from moecompose.resolve import Resolved, resolve
 from moecompose.spec import Spec, load_spec
 
 if TYPE_CHECKING:
-    from moecompose.build.executor import Progress
+    from moecompose.artifact import Progress
     from moecompose.diff import Diff
     from moecompose.model import MoECausalLM
 
@@ -62,7 +61,9 @@ def build(
 ) -> BuildResult:
     """Plan (unless given a plan) and build the artifact into ``out``."""
     the_plan = spec if isinstance(spec, Plan) else plan(spec)
-    return _build(the_plan, out, force=force, progress=progress)
+    from moecompose.build.executor import build as run  # computes weights: torch
+
+    return run(the_plan, out, force=force, progress=progress)
 
 
 def extend(

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.text import Text
 
 from moecompose import api
-from moecompose.build.executor import check_target
+from moecompose.artifact import check_target
 from moecompose.errors import MoeComposeError
 from moecompose.report import human, print_plan, styled
 

@@ -15,33 +15,22 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from moecompose.build.card import model_card
-from moecompose.build.executor import (
-    DOMAINS_FILE,
-    check_output,
-    sha256_file,
-    versions,
-    write_atomically,
-    write_text,
-)
-from moecompose.build.recipes import produce
+from moecompose.artifact import DOMAINS_FILE, read_plan, sha256_file
+from moecompose.build.executor import build
+from moecompose.dtypes import CODES
 from moecompose.errors import BuildError, MoeComposeError
 from moecompose.extend import BASE
-from moecompose.inspect import read_plan
 from moecompose.plan.layouts import LAYOUTS
 from moecompose.plan.planner import TEMPERATURE
 from moecompose.plan.planner import plan as make_plan
 from moecompose.plan.recipe import Plan, PlannedTensor, Recipe, TensorRef
 from moecompose.resolve import recorded_checkpoint, resolve
 from moecompose.sources.checkpoint import TOKENIZER_FILES, open_tensors, tensors_fingerprint
-from moecompose.sources.safetensors_io import CODES, SafetensorsWriter, TensorEntry, read_tensor
+from moecompose.sources.safetensors_io import TensorEntry, read_tensor
 from moecompose.spec.schema import Spec
 
 TOP1 = {"kind": "topk", "k": 1, "normalize": True}
@@ -50,45 +39,10 @@ MAPPING = "router.weight = controller / T; topk k=1, normalize=true"
 
 def transition(artifact: str | Path, out: str | Path, *, force: bool = False) -> Path:
     """Turn every Mixture-of-Tokens layer of ``artifact`` into a top-1 token-choice MoE
-    layer (router = controller / T) and write the result to ``out``."""
+    layer (router = controller / T) and write the result to ``out``, built from its plan
+    by the same executor as any build."""
     artifact, out = Path(artifact).resolve(), Path(out).resolve()
-    plan = transition_plan(artifact)
-    check_output(out, force, {"the artifact": artifact})
-    index = open_tensors("the artifact", artifact)
-    if tensors_fingerprint(index) != plan.sources[BASE]["fingerprint"]:
-        raise BuildError(f"the artifact {artifact} changed while it was planned",
-                         hint="run the transition again")
-    layers = plan.derivations[-1]["layers"]
-
-    def fill(tmp: Path) -> None:
-        files = {"model.safetensors": _write_weights(plan, index, tmp / "model.safetensors")}
-        files["config.json"] = write_text(tmp / "config.json", json.dumps(plan.config, indent=2) + "\n")
-        files["plan.json"] = write_text(tmp / "plan.json", plan.to_json())
-        files["spec.yaml"] = write_text(
-            tmp / "spec.yaml", yaml.safe_dump(plan.spec, sort_keys=False, default_flow_style=None, width=100)
-        )
-        for file in (*TOKENIZER_FILES, DOMAINS_FILE):
-            if (artifact / file).is_file():
-                shutil.copyfile(artifact / file, tmp / file)
-                files[file] = sha256_file(tmp / file)
-        card = model_card(plan) + (
-            f"\n## Transition\n\nLayers {', '.join(map(str, layers))} of `{artifact}` were "
-            "switched from Mixture-of-Tokens mixing to top-1 token-choice routing (router = "
-            "controller / T). Outputs differ from the mixing model; fine-tune briefly before use.\n"
-        )
-        files["README.md"] = write_text(tmp / "README.md", card)
-        manifest: dict[str, Any] = {
-            "moecompose_manifest": 1,
-            "versions": versions(),
-            "plan_digest": plan.digest(),
-            "format": plan.format,
-            "derived_from": plan.derivations[-1],
-            "files": dict(sorted(files.items())),
-        }
-        write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
-
-    write_atomically(out, fill, force=force)
-    return out
+    return build(transition_plan(artifact), out, force=force).path
 
 
 def transition_plan(artifact: str | Path) -> Plan:
@@ -175,18 +129,3 @@ def _from_artifact(t: PlannedTensor, index: dict[str, TensorEntry], scale: float
         )
     args = {} if scale is None else {"scale": scale}
     return replace(t, recipe=Recipe("copy", (TensorRef(BASE, t.name),), args))
-
-
-def _write_weights(plan: Plan, index: dict[str, TensorEntry], path: Path) -> str:
-    """Run ``plan``'s recipes on the artifact's tensors into one safetensors file."""
-    writer = SafetensorsWriter(path, [(t.name, CODES[t.dtype], t.shape) for t in plan.tensors])
-    for tensor in plan.tensors:
-        try:
-            for chunk in produce(tensor, lambda ref: index[ref.tensor]):
-                writer.write(tensor.name, chunk)
-        except Exception as exc:
-            writer.abort()
-            if isinstance(exc, MoeComposeError):
-                raise
-            raise BuildError(f"failed to compute tensor '{tensor.name}': {exc}") from None
-    return writer.close()

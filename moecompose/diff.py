@@ -175,7 +175,7 @@ def _side(x: Spec | str | Path) -> _Side:
 
 
 def _artifact(path: Path) -> _Side:
-    from moecompose.inspect import read_plan
+    from moecompose.artifact import read_plan
 
     if not (path / "plan.json").is_file():
         raise BuildError(f"{path} is a folder without plan.json",

@@ -28,10 +28,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from moecompose.build.executor import DOMAINS_FILE, BuildResult, Progress
-from moecompose.build.executor import build as build_plan
+from moecompose.artifact import DOMAINS_FILE, BuildResult, Progress, read_plan
 from moecompose.errors import BuildError, MoeComposeError, SpecError
-from moecompose.inspect import read_plan
 from moecompose.plan.planner import plan as make_plan
 from moecompose.plan.recipe import Plan, PlannedTensor, Recipe, TensorRef
 from moecompose.resolve import resolve
@@ -71,7 +69,9 @@ def extend(
     progress: Progress | None = None,
 ) -> BuildResult:
     """Write ``artifact`` plus ``expert`` to ``out`` (see the module docstring)."""
-    return build_plan(extend_plan(artifact, expert, lam=lam), out, force=force, progress=progress)
+    from moecompose.build.executor import build  # computes weights: torch
+
+    return build(extend_plan(artifact, expert, lam=lam), out, force=force, progress=progress)
 
 
 def extend_plan(artifact: str | Path, expert: NewExpert, *, lam: float | None = None) -> Plan:

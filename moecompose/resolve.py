@@ -12,10 +12,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from moecompose.dtypes import CODES, ITEMSIZE, MODEL_DTYPES, NAMES
 from moecompose.errors import SourceError, SpecError
 from moecompose.sources.checkpoint import ArchFacts, Checkpoint, open_checkpoint
 from moecompose.sources.families import FAMILIES, GLOBAL_ROLES, LAYER_ROLES, Family
-from moecompose.sources.safetensors_io import CODES, ITEMSIZE, TensorEntry
+from moecompose.sources.safetensors_io import TensorEntry
 from moecompose.sources.vectors import (
     VectorFileError,
     documents,
@@ -367,7 +368,7 @@ def _check_tensors(spec: Spec, sources: dict[str, Checkpoint]) -> None:
                     location=where,
                     hint="config.json does not match the weights; re-save the checkpoint",
                 )
-            if entry.dtype not in ("F32", "BF16", "F16"):
+            if NAMES[entry.dtype] not in MODEL_DTYPES:
                 raise SourceError(
                     f"source '{name}': tensor '{tensor}' has dtype {entry.dtype}",
                     location=where, hint="only float32, bfloat16 and float16 weights can be merged",

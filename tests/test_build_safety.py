@@ -15,8 +15,7 @@ import pytest
 
 import moecompose as mc
 from moecompose import MoeComposeError
-from moecompose.build.output import _host, output_lock, remove_stale
-from moecompose.inspect import verify_files
+from moecompose.artifact import _host, output_lock, remove_stale, verify_files
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 import moecompose
 from moecompose.cli import main
 from moecompose.derive import transition
-from moecompose.sources.safetensors_io import CODES
+from moecompose.dtypes import CODES
 
 pytestmark = pytest.mark.slow
 

@@ -1,5 +1,3 @@
-"""Stage 4: execute a plan into an artifact folder."""
+"""Stage 4: execute a plan into an artifact folder (``executor.build``).
 
-from moecompose.build.executor import BuildResult, build
-
-__all__ = ["BuildResult", "build"]
+Nothing is imported here: the build needs torch, and ``import moecompose`` must not."""

@@ -51,6 +51,12 @@ def model_card(plan: Plan) -> str:
             else:
                 lines.append(f"* `{name}`: stored vector `{d['path']}`")
     for step in plan.derivations:
+        if step.get("operation") == "transition":
+            lines += ["", "## Transition", "",
+                      f"Layers {', '.join(map(str, step['layers']))} of `{step['from']}` were "
+                      "switched from Mixture-of-Tokens mixing to top-1 token-choice routing "
+                      "(router = controller / T). Outputs differ from the mixing model; "
+                      "fine-tune briefly before use."]
         if step.get("operation") == "extend":
             lines += ["", "## Extension", "",
                       f"Expert `{step['expert']}` (`{step['source']}`) was added to `{step['from']}` "

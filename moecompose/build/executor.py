@@ -7,20 +7,27 @@ are never written.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import yaml
 from safetensors.torch import save_file
 
+from moecompose.artifact import (
+    DOMAINS_FILE,
+    BuildResult,
+    Progress,
+    check_free_space,
+    check_target,
+    manifest,
+    sha256_file,
+    write_atomically,
+    write_text,
+)
 from moecompose.build.card import model_card
-from moecompose.build.output import check_free_space, check_output, write_atomically
 from moecompose.build.recipes import Lookup, produce
+from moecompose.dtypes import CODES, nbytes
 from moecompose.errors import BuildError, MoeComposeError, ResourceError, SourceError
 from moecompose.plan.recipe import Plan, PlannedTensor, TensorRef
 from moecompose.sources.checkpoint import (
@@ -29,21 +36,11 @@ from moecompose.sources.checkpoint import (
     open_tensors,
     tensors_fingerprint,
 )
-from moecompose.sources.safetensors_io import CODES, ITEMSIZE, SafetensorsWriter, TensorEntry
+from moecompose.sources.safetensors_io import SafetensorsWriter, TensorEntry
+from moecompose.spec import dump_data
 
 if TYPE_CHECKING:
     from moecompose.build.computed import Computed
-
-Progress = Callable[[int, int, str], None]  # (bytes done, bytes total, tensor name)
-DOMAINS_FILE = "domains.safetensors"
-
-
-@dataclass(frozen=True)
-class BuildResult:
-    path: Path
-    files: dict[str, str]  # file name -> sha256
-    bytes: int
-    warnings: tuple[str, ...] = ()  # found while building (e.g. nearly parallel router rows)
 
 
 def build(plan: Plan, out: str | Path, *, force: bool = False, progress: Progress | None = None) -> BuildResult:
@@ -61,34 +58,28 @@ def build(plan: Plan, out: str | Path, *, force: bool = False, progress: Progres
     return BuildResult(out, files, sum(t.numel for t in plan.tensors), tuple(computed.warnings))
 
 
-def check_target(plan: Plan, out: Path, force: bool) -> None:
-    """Refuse an output that overlaps a source, exists (without ``force``), or is not ours."""
-    sources = {
-        "the artifact it extends" if src.get("kind") == "artifact" else f"source '{name}'":
-            Path(src["path"])
-        for name, src in plan.sources.items()
-    }
-    check_output(Path(out), force, sources)
-
-
 def _shards(plan: Plan, max_bytes: int) -> list[list[PlannedTensor]]:
     shards: list[list[PlannedTensor]] = [[]]
     size = 0
     for tensor in plan.tensors:
-        nbytes = tensor.numel * (4 if tensor.dtype == "float32" else 2)
-        if shards[-1] and size + nbytes > max_bytes:
+        tensor_bytes = tensor.numel * nbytes(tensor.dtype)
+        if shards[-1] and size + tensor_bytes > max_bytes:
             shards.append([])
             size = 0
         shards[-1].append(tensor)
-        size += nbytes
+        size += tensor_bytes
     return shards
 
 
 def open_sources(plan: Plan) -> Lookup:
-    """Index every input of ``plan`` (sources, and the artifact a derived plan starts
-    from), refusing any whose weights changed since the plan was made."""
+    """Index every input that ``plan``'s recipes read (sources, and the artifact a derived
+    plan starts from), refusing any whose weights changed since the plan was made. A
+    source no recipe reads (a transition's original sources) need not exist any more."""
     entries: dict[str, dict[str, TensorEntry]] = {}
+    read = {ref.source for tensor in plan.tensors for ref in tensor.recipe.refs()}
     for name, src in plan.sources.items():
+        if name not in read:
+            continue
         path = Path(src["path"])
         if src.get("kind") == "artifact":
             tensors = open_tensors(name, path)
@@ -118,7 +109,7 @@ def _write_artifact(
         if len(shards) == 1
         else [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
     )
-    total = sum(t.numel * (4 if t.dtype == "float32" else 2) for t in plan.tensors)
+    total = sum(t.numel * nbytes(t.dtype) for t in plan.tensors)
     done = 0
     files: dict[str, str] = {}
     for file_name, shard in zip(names, shards):
@@ -142,7 +133,7 @@ def _write_artifact(
             writer.abort()
             raise ResourceError(
                 f"out of memory computing tensor '{tensor.name}' (shape {list(tensor.shape)}, "
-                f"{tensor.numel * ITEMSIZE[CODES[tensor.dtype]]:,} bytes)",
+                f"{tensor.numel * nbytes(tensor.dtype):,} bytes)",
                 hint="free memory on this machine or build on a larger one",
             ) from None
         except Exception as exc:
@@ -168,9 +159,7 @@ def _write_artifact(
         files[DOMAINS_FILE] = sha256_file(tmp / DOMAINS_FILE)
     files["config.json"] = write_text(tmp / "config.json", json.dumps(plan.config, indent=2) + "\n")
     files["plan.json"] = write_text(tmp / "plan.json", plan.to_json())
-    files["spec.yaml"] = write_text(
-        tmp / "spec.yaml", yaml.safe_dump(plan.spec, sort_keys=False, default_flow_style=None, width=100)
-    )
+    files["spec.yaml"] = write_text(tmp / "spec.yaml", dump_data(plan.spec))
     if plan.tokenizer_source is not None:
         source_dir = Path(plan.sources[plan.tokenizer_source]["path"])
         for file in TOKENIZER_FILES:
@@ -178,52 +167,5 @@ def _write_artifact(
                 shutil.copyfile(source_dir / file, tmp / file)
                 files[file] = sha256_file(tmp / file)
     files["README.md"] = write_text(tmp / "README.md", model_card(plan))
-    manifest = _manifest(plan, files)
-    write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    write_text(tmp / "manifest.json", json.dumps(manifest(plan, files), indent=2) + "\n")
     return files
-
-
-def write_text(path: Path, text: str) -> str:
-    data = text.encode("utf-8")
-    path.write_bytes(data)
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for package in ("moecompose", "torch", "safetensors", "pydantic"):
-        try:
-            out[package] = version(package)
-        except PackageNotFoundError:
-            out[package] = "unknown"
-    return out
-
-
-def _manifest(plan: Plan, files: dict[str, str]) -> dict[str, Any]:
-    sources = {}
-    for name, src in plan.sources.items():
-        folder = Path(src["path"])
-        weights = sorted(p.name for p in folder.glob("*.safetensors"))
-        sources[name] = {
-            "path": src["path"],
-            "fingerprint": src["fingerprint"],
-            "files": {w: sha256_file(folder / w) for w in weights},
-        }
-    return {
-        "moecompose_manifest": 1,
-        "versions": versions(),
-        "plan_digest": plan.digest(),
-        "format": plan.format,
-        "sources": sources,
-        "files": dict(sorted(files.items())),
-    }

@@ -12,10 +12,10 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from moecompose.dtypes import torch_dtype
 from moecompose.plan.recipe import PlannedTensor, Recipe, TensorRef
 from moecompose.sources.safetensors_io import TensorEntry, read_tensor
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CHUNK_BYTES = 16 * 1024 * 1024
 
 Lookup = Callable[[TensorRef], TensorEntry]
@@ -31,7 +31,7 @@ def produce(
     tensor: PlannedTensor, lookup: Lookup, computed: Computed = _not_computed
 ) -> Iterator[torch.Tensor]:
     """Yield consecutive chunks whose concatenation (row-major) is ``tensor``."""
-    dtype = TORCH_DTYPES[tensor.dtype]
+    dtype = torch_dtype(tensor.dtype)
     yield from _produce(tensor.recipe, tensor.shape, dtype, lookup, computed)
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -58,6 +59,15 @@ class Recipe:
         inputs = tuple(TensorRef(*s.split(":", 1)) for s in data.pop("inputs", []))
         parts = tuple(cls.from_data(p) for p in data.pop("parts", []))
         return cls(op, inputs, data, parts)
+
+    def refs(self) -> Iterator[TensorRef]:
+        """Every tensor this recipe reads, its parts' included (and the rows a prompt row's
+        norm is matched to, ``norm_like``)."""
+        yield from self.inputs
+        if "norm_like" in self.args:
+            yield TensorRef(*self.args["norm_like"].split(":", 1))
+        for part in self.parts:
+            yield from part.refs()
 
     def summary(self) -> str:
         """A short human description, e.g. ``mean(seed, code, law)``."""

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from moecompose.dtypes import NAMES
 from moecompose.errors import SourceError
 from moecompose.files import FileKindError, file_problem, read_json_file
 from moecompose.sources.families import FAMILIES, Family, family_for
-from moecompose.sources.safetensors_io import DTYPE_NAMES, TensorEntry, read_header
+from moecompose.sources.safetensors_io import TensorEntry, read_header
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -79,7 +80,7 @@ class Checkpoint:
         for entry in self.tensors.values():
             counts[entry.dtype] = counts.get(entry.dtype, 0) + entry.numel
         code = max(counts, key=lambda c: counts[c]) if counts else "F32"
-        return DTYPE_NAMES.get(code, code)
+        return NAMES.get(code, code)
 
 
 def open_checkpoint(name: str, path: Path) -> Checkpoint:

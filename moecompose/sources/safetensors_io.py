@@ -15,28 +15,15 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
-import torch
-
+from moecompose.dtypes import ITEMSIZE, torch_dtype
 from moecompose.errors import SourceError
 from moecompose.files import file_problem, loads_json
 
-DTYPES: dict[str, torch.dtype] = {
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F64": torch.float64,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
-CODES = {name: code for code, name in DTYPE_NAMES.items()}
+if TYPE_CHECKING:
+    import torch
+
 MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -148,6 +135,8 @@ def read_tensor(entry: TensorEntry, rows: tuple[int, int] | None = None) -> torc
         row_bytes = (end - start) // max(shape[0], 1)
         start, end = start + a * row_bytes, start + b * row_bytes
         shape[0] = b - a
+    import torch  # only reading weights needs it: headers are read without torch
+
     buf = bytearray(end - start)
     with open(entry.file, "rb", buffering=0) as fh:
         view, got = memoryview(buf), 0
@@ -157,8 +146,8 @@ def read_tensor(entry: TensorEntry, rows: tuple[int, int] | None = None) -> torc
                 raise SourceError(f"unexpected end of file reading {entry.file}")
             got += n
     if not buf:
-        return torch.empty(shape, dtype=DTYPES[entry.dtype])
-    tensor = torch.frombuffer(buf, dtype=DTYPES[entry.dtype]).reshape(shape)
+        return torch.empty(shape, dtype=torch_dtype(entry.dtype))
+    tensor = torch.frombuffer(buf, dtype=torch_dtype(entry.dtype)).reshape(shape)
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())
         raise SourceError(

@@ -12,12 +12,15 @@ import glob
 import hashlib
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
+from moecompose.dtypes import nbytes, torch_dtype
 from moecompose.files import file_problem, loads_json
 
-NPY_DTYPES = {"<f2": torch.float16, "<f4": torch.float32, "<f8": torch.float64}
+if TYPE_CHECKING:
+    import torch
+
+NPY_DTYPES = {"<f2": "float16", "<f4": "float32", "<f8": "float64"}
 
 
 class VectorFileError(ValueError):
@@ -82,7 +85,7 @@ def _safetensors_entry(path: Path, key: str | None) -> tuple[str, list[int]]:
     return key, _shape(path, header[key].get("shape", []))
 
 
-def _npy_header(path: Path) -> tuple[torch.dtype, list[int], int]:
+def _npy_header(path: Path) -> tuple[str, list[int], int]:
     try:
         with open(path, "rb") as fh:
             magic = fh.read(8)
@@ -140,6 +143,8 @@ def embedding_width(path: Path, key: str | None = None) -> int:
 
 def read_embedding(path: Path, key: str | None = None) -> torch.Tensor:
     """The stored vector, [m] float32."""
+    import torch  # reading values needs torch; the header functions above do not
+
     embedding_width(path, key)  # validates the header and shape
     if path.suffix == ".npy":
         dtype, shape, offset = _npy_header(path)
@@ -147,10 +152,10 @@ def read_embedding(path: Path, key: str | None = None) -> torch.Tensor:
         count = 1
         for s in shape:
             count *= s
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = nbytes(dtype)
         if len(data) < count * itemsize:
             raise VectorFileError(f"{path} is truncated")
-        values = torch.frombuffer(bytearray(data[: count * itemsize]), dtype=dtype)
+        values = torch.frombuffer(bytearray(data[: count * itemsize]), dtype=torch_dtype(dtype))
         return values.to(torch.float32).reshape(-1)
     from safetensors import SafetensorError
     from safetensors.torch import load_file

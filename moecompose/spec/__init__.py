@@ -13,7 +13,7 @@ from moecompose.spec.origin import Origin
 from moecompose.spec.schema import Spec
 from moecompose.spec.yaml_front import parse_yaml
 
-__all__ = ["Origin", "Spec", "check_spec", "dump_yaml", "load_spec", "parse_spec", "syntax_of"]
+__all__ = ["Origin", "Spec", "check_spec", "dump_data", "dump_yaml", "load_spec", "parse_spec", "syntax_of"]
 
 SYNTAXES = ("yaml", "dsl")
 MAX_SPEC_BYTES = 4 * 1024 * 1024
@@ -85,4 +85,9 @@ def load_spec(path: str | Path, *, check: bool = True) -> Spec:
 
 def dump_yaml(spec: Spec) -> str:
     """The normalised YAML form: every default written out, keys in schema order."""
-    return yaml.safe_dump(spec.to_data(), sort_keys=False, default_flow_style=None, width=100)
+    return dump_data(spec.to_data())
+
+
+def dump_data(data: dict[str, object]) -> str:
+    """Spec data as YAML, keys in the order given (the form of an artifact's spec.yaml)."""
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)

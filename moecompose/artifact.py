@@ -1,7 +1,8 @@
-"""Putting an artifact folder in place without ever losing data.
+"""An artifact as one unit: writing it (a hidden folder renamed into place, its manifest
+and file hashes), reading its plan back, and verifying its files. Build, transition and
+extend all write through ``write_atomically`` and ``manifest``.
 
-A folder is written under a hidden temporary name beside its target and renamed into
-place when complete. Around that rename:
+Putting a folder in place never loses data:
 
 * one writer per target: an advisory lock (``.NAME.lock`` beside the target) is held
   from the first byte written to the rename, so a second build to the same path stops
@@ -13,6 +14,8 @@ place when complete. Around that rename:
 * nothing left behind: temporary folders are named after their writer
   (``.NAME.partial-HOST-PID-START``), so a later build removes those of writers that died
   (``kill -9``), and only those: never another host's, never a live process's.
+
+This module imports no torch: the front end reads plans with it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import hashlib
+import json
 import os
 import platform
 import re
@@ -27,14 +32,26 @@ import shutil
 import socket
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import psutil
 
 from moecompose.errors import BuildError, ResourceError
+from moecompose.plan.recipe import Plan
 
 T = TypeVar("T")
+Progress = Callable[[int, int, str], None]  # (bytes done, bytes total, tensor name)
+DOMAINS_FILE = "domains.safetensors"
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    path: Path
+    files: dict[str, str]  # file name -> sha256
+    bytes: int
+    warnings: tuple[str, ...] = ()  # found while building (e.g. nearly parallel router rows)
 
 _NOREPLACE, _EXCHANGE = 1, 2  # renameat2 flags (Linux)
 _MAC_SWAP, _MAC_EXCL = 0x2, 0x4  # renamex_np flags (macOS)
@@ -44,8 +61,6 @@ _SPACE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def _host() -> str:
-    import hashlib
-
     return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
@@ -254,3 +269,95 @@ def check_free_space(out: Path, needed: int) -> None:
             f"cannot write {out}: the artifact needs {needed:,} bytes, {folder} has {free:,} free",
             hint="free some space or write the artifact to another disk",
         )
+
+
+def check_target(plan: Plan, out: Path, force: bool) -> None:
+    """Refuse an output that overlaps what ``plan`` reads, exists (without ``force``), or
+    is not ours."""
+    sources = {
+        "the artifact it derives from" if src.get("kind") == "artifact" else f"source '{name}'":
+            Path(src["path"])
+        for name, src in plan.sources.items()
+    }
+    check_output(Path(out), force, sources)
+
+
+def write_text(path: Path, text: str) -> str:
+    """Write ``text`` as UTF-8; returns its sha256."""
+    data = text.encode("utf-8")
+    path.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for package in ("moecompose", "torch", "safetensors", "pydantic"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = "unknown"
+    return out
+
+
+def manifest(plan: Plan, files: dict[str, str]) -> dict[str, Any]:
+    """manifest.json: versions, the plan's digest, every input's weight hashes and the
+    artifact's own file hashes; a derived artifact also names what it was derived from."""
+    sources = {}
+    for name, src in plan.sources.items():
+        folder = Path(src["path"])
+        weights = sorted(p.name for p in folder.glob("*.safetensors"))
+        sources[name] = {
+            "path": src["path"],
+            "fingerprint": src["fingerprint"],
+            "files": {w: sha256_file(folder / w) for w in weights},
+        }
+    out: dict[str, Any] = {
+        "moecompose_manifest": 1,
+        "versions": versions(),
+        "plan_digest": plan.digest(),
+        "format": plan.format,
+        "sources": sources,
+    }
+    if plan.derivations:
+        out["derived_from"] = plan.derivations[-1]
+    out["files"] = dict(sorted(files.items()))
+    return out
+
+
+def read_plan(artifact: Path) -> Plan:
+    """The plan an artifact was written from (its plan.json)."""
+    path = artifact / "plan.json"
+    if not path.is_file():
+        raise BuildError(f"{artifact} has no plan.json", hint="is this a moecompose artifact?")
+    try:
+        return Plan.from_data(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BuildError(f"{path} is corrupted: {exc}") from None
+
+
+def verify_files(artifact: Path) -> list[str]:
+    """Files whose sha256 differs from manifest.json (or that are missing)."""
+    path = artifact / "manifest.json"
+    try:
+        listed = dict(json.loads(path.read_text())["files"])
+    except FileNotFoundError:
+        raise BuildError(f"{artifact} has no manifest.json", hint="nothing to verify against") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BuildError(f"{path} is corrupted: {exc}") from None
+    bad = []
+    for name, digest in listed.items():
+        if not (artifact / name).is_file():
+            bad.append(f"{name} (missing)")
+        elif sha256_file(artifact / name) != digest:
+            bad.append(f"{name} (changed)")
+    return bad
