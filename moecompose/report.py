@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import yaml
 from rich.console import Console, RenderableType
 from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
 
 from moecompose.plan.recipe import Plan
+from moecompose.spec import dump_data
 
 
 def human(n: float) -> str:
@@ -114,5 +114,4 @@ def print_plan(plan: Plan, console: Console, *, tensors: bool = False) -> None:
     console.print(totals)
 
     console.print(styled(("Spec, every default filled in:", "bold")))
-    print_yaml(yaml.safe_dump(plan.spec, sort_keys=False, default_flow_style=None, width=100),
-               console)
+    print_yaml(dump_data(plan.spec), console)

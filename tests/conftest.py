@@ -34,6 +34,15 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture
+def terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI's error console behaves as on a terminal (it shows .moe snippets there)."""
+    import moecompose.cli
+
+    monkeypatch.setattr(moecompose.cli, "err", moecompose.cli.plain_console(
+        stderr=True, force_terminal=True, color_system=None))
+
+
+@pytest.fixture
 def write_spec(tmp_path: Path, sources: dict[str, Path]):
     """Write a YAML spec into a fresh folder; ``$seed``-style placeholders name the paths of
     the ``sources`` fixtures."""

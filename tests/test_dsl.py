@@ -136,9 +136,7 @@ def test_malformed_text_gives_a_located_error_with_a_caret(
         assert leak not in error.format() + error.snippet
 
 
-def test_cli_prints_one_error_line_and_on_a_terminal_the_caret(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_cli_prints_one_error_line_off_a_terminal(tmp_path: Path) -> None:
     path = tmp_path / "bad.moe"
     path.write_text(HEAD + "layers all { ffn experts=[a] router=topk(k=3) }\n")
     result = CliRunner().invoke(main, ["validate", str(path)])
@@ -147,10 +145,10 @@ def test_cli_prints_one_error_line_and_on_a_terminal_the_caret(
     assert result.output.startswith(f"error: {path}:3:44: k = 3")
     assert "Traceback" not in result.output
 
-    import moecompose.cli
 
-    monkeypatch.setattr(moecompose.cli, "err", moecompose.cli.plain_console(
-        stderr=True, force_terminal=True, color_system=None))
+def test_cli_on_a_terminal_adds_the_line_and_a_caret(tmp_path: Path, terminal: None) -> None:
+    path = tmp_path / "bad.moe"
+    path.write_text(HEAD + "layers all { ffn experts=[a] router=topk(k=3) }\n")
     result = CliRunner().invoke(main, ["validate", str(path)])
     lines = result.output.splitlines()
     assert lines[0].startswith(f"error: {path}:3:44: k = 3")
@@ -158,7 +156,7 @@ def test_cli_prints_one_error_line_and_on_a_terminal_the_caret(
 
 
 def test_errors_from_reading_sources_point_into_the_moe_file(
-    tmp_path: Path, sources: dict[str, Path]
+    tmp_path: Path, sources: dict[str, Path], terminal: None
 ) -> None:
     path = tmp_path / "spec.moe"
     path.write_text(f"moecompose 1\nsources {{\n  seed = {sources['seed']}\n  gone = ./nowhere\n}}\n"

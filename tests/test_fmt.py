@@ -66,7 +66,7 @@ def test_check_passes_on_canonical_text_and_fails_otherwise(tmp_path: Path) -> N
     assert invoke("fmt", str(yaml_file), "--to", "dsl").output == format_dsl(spec)
 
 
-def test_fmt_of_a_bad_spec_is_one_error_line_and_a_caret(tmp_path: Path) -> None:
+def test_fmt_of_a_bad_spec_is_one_error_line_and_a_caret(tmp_path: Path, terminal: None) -> None:
     path = tmp_path / "bad.moe"
     path.write_text("moecompose 1\nsources { a = ./x }\nmerge avarage\n")
     result = CliRunner().invoke(main, ["fmt", str(path)])

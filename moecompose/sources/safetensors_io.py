@@ -11,6 +11,7 @@ import ctypes
 import hashlib
 import itertools
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -40,10 +41,7 @@ class TensorEntry:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
 
 def _corrupted(path: str, what: str) -> SourceError:
