@@ -255,6 +255,10 @@ CASES = [
          ("domain texts need a model to embed them", "embed_with"), "11:17"),
     Case("domain-with-texts-and-embedding", BASE + "domains:\n  code: {texts: a/*, embedding: v.npy}\n",
          ("a domain needs exactly one of 'texts' or 'embedding'",), "6:9"),
+    Case("domain-embedding-bad-shape", BASE + "layers:\n  - select: all\n    ffn:\n"
+         "      experts: [seed, code]\n      router: {kind: nexus}\n"
+         "domains:\n  seed: {embedding: <badvec>}\n  code: {embedding: <badvec>}\n",
+         ("badvec.safetensors has an invalid shape ['a', 64] in its header",), "11:21"),
     Case("train-empty", BASE + "train: []\n", ("'train' is empty",), "5:8"),
     # --- output formats that cannot express the model
     Case("mixtral-with-shared-expert",
@@ -457,6 +461,10 @@ def broken(sources: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
     out["configfifo"] = copy("configfifo")
     (out["configfifo"] / "config.json").unlink()
     os.mkfifo(out["configfifo"] / "config.json")
+
+    out["badvec"] = root / "badvec.safetensors"
+    save_file({"v": torch.ones(64)}, out["badvec"])
+    edit_header(out["badvec"], lambda h: h["v"].update(shape=["a", 64]))
 
     out["tokenizer"] = copy("tokenizer")
     tok = json.loads((out["tokenizer"] / "tokenizer.json").read_text())
