@@ -24,7 +24,7 @@ from timing import print_report, time_modules
 from torch import Tensor, nn
 
 from moecompose.model.adapters import AdapterMoEFFN
-from moecompose.model.config import AdapterFFNSpec, AuxLossSpec, TopKRouterSpec
+from moecompose.model.config import AdapterFFNConfig, AuxLossConfig, TopKRouterConfig
 from moecompose.model.parts import SwiGLU
 
 
@@ -61,12 +61,12 @@ def main() -> None:
 
     torch.manual_seed(0)
     E, k, d, f, r, T = args.experts, args.top_k, args.dim, args.hidden, args.bottleneck, args.tokens
-    spec = AdapterFFNSpec(
+    spec = AdapterFFNConfig(
         num_experts=E,
         intermediate_size=f,
         bottleneck=r,
-        router=TopKRouterSpec(k=k),
-        aux_loss=AuxLossSpec(load_balance=0.01, z_loss=0.001),
+        router=TopKRouterConfig(k=k),
+        aux_loss=AuxLossConfig(load_balance=0.01, z_loss=0.001),
     )
     pesc = AdapterMoEFFN(d, spec, dispatch="grouped")
     with torch.no_grad():

@@ -28,7 +28,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from moecompose.model.attention_mix import MixtureOfAttention
 from moecompose.model.cache import StaticKVCache
-from moecompose.model.config import MoAAttentionSpec, SoftRouterSpec
+from moecompose.model.config import MoAAttentionConfig, SoftRouterConfig
 from moecompose.model.parts import Attention, RotaryEmbedding
 
 
@@ -56,7 +56,7 @@ def main() -> None:
     cos, sin = rope(torch.arange(S), torch.float32)
 
     def mixture(share: tuple[str, ...], impl: str) -> MixtureOfAttention:
-        spec = MoAAttentionSpec(num_experts=E, router=SoftRouterSpec(), share=share)
+        spec = MoAAttentionConfig(num_experts=E, router=SoftRouterConfig(), share=share)
         return MixtureOfAttention(d, h, kv, dh, spec, impl=impl)  # type: ignore[arg-type]
 
     modules: dict[str, nn.Module] = {"dense attention": Attention(d, h, kv, dh)}

@@ -19,7 +19,7 @@ import torch
 from timing import print_report, time_modules
 from torch import Tensor, nn
 
-from moecompose.model.config import AuxLossSpec, MoEFFNSpec, TopKRouterSpec
+from moecompose.model.config import AuxLossConfig, MoEFFNConfig, TopKRouterConfig
 from moecompose.model.moe import MoEFFN
 from moecompose.model.parts import SwiGLU
 
@@ -53,11 +53,11 @@ def main() -> None:
 
     torch.manual_seed(0)
     E, k, d, f, T = args.experts, args.top_k, args.dim, args.hidden, args.tokens
-    spec = MoEFFNSpec(
+    spec = MoEFFNConfig(
         num_experts=E,
         intermediate_size=f,
-        router=TopKRouterSpec(k=k, normalize=True),
-        aux_loss=AuxLossSpec(load_balance=0.01, z_loss=0.001),
+        router=TopKRouterConfig(k=k, normalize=True),
+        aux_loss=AuxLossConfig(load_balance=0.01, z_loss=0.001),
     )
     moe = MoEFFN(d, spec, dispatch="grouped")
     loop = MoEFFN(d, spec, dispatch="loop")

@@ -21,7 +21,7 @@ from moe_layer import DenseFFN
 from timing import print_report, time_modules
 from torch import Tensor, nn
 
-from moecompose.model.config import MoEFFNSpec, TokenMixingRouterSpec
+from moecompose.model.config import MoEFFNConfig, TokenMixingRouterConfig
 from moecompose.model.token_mixing import TokenMixingFFN
 
 
@@ -56,8 +56,8 @@ def main() -> None:
     torch.manual_seed(0)
     E, G, d, f, B, S = args.experts, args.group, args.dim, args.hidden, args.batch, args.seq
     twin = max(1, round(f * E / G))
-    spec = MoEFFNSpec(
-        num_experts=E, intermediate_size=f, router=TokenMixingRouterSpec(group_size=G)
+    spec = MoEFFNConfig(
+        num_experts=E, intermediate_size=f, router=TokenMixingRouterConfig(group_size=G)
     )
     mot = MixtureOfTokens(TokenMixingFFN(d, spec))
     dense = DenseFFN(d, twin)

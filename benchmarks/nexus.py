@@ -35,12 +35,12 @@ from timing import (
 from torch import Tensor, nn
 
 from moecompose.model.config import (
-    AuxLossSpec,
-    MoEFFNSpec,
-    NexusRouterSpec,
-    RouterSpec,
-    SharedExpertSpec,
-    TopKRouterSpec,
+    AuxLossConfig,
+    MoEFFNConfig,
+    MoERouterConfig,
+    NexusRouterConfig,
+    SharedExpertConfig,
+    TopKRouterConfig,
 )
 from moecompose.model.moe import MoEFFN
 
@@ -72,17 +72,17 @@ def main() -> None:
     torch.manual_seed(0)
     E, k, d, f, m, T = args.experts, args.top_k, args.dim, args.hidden, args.domain_dim, args.tokens
 
-    def spec(router: RouterSpec) -> MoEFFNSpec:
-        return MoEFFNSpec(
+    def spec(router: MoERouterConfig) -> MoEFFNConfig:
+        return MoEFFNConfig(
             num_experts=E,
             intermediate_size=f,
             router=router,
-            shared_expert=SharedExpertSpec(intermediate_size=f, gate=False),
-            aux_loss=AuxLossSpec(load_balance=0.05),
+            shared_expert=SharedExpertConfig(intermediate_size=f, gate=False),
+            aux_loss=AuxLossConfig(load_balance=0.05),
         )
 
-    nexus_spec = spec(NexusRouterSpec(domain_dim=m, k=k, normalize=False))
-    topk_spec = spec(TopKRouterSpec(k=k, normalize=False))
+    nexus_spec = spec(NexusRouterConfig(domain_dim=m, k=k, normalize=False))
+    topk_spec = spec(TopKRouterConfig(k=k, normalize=False))
     nexus_train = MoEFFN(d, nexus_spec)
     with torch.no_grad():  # unit-RMS domain embeddings, as a build writes them
         nexus_train.router.domain_embeddings.normal_()

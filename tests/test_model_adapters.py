@@ -14,7 +14,7 @@ from torch._dynamo.utils import counters
 from moecompose.model import MoECausalLM
 from moecompose.model.adapters import AdapterMoEFFN, grouped_linear
 from moecompose.model.compile import supports_shapes_spec
-from moecompose.model.config import AdapterFFNSpec, AuxLossSpec, ModelConfig, TopKRouterSpec
+from moecompose.model.config import AdapterFFNConfig, AuxLossConfig, ModelConfig, TopKRouterConfig
 
 DIM, HIDDEN, RANK = 16, 24, 6
 
@@ -37,15 +37,15 @@ def adapter_layer(
     return {"ffn": ffn_cfg}
 
 
-def adapter_spec(num_experts: int, k: int, activation: str = "gelu") -> AdapterFFNSpec:
-    return AdapterFFNSpec(
+def adapter_spec(num_experts: int, k: int, activation: str = "gelu") -> AdapterFFNConfig:
+    return AdapterFFNConfig(
         num_experts=num_experts,
         intermediate_size=HIDDEN,
         bottleneck=RANK,
-        router=TopKRouterSpec(k=k, normalize=True),
+        router=TopKRouterConfig(k=k, normalize=True),
         scale=0.5,
         activation=activation,
-        aux_loss=AuxLossSpec(load_balance=0.01, z_loss=0.001),
+        aux_loss=AuxLossConfig(load_balance=0.01, z_loss=0.001),
     )
 
 
@@ -134,11 +134,11 @@ def test_grouped_linear_matches_per_expert_matmuls_and_zeroes_unused_experts() -
 
 def test_dropout_acts_only_in_training() -> None:
     torch.manual_seed(0)
-    spec = AdapterFFNSpec(
+    spec = AdapterFFNConfig(
         num_experts=2,
         intermediate_size=HIDDEN,
         bottleneck=RANK,
-        router=TopKRouterSpec(k=1),
+        router=TopKRouterConfig(k=1),
         dropout=0.5,
     )
     layer = AdapterMoEFFN(DIM, spec)

@@ -15,7 +15,7 @@ from torch._dynamo.utils import counters
 from moecompose.model import MoECausalLM, compile_model
 from moecompose.model.attention_mix import MixtureOfAttention
 from moecompose.model.compile import supports_shapes_spec
-from moecompose.model.config import MoAAttentionSpec, SoftRouterSpec, TopKRouterSpec
+from moecompose.model.config import MoAAttentionConfig, SoftRouterConfig, TopKRouterConfig
 from moecompose.model.parts import Attention, RotaryEmbedding, padding_mask
 
 SOFT = {"kind": "soft"}
@@ -190,7 +190,7 @@ def attention_inputs(
 def test_fused_mixture_matches_the_reference_loop(
     share: list[str], router: dict, positions: bool, padded: bool
 ) -> None:
-    spec = MoAAttentionSpec.from_dict(moa(3, share, router), "attention")
+    spec = MoAAttentionConfig.from_dict(moa(3, share, router), "attention")
     torch.manual_seed(0)
     fused = MixtureOfAttention(32, 4, 2, 8, spec, bias=True, impl="fused")
     loop = MixtureOfAttention(32, 4, 2, 8, spec, bias=True, impl="loop")
@@ -214,7 +214,7 @@ def test_fused_mixture_matches_the_reference_loop(
 
 def test_single_expert_mixture_is_ordinary_attention() -> None:
     for share in ([], ["k", "v"]):
-        spec = MoAAttentionSpec(num_experts=1, router=SoftRouterSpec(), share=tuple(share))
+        spec = MoAAttentionConfig(num_experts=1, router=SoftRouterConfig(), share=tuple(share))
         mix = MixtureOfAttention(32, 4, 2, 8, spec, bias=True)
         dense = Attention(32, 4, 2, 8, bias=True)
         with torch.no_grad():
@@ -230,7 +230,7 @@ def test_single_expert_mixture_is_ordinary_attention() -> None:
 
 
 def test_topk_router_zeroes_all_but_k_experts() -> None:
-    spec = MoAAttentionSpec(num_experts=4, router=TopKRouterSpec(k=2, normalize=True))
+    spec = MoAAttentionConfig(num_experts=4, router=TopKRouterConfig(k=2, normalize=True))
     weights = MixtureOfAttention(32, 4, 2, 8, spec).router(torch.randn(5, 32))
     assert weights.dtype == torch.float32
     assert ((weights > 0).sum(-1) == 2).all()

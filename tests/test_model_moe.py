@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moecompose.model.config import AuxLossSpec, MoEFFNSpec, SharedExpertSpec, TopKRouterSpec
+from moecompose.model.config import (
+    AuxLossConfig,
+    MoEFFNConfig,
+    SharedExpertConfig,
+    TopKRouterConfig,
+)
 from moecompose.model.grouped_swiglu import _grouped_swiglu, _grouped_swiglu_inference
 from moecompose.model.moe import MoEFFN, expert_counts, expert_slices
 
@@ -16,16 +21,16 @@ def moe_spec(
     num_experts: int = 6,
     k: int = 2,
     normalize: bool = True,
-    shared: SharedExpertSpec | None = None,
+    shared: SharedExpertConfig | None = None,
     load_balance: float = 0.01,
     z_loss: float = 0.001,
-) -> MoEFFNSpec:
-    return MoEFFNSpec(
+) -> MoEFFNConfig:
+    return MoEFFNConfig(
         num_experts=num_experts,
         intermediate_size=HIDDEN,
-        router=TopKRouterSpec(k=k, normalize=normalize),
+        router=TopKRouterConfig(k=k, normalize=normalize),
         shared_expert=shared,
-        aux_loss=AuxLossSpec(load_balance=load_balance, z_loss=z_loss),
+        aux_loss=AuxLossConfig(load_balance=load_balance, z_loss=z_loss),
     )
 
 
@@ -45,12 +50,12 @@ def grads_of(layer: MoEFFN, x: torch.Tensor, upstream: torch.Tensor) -> dict[str
     [
         (6, 2, 37, None),
         (4, 1, 50, None),
-        (5, 3, 20, SharedExpertSpec(intermediate_size=12, gate=True)),
+        (5, 3, 20, SharedExpertConfig(intermediate_size=12, gate=True)),
         (16, 2, 3, None),  # most experts receive no token
     ],
 )
 def test_grouped_dispatch_matches_loop_forward_and_gradients(
-    num_experts: int, k: int, tokens: int, shared: SharedExpertSpec | None
+    num_experts: int, k: int, tokens: int, shared: SharedExpertConfig | None
 ) -> None:
     torch.manual_seed(0)
     spec = moe_spec(num_experts, k, shared=shared)
@@ -184,7 +189,7 @@ def test_load_balance_gradient_reaches_router() -> None:
 @pytest.mark.parametrize("gated", [False, True])
 def test_shared_expert_adds_its_output_scaled_by_its_gate(gated: bool) -> None:
     torch.manual_seed(0)
-    with_shared = MoEFFN(DIM, moe_spec(shared=SharedExpertSpec(intermediate_size=12, gate=gated)))
+    with_shared = MoEFFN(DIM, moe_spec(shared=SharedExpertConfig(intermediate_size=12, gate=gated)))
     routed_only = MoEFFN(DIM, moe_spec())
     routed_only.load_state_dict(with_shared.state_dict(), strict=False)
     x = torch.randn(7, DIM)
@@ -200,7 +205,7 @@ def test_shared_expert_adds_its_output_scaled_by_its_gate(gated: bool) -> None:
 
 
 def test_moe_tensor_names_and_shapes_follow_the_artifact_format() -> None:
-    layer = MoEFFN(DIM, moe_spec(num_experts=3, shared=SharedExpertSpec(12, gate=True)))
+    layer = MoEFFN(DIM, moe_spec(num_experts=3, shared=SharedExpertConfig(intermediate_size=12, gate=True)))
     shapes = {name: tuple(t.shape) for name, t in layer.state_dict().items()}
     assert shapes == {
         "router.weight": (3, DIM),

@@ -15,7 +15,7 @@ from torch._dynamo.utils import counters
 
 from moecompose.model import ModelConfig, MoECausalLM, compile_model
 from moecompose.model.compile import supports_shapes_spec
-from moecompose.model.config import NexusRouterSpec
+from moecompose.model.config import NexusRouterConfig
 from moecompose.model.moe import MoEFFN
 from moecompose.model.nexus import NexusRouter
 
@@ -139,7 +139,7 @@ def test_nexus_tensor_names_follow_the_artifact_format() -> None:
 
 def test_initialisation_scales() -> None:
     torch.manual_seed(0)
-    router = NexusRouter(512, 4, NexusRouterSpec(domain_dim=256))
+    router = NexusRouter(512, 4, NexusRouterConfig(domain_dim=256))
     assert router.w1.weight.std().item() == pytest.approx(256**-0.5, rel=0.02)
     assert router.w2.weight.std().item() == pytest.approx(1 / 512, rel=0.02)
     assert router.w1.weight.mean().abs().item() < 1e-3
@@ -241,14 +241,14 @@ def test_bfloat16_model_routes_with_float32_logits() -> None:
 
 def test_nexus_config_round_trips() -> None:
     config = ModelConfig.from_dict(nexus_config(k=2, normalize=True))
-    assert config.layers[1].ffn.router == NexusRouterSpec(
+    assert config.layers[1].ffn.router == NexusRouterConfig(
         domain_dim=DOMAIN_DIM, k=2, normalize=True
     )
     assert ModelConfig.from_dict(config.to_dict()) == config
     assert config.to_dict()["layers"][1]["ffn"]["router"] == {
         "kind": "nexus", "k": 2, "normalize": True, "domain_dim": DOMAIN_DIM
     }  # fmt: skip
-    defaults = NexusRouterSpec.from_dict({"kind": "nexus", "domain_dim": 4}, "router")
+    defaults = NexusRouterConfig.from_dict({"kind": "nexus", "domain_dim": 4}, "router")
     assert (defaults.k, defaults.normalize) == (1, False)
 
 

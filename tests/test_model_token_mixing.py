@@ -17,7 +17,7 @@ from torch._dynamo.utils import counters
 
 from moecompose.model import ModelConfig, MoECausalLM
 from moecompose.model.compile import supports_shapes_spec
-from moecompose.model.config import MoEFFNSpec, TokenMixingRouterSpec
+from moecompose.model.config import MoEFFNConfig, TokenMixingRouterConfig
 from moecompose.model.moe import MoEFFN, swiglu_loop
 from moecompose.model.token_mixing import TokenMixingFFN
 
@@ -26,11 +26,13 @@ DIM, HIDDEN = 16, 12
 
 def mot_spec(
     num_experts: int = 4, group: int = 2, temperature: float = 0.7, learn: bool = False
-) -> MoEFFNSpec:
-    return MoEFFNSpec(
+) -> MoEFFNConfig:
+    return MoEFFNConfig(
         num_experts=num_experts,
         intermediate_size=HIDDEN,
-        router=TokenMixingRouterSpec(group, temperature, learn),
+        router=TokenMixingRouterConfig(
+            group_size=group, temperature=temperature, learn_temperature=learn
+        ),
     )
 
 
@@ -52,7 +54,7 @@ def reference(layer: TokenMixingFFN, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def layer_of(spec: MoEFFNSpec) -> TokenMixingFFN:
+def layer_of(spec: MoEFFNConfig) -> TokenMixingFFN:
     torch.manual_seed(0)
     return TokenMixingFFN(DIM, spec)
 

@@ -42,9 +42,9 @@ from torch import Tensor, nn
 
 from moecompose.errors import BuildError, MoeComposeError, SourceError
 from moecompose.model.causal_lm import DecoderLayer
-from moecompose.model.config import ModelConfig
+from moecompose.model.config import DenseFFNConfig, LayerConfig, ModelConfig
 from moecompose.model.parts import RMSNorm, RotaryEmbedding, sequence_mask
-from moecompose.plan.layouts import native_base
+from moecompose.plan.layouts import model_config
 from moecompose.sources.checkpoint import Checkpoint, open_checkpoint
 from moecompose.sources.safetensors_io import SafetensorsWriter, read_header, read_tensor
 from moecompose.sources.vectors import VectorFileError, read_embedding
@@ -80,15 +80,9 @@ class Embedder:
         ckpt = open_checkpoint(name, path)
         where = f"source '{name}' ({path})"
         tokenizer = _load_tokenizer(where, path)
-        arch = ckpt.arch
-        config = native_base(arch, ckpt.family.name, "sequential", "float32")
-        config["layers"] = [{"ffn": {"kind": "dense"}} for _ in range(arch.num_hidden_layers)]
-        config["trainable"] = None
-        try:
-            model_config = ModelConfig.from_dict(config)
-        except ValueError as exc:
-            raise SourceError(f"{where}: config.json describes no model moecompose can run: {exc}") from None
-        return cls(name, path, ckpt, model_config, tokenizer, torch.device(device))
+        dense = [LayerConfig(ffn=DenseFFNConfig())] * ckpt.arch.num_hidden_layers
+        config = model_config(ckpt.arch, ckpt.family.name, dense, where=where)
+        return cls(name, path, ckpt, config, tokenizer, torch.device(device))
 
     @property
     def num_layers(self) -> int:

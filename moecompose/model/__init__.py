@@ -1,24 +1,33 @@
-"""The PyTorch model a native moecompose artifact loads into."""
+"""The PyTorch model a native moecompose artifact loads into.
 
-from moecompose.model.attention_mix import ATTENTION_IMPLS, AttentionImpl, MixtureOfAttention
-from moecompose.model.cache import KVCache, StaticKVCache
-from moecompose.model.causal_lm import CausalLMOutput, MoECausalLM
-from moecompose.model.compile import compile_model
-from moecompose.model.config import ModelConfig
-from moecompose.model.moe import DISPATCHES, Dispatch
-from moecompose.model.nexus import NexusRouter
+The names below are imported on first use, so that `moecompose.model.config` (the typed
+config, which the planner builds) imports without torch.
+"""
 
-__all__ = [
-    "ATTENTION_IMPLS",
-    "DISPATCHES",
-    "AttentionImpl",
-    "CausalLMOutput",
-    "Dispatch",
-    "KVCache",
-    "MixtureOfAttention",
-    "MoECausalLM",
-    "ModelConfig",
-    "NexusRouter",
-    "StaticKVCache",
-    "compile_model",
-]
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_HOMES = {  # name -> the submodule that defines it
+    "ATTENTION_IMPLS": "attention_mix",
+    "AttentionImpl": "attention_mix",
+    "MixtureOfAttention": "attention_mix",
+    "KVCache": "cache",
+    "StaticKVCache": "cache",
+    "CausalLMOutput": "causal_lm",
+    "MoECausalLM": "causal_lm",
+    "compile_model": "compile",
+    "ModelConfig": "config",
+    "DISPATCHES": "moe",
+    "Dispatch": "moe",
+    "NexusRouter": "nexus",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"moecompose.model.{_HOMES[name]}"), name)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moecompose.model.config import AdapterFFNSpec
+from moecompose.model.config import AdapterActivation, AdapterFFNConfig
 from moecompose.model.grouped_swiglu import _spans
 from moecompose.model.moe import (
     DISPATCHES,
@@ -35,7 +35,7 @@ from moecompose.model.moe import (
     weighted_aux_loss,
 )
 
-ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+ACTIVATIONS: dict[AdapterActivation, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,  # exact (erf) GELU, as torch.nn.GELU()
     "relu": F.relu,
     "silu": F.silu,
@@ -116,15 +116,13 @@ class GroupedAdapters(nn.Module):
         dim: int,
         bottleneck: int,
         scale: float = 1.0,
-        activation: str = "gelu",
+        activation: AdapterActivation = "gelu",
         dropout: float = 0.0,
         dispatch: Dispatch = "grouped",
     ) -> None:
         super().__init__()
         if dispatch not in DISPATCHES:
             raise ValueError(f"dispatch must be one of {DISPATCHES}, got {dispatch!r}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         self.num_experts = num_experts
         self.scale = scale
         self.activation = activation
@@ -167,7 +165,7 @@ class AdapterMoEFFN(nn.Module):
     its output. forward returns the output and the layer's weighted auxiliary loss
     (load balance and z-loss of the router, as in `MoEFFN`)."""
 
-    def __init__(self, dim: int, spec: AdapterFFNSpec, dispatch: Dispatch = "grouped") -> None:
+    def __init__(self, dim: int, spec: AdapterFFNConfig, dispatch: Dispatch = "grouped") -> None:
         super().__init__()
         self.num_experts = spec.num_experts
         self.lb_coef = spec.aux_loss.load_balance

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moecompose.model.cache import LayerKV
-from moecompose.model.config import MoAAttentionSpec, TopKRouterSpec
+from moecompose.model.config import MoAAttentionConfig, TopKRouterConfig
 from moecompose.model.moe import expert_slices
 from moecompose.model.parts import apply_rotary, attend, merge_heads, split_heads
 
@@ -111,7 +111,7 @@ class MixtureOfAttention(nn.Module):
         n_heads: int,
         n_kv_heads: int,
         head_dim: int,
-        spec: MoAAttentionSpec,
+        spec: MoAAttentionConfig,
         bias: bool = False,
         impl: AttentionImpl = "fused",
     ) -> None:
@@ -125,7 +125,7 @@ class MixtureOfAttention(nn.Module):
         self.head_dim = head_dim
         self.shared_kv = spec.shared_kv
         router = spec.router
-        if isinstance(router, TopKRouterSpec):
+        if isinstance(router, TopKRouterConfig):
             self.router = AttentionRouter(dim, spec.num_experts, router.k, router.normalize)
         else:
             self.router = AttentionRouter(dim, spec.num_experts)

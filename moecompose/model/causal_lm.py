@@ -14,20 +14,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moecompose.dtypes import torch_dtype
 from moecompose.model.adapters import AdapterMoEFFN, GroupedAdapters
 from moecompose.model.attention_mix import ATTENTION_IMPLS, AttentionImpl, MixtureOfAttention
 from moecompose.model.cache import KVCache, LayerKV, StaticKVCache
 from moecompose.model.config import (
-    AdapterFFNSpec,
-    AttentionSpec,
-    DenseAttentionSpec,
-    DenseFFNSpec,
-    FFNSpec,
-    LayerSpec,
-    MoAAttentionSpec,
+    AdapterFFNConfig,
+    AttentionConfig,
+    DenseFFNConfig,
+    FFNConfig,
+    LayerConfig,
+    MoAAttentionConfig,
     ModelConfig,
-    MoEFFNSpec,
-    TokenMixingRouterSpec,
+    TokenMixingRouterConfig,
 )
 from moecompose.model.moe import DISPATCHES, Dispatch, GroupedExperts, MoEFFN
 from moecompose.model.nexus import NexusRouter
@@ -42,62 +41,25 @@ from moecompose.model.parts import (
 from moecompose.model.token_mixing import TokenMixingFFN, transition_to_topk
 
 
-def _dense_ffn(config: ModelConfig, spec: DenseFFNSpec, dispatch: Dispatch) -> nn.Module:
-    return SwiGLU(config.hidden_size, config.intermediate_size)
-
-
-def _moe_ffn(config: ModelConfig, spec: MoEFFNSpec, dispatch: Dispatch) -> nn.Module:
-    if isinstance(spec.router, TokenMixingRouterSpec):
+def build_ffn(config: ModelConfig, spec: FFNConfig, dispatch: Dispatch) -> nn.Module:
+    """Every FFN module is called as `x -> y`, routed ones as `x -> (y, aux loss)`."""
+    if isinstance(spec, DenseFFNConfig):
+        return SwiGLU(config.hidden_size, config.intermediate_size)
+    if isinstance(spec, AdapterFFNConfig):
+        return AdapterMoEFFN(config.hidden_size, spec, dispatch)
+    if isinstance(spec.router, TokenMixingRouterConfig):
         return TokenMixingFFN(config.hidden_size, spec, dispatch)
     return MoEFFN(config.hidden_size, spec, dispatch)
 
 
-def _adapter_ffn(config: ModelConfig, spec: AdapterFFNSpec, dispatch: Dispatch) -> nn.Module:
-    return AdapterMoEFFN(config.hidden_size, spec, dispatch)
-
-
-FFN_BUILDERS: dict[str, Callable[[ModelConfig, Any, Dispatch], nn.Module]] = {
-    DenseFFNSpec.kind: _dense_ffn,
-    MoEFFNSpec.kind: _moe_ffn,
-    AdapterFFNSpec.kind: _adapter_ffn,
-}
-
-
-def build_ffn(config: ModelConfig, spec: FFNSpec, dispatch: Dispatch) -> nn.Module:
-    return FFN_BUILDERS[spec.kind](config, spec, dispatch)
-
-
-def _dense_attention(config: ModelConfig, spec: DenseAttentionSpec) -> nn.Module:
-    return Attention(
-        config.hidden_size,
-        config.num_attention_heads,
-        config.num_key_value_heads,
-        config.head_dim,
-        bias=config.attention_bias,
-    )
-
-
-def _mixture_of_attention(config: ModelConfig, spec: MoAAttentionSpec) -> nn.Module:
-    return MixtureOfAttention(
-        config.hidden_size,
-        config.num_attention_heads,
-        config.num_key_value_heads,
-        config.head_dim,
-        spec,
-        bias=config.attention_bias,
-    )
-
-
-ATTENTION_BUILDERS: dict[str, Callable[[ModelConfig, Any], nn.Module]] = {
-    DenseAttentionSpec.kind: _dense_attention,
-    MoAAttentionSpec.kind: _mixture_of_attention,
-}
-
-
-def build_attention(config: ModelConfig, spec: AttentionSpec) -> nn.Module:
+def build_attention(config: ModelConfig, spec: AttentionConfig) -> nn.Module:
     """Every attention module is called as `(x, cos, sin, mask, cache) -> y` and has
     `cached_kv_heads`."""
-    return ATTENTION_BUILDERS[spec.kind](config, spec)
+    widths = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+              config.head_dim)
+    if isinstance(spec, MoAAttentionConfig):
+        return MixtureOfAttention(*widths, spec, bias=config.attention_bias)
+    return Attention(*widths, bias=config.attention_bias)
 
 
 def _names(names: list[str], limit: int = 20) -> str:
@@ -119,7 +81,7 @@ class DecoderLayer(nn.Module):
     Parallel (GPT-J, BAM): `y = x + attn(n1(x)) + ffn(n2(x))`.
     """
 
-    def __init__(self, config: ModelConfig, spec: LayerSpec, dispatch: Dispatch) -> None:
+    def __init__(self, config: ModelConfig, spec: LayerConfig, dispatch: Dispatch) -> None:
         super().__init__()
         d = config.hidden_size
         self.parallel = config.block == "parallel"
@@ -215,11 +177,12 @@ class MoECausalLM(nn.Module):
             if config.tie_word_embeddings
             else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         )
+        dtype = torch_dtype(config.dtype)
         for p in self.parameters():
-            p.data = p.data.to(config.torch_dtype)
+            p.data = p.data.to(dtype)
         for name, buffer in self.named_buffers():  # stored buffers (Nexus domain embeddings)
             if name in self.state_dict() and buffer.is_floating_point():
-                buffer.data = buffer.data.to(config.torch_dtype)
+                buffer.data = buffer.data.to(dtype)
         self.set_trainable(config.trainable)
 
     @classmethod
@@ -299,7 +262,7 @@ class MoECausalLM(nn.Module):
 
     def kv_cache_bytes_per_token(self) -> list[int]:
         """Bytes of KV cache each layer holds per cached token (per sequence)."""
-        size = torch.empty((), dtype=self.config.torch_dtype).element_size()
+        size = torch.empty((), dtype=torch_dtype(self.config.dtype)).element_size()
         return [
             2 * layer.self_attn.cached_kv_heads * self.config.head_dim * size
             for layer in self.model.layers

@@ -1,721 +1,469 @@
 """The native model configuration: the `config.json` of a built artifact, as typed values.
 
-`ModelConfig.from_dict` checks every field the model code reads and fails with a message
-naming the field; `to_dict` writes the same JSON back. See `docs/artifact-format.md`.
+Frozen pydantic models, one per part of a layer; parts with variants carry a `kind` that
+selects them (a discriminated union), so a kind this version does not know fails at load
+time with its name in the message. `to_dict` writes exactly the JSON of
+`docs/artifact-format.md`. Every rule a config must follow is checked here, once; an
+invalid config raises `ConfigError`, one line naming the field
+(`layers[2].ffn.router.k = 5 exceeds num_experts = 4`).
 
-Layer descriptors are parsed through small registries (`FFN_KINDS`, `ATTENTION_KINDS`,
-`ROUTER_KINDS`, `ATTENTION_ROUTER_KINDS`), so a new kind is one parser plus one module,
-and a kind this version does not know fails here, at load time, with its name in the
-message.
+This module imports no torch: the planner builds these models, and the front end runs
+without torch.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 
-import torch
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+from typing_extensions import Self
+
+from moecompose.dtypes import MODEL_DTYPES
 
 FORMAT_VERSION = 1
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
 
-BLOCKS = ("sequential", "parallel")
-ROPE_TYPES = ("default", "linear", "llama3")
-_ROPE_KEYS = {
-    "rope_type", "type", "factor", "low_freq_factor", "high_freq_factor",
-    "original_max_position_embeddings", "rope_theta", "partial_rotary_factor",
-}  # fmt: skip
+class ConfigError(ValueError):
+    """A config that breaks a rule; the message is one line that names the field."""
 
 
-def _check_keys(d: Mapping[str, Any], allowed: set[str], where: str) -> None:
-    unknown = sorted(set(d) - allowed)
-    if unknown:
-        raise ValueError(
-            f"{where}: unknown key(s) {unknown}; expected a subset of {sorted(allowed)}"
-        )
+class _Rule(ValueError):
+    """Raised by validators: ``field`` (a path below the value being validated, ``""`` for
+    the value itself) breaks a rule; ``text`` is written right after the field's path."""
+
+    def __init__(self, field: str, text: str) -> None:
+        super().__init__(text)
+        self.field, self.text = field, text
 
 
-def _require(d: Mapping[str, Any], key: str, where: str) -> Any:
-    if key not in d:
-        raise ValueError(f"{where}: missing required key '{key}'")
-    return d[key]
+# --------------------------------------------------------------------------- scalar values
 
 
-def _positive_int(value: Any, name: str) -> int:
+def _positive_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise _Rule("", f" must be a positive integer, got {value!r}")
     return value
 
 
-def _non_negative_float(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Rule("", f" must be a number, got {value!r}")
     return float(value)
 
 
-def _bool(value: Any, name: str) -> bool:
+def _non_negative(value: Any) -> float:
+    if _number(value) < 0:
+        raise _Rule("", f" must be a non-negative number, got {value!r}")
+    return float(value)
+
+
+def _positive(value: Any) -> float:
+    if _number(value) <= 0:
+        raise _Rule("", f" must be positive, got {value!r}")
+    return float(value)
+
+
+def _fraction(value: Any) -> float:
+    if not 0 <= _number(value) < 1:
+        raise _Rule("", f" must be in [0, 1), got {value!r}")
+    return float(value)
+
+
+def _bool(value: Any) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"{name} must be true or false, got {value!r}")
+        raise _Rule("", f" must be true or false, got {value!r}")
     return value
+
+
+PositiveInt = Annotated[int, BeforeValidator(_positive_int)]
+Number = Annotated[float, BeforeValidator(_number)]
+NonNegative = Annotated[float, BeforeValidator(_non_negative)]
+Positive = Annotated[float, BeforeValidator(_positive)]
+Fraction = Annotated[float, BeforeValidator(_fraction)]
+Bool = Annotated[bool, BeforeValidator(_bool)]
+TokenIds = Annotated[int, Strict()] | list[Annotated[int, Strict()]] | None
+AdapterActivation = Literal["gelu", "relu", "silu"]
+
+
+class _Node(BaseModel):
+    """A part of the config: frozen, and every key it is given must be one of its fields."""
+
+    model_config = ConfigDict(frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and cls.model_config.get("extra") != "allow":
+            unknown = sorted(set(data) - set(cls.model_fields))
+            if unknown:
+                raise _Rule("", f": unknown key(s) {unknown}; expected a subset of "
+                            f"{sorted(cls.model_fields)}")
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "") -> Self:
+        """Parse and check JSON data; a `ConfigError` names the offending field, under
+        ``where`` (the path of ``data`` in a larger document)."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(_one_line(exc, data, where)) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON data; `from_dict(to_dict())` gives back an equal config."""
+        return self.model_dump(mode="json")
+
+
+class _Routed(_Node):
+    """A part with `num_experts` experts chosen by `router`: a top-k router may keep at
+    most all of them."""
+
+    @model_validator(mode="after")
+    def _k_fits_the_experts(self) -> Self:
+        k, experts = getattr(self.router, "k", None), self.num_experts
+        if k is not None and k > experts:
+            raise _Rule("router.k", f" = {k} exceeds num_experts = {experts}")
+        return self
 
 
 # --------------------------------------------------------------------------- routers
 
 
-_K = TypeVar("_K", bound="KindOnly")
-
-
-class KindOnly:
-    """A descriptor with nothing but its ``kind`` (``{"kind": ...}`` in the config)."""
-
-    kind: ClassVar[str]
-
-    @classmethod
-    def from_dict(cls: type[_K], d: Mapping[str, Any], where: str) -> _K:
-        _check_keys(d, {"kind"}, where)
-        return cls()
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind}
-
-
-@dataclass(frozen=True)
-class TopKRouterSpec:
+class TopKRouterConfig(_Node):
     """Token-choice top-k over a softmax of all experts (Mixtral, Switch)."""
 
-    k: int
-    normalize: bool = True
-    kind: ClassVar[str] = "topk"
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str) -> TopKRouterSpec:
-        _check_keys(d, {"kind", "k", "normalize"}, where)
-        k = _positive_int(_require(d, "k", where), f"{where}.k")
-        return cls(k=k, normalize=_bool(d.get("normalize", True), f"{where}.normalize"))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "k": self.k, "normalize": self.normalize}
+    kind: Literal["topk"] = "topk"
+    k: PositiveInt
+    normalize: Bool = True
 
 
-@dataclass(frozen=True)
-class SoftRouterSpec(KindOnly):
+class SoftRouterConfig(_Node):
     """Every expert runs, weighted by `softmax(x @ W.T)` over all experts (BAM attention)."""
 
-    kind: ClassVar[str] = "soft"
+    kind: Literal["soft"] = "soft"
 
 
-@dataclass(frozen=True)
-class TokenMixingRouterSpec:
+class TokenMixingRouterConfig(_Node):
     """Mixture of Tokens (Antoniak et al. 2023): tokens at one position of `group_size`
     sequences of the batch are mixed per expert by `softmax(x @ W.T / temperature)` over
     the group. With `learn_temperature` the temperature is a trainable tensor."""
 
-    group_size: int
-    temperature: float = 1.0
-    learn_temperature: bool = False
-    kind: ClassVar[str] = "token_mixing"
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str) -> TokenMixingRouterSpec:
-        _check_keys(d, {"kind", "group_size", "temperature", "learn_temperature"}, where)
-        group = _positive_int(_require(d, "group_size", where), f"{where}.group_size")
-        temperature = _non_negative_float(d.get("temperature", 1.0), f"{where}.temperature")
-        if temperature == 0:
-            raise ValueError(f"{where}.temperature must be positive, got 0")
-        learn = _bool(d.get("learn_temperature", False), f"{where}.learn_temperature")
-        return cls(group_size=group, temperature=temperature, learn_temperature=learn)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "group_size": self.group_size,
-            "temperature": self.temperature,
-            "learn_temperature": self.learn_temperature,
-        }
+    kind: Literal["token_mixing"] = "token_mixing"
+    group_size: PositiveInt
+    temperature: Positive = 1.0
+    learn_temperature: Bool = False
 
 
-@dataclass(frozen=True)
-class NexusRouterSpec:
+class NexusRouterConfig(_Node):
     """Nexus (Gritsch et al. 2024): expert embeddings projected from frozen domain
     embeddings of width `domain_dim`; softmax over the experts, top k, raw probabilities
     unless `normalize`."""
 
-    domain_dim: int
-    k: int = 1
-    normalize: bool = False
-    kind: ClassVar[str] = "nexus"
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str) -> NexusRouterSpec:
-        _check_keys(d, {"kind", "k", "normalize", "domain_dim"}, where)
-        return cls(
-            domain_dim=_positive_int(_require(d, "domain_dim", where), f"{where}.domain_dim"),
-            k=_positive_int(d.get("k", 1), f"{where}.k"),
-            normalize=_bool(d.get("normalize", False), f"{where}.normalize"),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "k": self.k,
-            "normalize": self.normalize,
-            "domain_dim": self.domain_dim,
-        }
+    kind: Literal["nexus"] = "nexus"
+    k: PositiveInt = 1
+    normalize: Bool = False
+    domain_dim: PositiveInt
 
 
-RouterSpec = TopKRouterSpec | SoftRouterSpec | TokenMixingRouterSpec | NexusRouterSpec
-RouterParser = Callable[[Mapping[str, Any], str], RouterSpec]
-
-ROUTER_KINDS: dict[str, RouterParser] = {
-    TopKRouterSpec.kind: TopKRouterSpec.from_dict,
-    TokenMixingRouterSpec.kind: TokenMixingRouterSpec.from_dict,
-    NexusRouterSpec.kind: NexusRouterSpec.from_dict,
-}
+MoERouterConfig = Annotated[
+    TopKRouterConfig | TokenMixingRouterConfig | NexusRouterConfig, Field(discriminator="kind")
+]
 """Routers of an MoE FFN layer."""
 
-ADAPTER_ROUTER_KINDS: dict[str, RouterParser] = {
-    TopKRouterSpec.kind: TopKRouterSpec.from_dict,
-}
-"""Routers of an adapter-experts (PESC) FFN layer."""
-
-ATTENTION_ROUTER_KINDS: dict[str, RouterParser] = {
-    SoftRouterSpec.kind: SoftRouterSpec.from_dict,
-    TopKRouterSpec.kind: TopKRouterSpec.from_dict,
-}
+AttentionRouterConfig = Annotated[
+    SoftRouterConfig | TopKRouterConfig, Field(discriminator="kind")
+]
 """Routers of a mixture-of-attention layer."""
-
-
-def parse_router(
-    d: Mapping[str, Any], where: str, kinds: Mapping[str, RouterParser] = ROUTER_KINDS
-) -> RouterSpec:
-    kind = _require(d, "kind", where)
-    if kind not in kinds:
-        raise ValueError(
-            f"{where}: router kind '{kind}' is not supported by this version "
-            f"(supported: {sorted(kinds)})"
-        )
-    return kinds[kind](d, where)
 
 
 # --------------------------------------------------------------------------- FFN parts
 
 
-@dataclass(frozen=True)
-class SharedExpertSpec:
+class SharedExpertConfig(_Node):
     """An always-on FFN added to the routed output, optionally scaled by `sigmoid(x @ g.T)`."""
 
-    intermediate_size: int
-    gate: bool = False
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str) -> SharedExpertSpec:
-        _check_keys(d, {"intermediate_size", "gate"}, where)
-        size = _positive_int(_require(d, "intermediate_size", where), f"{where}.intermediate_size")
-        return cls(intermediate_size=size, gate=_bool(d.get("gate", False), f"{where}.gate"))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"intermediate_size": self.intermediate_size, "gate": self.gate}
+    intermediate_size: PositiveInt
+    gate: Bool = False
 
 
-@dataclass(frozen=True)
-class AuxLossSpec:
+class AuxLossConfig(_Node):
     """Coefficients of the load-balance (Switch) and router z-loss (ST-MoE) terms."""
 
-    load_balance: float = 0.0
-    z_loss: float = 0.0
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None, where: str) -> AuxLossSpec:
-        if d is None:
-            return cls()
-        _check_keys(d, {"load_balance", "z_loss"}, where)
-        return cls(
-            load_balance=_non_negative_float(d.get("load_balance", 0.0), f"{where}.load_balance"),
-            z_loss=_non_negative_float(d.get("z_loss", 0.0), f"{where}.z_loss"),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"load_balance": self.load_balance, "z_loss": self.z_loss}
+    load_balance: NonNegative = 0.0
+    z_loss: NonNegative = 0.0
 
 
-@dataclass(frozen=True)
-class DenseFFNSpec(KindOnly):
+class DenseFFNConfig(_Node):
     """The source's SwiGLU FFN, of the model's `intermediate_size`."""
 
-    kind: ClassVar[str] = "dense"
+    kind: Literal["dense"] = "dense"
 
 
-@dataclass(frozen=True)
-class MoEFFNSpec:
+class MoEFFNConfig(_Routed):
     """A routed mixture of SwiGLU experts, with an optional shared expert."""
 
-    num_experts: int
-    intermediate_size: int
-    router: RouterSpec
-    shared_expert: SharedExpertSpec | None = None
-    aux_loss: AuxLossSpec = field(default_factory=AuxLossSpec)
-    kind: ClassVar[str] = "moe"
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str) -> MoEFFNSpec:
-        _check_keys(
-            d,
-            {"kind", "num_experts", "intermediate_size", "router", "shared_expert", "aux_loss"},
-            where,
-        )
-        num_experts = _positive_int(_require(d, "num_experts", where), f"{where}.num_experts")
-        size = _positive_int(_require(d, "intermediate_size", where), f"{where}.intermediate_size")
-        router = parse_router(_require(d, "router", where), f"{where}.router")
-        if isinstance(router, (TopKRouterSpec, NexusRouterSpec)) and router.k > num_experts:
-            raise ValueError(f"{where}.router.k = {router.k} exceeds num_experts = {num_experts}")
-        shared = d.get("shared_expert")
-        return cls(
-            num_experts=num_experts,
-            intermediate_size=size,
-            router=router,
-            shared_expert=None
-            if shared is None
-            else SharedExpertSpec.from_dict(shared, f"{where}.shared_expert"),
-            aux_loss=AuxLossSpec.from_dict(d.get("aux_loss"), f"{where}.aux_loss"),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "num_experts": self.num_experts,
-            "intermediate_size": self.intermediate_size,
-            "router": self.router.to_dict(),
-            "shared_expert": None if self.shared_expert is None else self.shared_expert.to_dict(),
-            "aux_loss": self.aux_loss.to_dict(),
-        }
+    kind: Literal["moe"] = "moe"
+    num_experts: PositiveInt
+    intermediate_size: PositiveInt
+    router: MoERouterConfig
+    shared_expert: SharedExpertConfig | None = None
+    aux_loss: AuxLossConfig = AuxLossConfig()
 
 
-ADAPTER_ACTIVATIONS = ("gelu", "relu", "silu")
-
-
-@dataclass(frozen=True)
-class AdapterFFNSpec:
+class AdapterFFNConfig(_Routed):
     """PESC (Wu et al. 2024): one shared SwiGLU FFN of width `intermediate_size`; the
     experts are bottleneck adapters (width `bottleneck`) applied to its output, chosen by a
     top-k router that reads the FFN input."""
 
-    num_experts: int
-    intermediate_size: int
-    bottleneck: int
-    router: TopKRouterSpec
-    scale: float = 1.0
-    activation: str = "gelu"
-    dropout: float = 0.0
-    aux_loss: AuxLossSpec = field(default_factory=AuxLossSpec)
-    kind: ClassVar[str] = "adapters"
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str) -> AdapterFFNSpec:
-        _check_keys(
-            d,
-            {"kind", "num_experts", "intermediate_size", "bottleneck", "scale", "activation",
-             "dropout", "router", "aux_loss"},
-            where,
-        )  # fmt: skip
-        num_experts = _positive_int(_require(d, "num_experts", where), f"{where}.num_experts")
-        router = parse_router(_require(d, "router", where), f"{where}.router", ADAPTER_ROUTER_KINDS)
-        assert isinstance(router, TopKRouterSpec)
-        if router.k > num_experts:
-            raise ValueError(f"{where}.router.k = {router.k} exceeds num_experts = {num_experts}")
-        scale = d.get("scale", 1.0)
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise ValueError(f"{where}.scale must be a number, got {scale!r}")
-        activation = d.get("activation", "gelu")
-        if activation not in ADAPTER_ACTIVATIONS:
-            raise ValueError(
-                f"{where}.activation {activation!r} is not supported by this version "
-                f"(supported: {list(ADAPTER_ACTIVATIONS)})"
-            )
-        dropout = _non_negative_float(d.get("dropout", 0.0), f"{where}.dropout")
-        if dropout >= 1:
-            raise ValueError(f"{where}.dropout must be in [0, 1), got {dropout}")
-        return cls(
-            num_experts=num_experts,
-            intermediate_size=_positive_int(
-                _require(d, "intermediate_size", where), f"{where}.intermediate_size"
-            ),
-            bottleneck=_positive_int(_require(d, "bottleneck", where), f"{where}.bottleneck"),
-            router=router,
-            scale=float(scale),
-            activation=activation,
-            dropout=dropout,
-            aux_loss=AuxLossSpec.from_dict(d.get("aux_loss"), f"{where}.aux_loss"),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "num_experts": self.num_experts,
-            "intermediate_size": self.intermediate_size,
-            "bottleneck": self.bottleneck,
-            "scale": self.scale,
-            "activation": self.activation,
-            "dropout": self.dropout,
-            "router": self.router.to_dict(),
-            "aux_loss": self.aux_loss.to_dict(),
-        }
+    kind: Literal["adapters"] = "adapters"
+    num_experts: PositiveInt
+    intermediate_size: PositiveInt
+    bottleneck: PositiveInt
+    scale: Number = 1.0
+    activation: AdapterActivation = "gelu"
+    dropout: Fraction = 0.0
+    router: Annotated[TopKRouterConfig, Field(discriminator="kind")]
+    aux_loss: AuxLossConfig = AuxLossConfig()
 
 
-FFNSpec = DenseFFNSpec | MoEFFNSpec | AdapterFFNSpec
-
-FFN_KINDS: dict[str, Callable[[Mapping[str, Any], str], FFNSpec]] = {
-    DenseFFNSpec.kind: DenseFFNSpec.from_dict,
-    MoEFFNSpec.kind: MoEFFNSpec.from_dict,
-    AdapterFFNSpec.kind: AdapterFFNSpec.from_dict,
-}
-
-
-def parse_ffn(d: Mapping[str, Any], where: str) -> FFNSpec:
-    kind = _require(d, "kind", where)
-    if kind not in FFN_KINDS:
-        raise ValueError(
-            f"{where}: ffn kind '{kind}' is not supported by this version (supported: {sorted(FFN_KINDS)})"
-        )
-    return FFN_KINDS[kind](d, where)
+FFNConfig = Annotated[
+    DenseFFNConfig | MoEFFNConfig | AdapterFFNConfig, Field(discriminator="kind")
+]
 
 
 # --------------------------------------------------------------------------- attention
 
 
-@dataclass(frozen=True)
-class DenseAttentionSpec(KindOnly):
+class DenseAttentionConfig(_Node):
     """The source's grouped-query attention."""
 
-    kind: ClassVar[str] = "dense"
+    kind: Literal["dense"] = "dense"
 
 
-SHARES = ((), ("k", "v"))
-
-
-@dataclass(frozen=True)
-class MoAAttentionSpec:
+class MoAAttentionConfig(_Routed):
     """Mixture of attention (BAM): `num_experts` attention experts mixed by a router.
 
     `share` is `()` for expert-KV (each expert its own q, k, v, o) or `("k", "v")` for
     shared-KV (q, o per expert; one k, v projection and one KV cache for all experts).
     """
 
-    num_experts: int
-    router: RouterSpec
+    kind: Literal["moa"] = "moa"
+    num_experts: PositiveInt
     share: tuple[str, ...] = ()
-    kind: ClassVar[str] = "moa"
+    router: AttentionRouterConfig
+
+    @field_validator("share", mode="before")
+    @classmethod
+    def _expert_or_shared_kv(cls, share: Any) -> tuple[str, ...]:
+        if not isinstance(share, (list, tuple)) or sorted(share) not in ([], ["k", "v"]):
+            raise _Rule("", f" must be [] (expert-KV) or ['k', 'v'] (shared-KV), got {share!r}")
+        return tuple(sorted(share))
 
     @property
     def shared_kv(self) -> bool:
         return self.share == ("k", "v")
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str) -> MoAAttentionSpec:
-        _check_keys(d, {"kind", "num_experts", "share", "router"}, where)
-        num_experts = _positive_int(_require(d, "num_experts", where), f"{where}.num_experts")
-        router = parse_router(
-            _require(d, "router", where), f"{where}.router", ATTENTION_ROUTER_KINDS
-        )
-        if isinstance(router, TopKRouterSpec) and router.k > num_experts:
-            raise ValueError(f"{where}.router.k = {router.k} exceeds num_experts = {num_experts}")
-        share = d.get("share", [])
-        if not isinstance(share, list) or tuple(sorted(share)) not in SHARES:
-            raise ValueError(
-                f"{where}.share must be [] (expert-KV) or ['k', 'v'] (shared-KV), got {share!r}"
-            )
-        return cls(num_experts=num_experts, router=router, share=tuple(sorted(share)))
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "num_experts": self.num_experts,
-            "share": list(self.share),
-            "router": self.router.to_dict(),
-        }
+AttentionConfig = Annotated[
+    DenseAttentionConfig | MoAAttentionConfig, Field(discriminator="kind")
+]
 
 
-AttentionSpec = DenseAttentionSpec | MoAAttentionSpec
-
-ATTENTION_KINDS: dict[str, Callable[[Mapping[str, Any], str], AttentionSpec]] = {
-    DenseAttentionSpec.kind: DenseAttentionSpec.from_dict,
-    MoAAttentionSpec.kind: MoAAttentionSpec.from_dict,
-}
-
-
-def parse_attention(d: Mapping[str, Any] | None, where: str) -> AttentionSpec:
-    """None (key absent) is dense attention."""
-    if d is None:
-        return DenseAttentionSpec()
-    kind = _require(d, "kind", where)
-    if kind not in ATTENTION_KINDS:
-        raise ValueError(
-            f"{where}: attention kind '{kind}' is not supported by this version "
-            f"(supported: {sorted(ATTENTION_KINDS)})"
-        )
-    return ATTENTION_KINDS[kind](d, where)
-
-
-@dataclass(frozen=True)
-class LayerSpec:
+class LayerConfig(_Node):
     """What one decoder layer is made of: its attention and its FFN."""
 
-    ffn: FFNSpec
-    attention: AttentionSpec = field(default_factory=DenseAttentionSpec)
+    attention: AttentionConfig = DenseAttentionConfig()
+    ffn: FFNConfig
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str) -> LayerSpec:
-        _check_keys(d, {"ffn", "attention"}, where)
-        return cls(
-            ffn=parse_ffn(_require(d, "ffn", where), f"{where}.ffn"),
-            attention=parse_attention(d.get("attention"), f"{where}.attention"),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """Dense attention is written as an absent key."""
-        out: dict[str, Any] = {"ffn": self.ffn.to_dict()}
-        if not isinstance(self.attention, DenseAttentionSpec):
-            out["attention"] = self.attention.to_dict()
-        return out
+    @model_serializer(mode="wrap")
+    def _dense_attention_is_absent(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if isinstance(self.attention, DenseAttentionConfig):
+            del data["attention"]
+        return data
 
 
 # --------------------------------------------------------------------------- the model
 
 
-@dataclass(frozen=True)
-class RopeScaling:
-    """HF `rope_scaling`: `linear` (factor) or `llama3` (factor, low/high_freq_factor, original length)."""
-
-    rope_type: str
-    factor: float
-    low_freq_factor: float | None = None
-    high_freq_factor: float | None = None
-    original_max_position_embeddings: int | None = None
-
-    @classmethod
-    def from_dict(
-        cls, d: Mapping[str, Any] | None, max_position_embeddings: int, rope_theta: float
-    ) -> RopeScaling | None:
-        """None for no scaling; `rope_theta` and `partial_rotary_factor` (HF's newer
-        `rope_parameters` form) are accepted only when they change nothing."""
-        if d is None:
-            return None
-        _check_keys(d, _ROPE_KEYS, "rope_scaling")
-        if float(d.get("rope_theta", rope_theta)) != rope_theta:
-            raise ValueError(
-                f"rope_scaling.rope_theta ({d['rope_theta']}) differs from rope_theta ({rope_theta})"
-            )
-        if d.get("partial_rotary_factor", 1.0) != 1.0:
-            raise ValueError(
-                "rope_scaling.partial_rotary_factor != 1 is not supported by this version"
-            )
-        rope_type = d.get("rope_type", d.get("type"))
-        if rope_type == "default":
-            return None
-        if rope_type not in ROPE_TYPES:
-            raise ValueError(
-                f"rope_scaling: rope_type {rope_type!r} is not supported by this version "
-                f"(supported: {list(ROPE_TYPES)})"
-            )
-        factor = _require(d, "factor", "rope_scaling")
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 0:
-            raise ValueError(f"rope_scaling.factor must be a positive number, got {factor!r}")
-        if rope_type == "linear":
-            return cls(rope_type=rope_type, factor=float(factor))
-        return cls(
-            rope_type=rope_type,
-            factor=float(factor),
-            low_freq_factor=float(_require(d, "low_freq_factor", "rope_scaling")),
-            high_freq_factor=float(_require(d, "high_freq_factor", "rope_scaling")),
-            original_max_position_embeddings=int(
-                d.get("original_max_position_embeddings", max_position_embeddings)
-            ),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+# Rope scaling fields are in the order Hugging Face writes them (sorted), so a source's
+# rope_scaling is written back as it was.
 
 
-_MODEL_KEYS = {
-    "model_type", "architectures", "moecompose_format", "family", "vocab_size", "hidden_size",
-    "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-    "head_dim", "hidden_act", "rms_norm_eps", "rope_theta", "rope_scaling",
-    "max_position_embeddings", "sliding_window", "tie_word_embeddings", "attention_bias",
-    "block", "dtype",
-    "bos_token_id", "eos_token_id", "pad_token_id", "layers", "trainable",
-}  # fmt: skip
+class LinearRopeScalingConfig(_Node):
+    """HF `linear` rope scaling: every frequency divided by `factor`."""
+
+    factor: Positive
+    rope_type: Literal["linear"] = "linear"
 
 
-@dataclass(frozen=True)
-class ModelConfig:
+class Llama3RopeScalingConfig(_Node):
+    """HF `llama3` rope scaling: low frequencies divided by `factor`, high ones kept,
+    smoothed between (wavelengths relative to the original context length)."""
+
+    factor: Positive
+    high_freq_factor: Number
+    low_freq_factor: Number
+    original_max_position_embeddings: PositiveInt
+    rope_type: Literal["llama3"] = "llama3"
+
+
+RopeScalingConfig = Annotated[
+    LinearRopeScalingConfig | Llama3RopeScalingConfig, Field(discriminator="rope_type")
+]
+
+
+class ModelConfig(_Node):
     """The native `config.json` of a moecompose artifact (format version 1).
 
     Keys the model code does not read (for example provenance written by the builder) are
-    kept in `extra` and written back unchanged by `to_dict`.
+    kept as extra fields and written back unchanged, after the known ones, by `to_dict`.
     """
 
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    layers: tuple[LayerSpec, ...]
-    family: str = "llama"
-    hidden_act: str = "silu"
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    rope_scaling: RopeScaling | None = None
-    max_position_embeddings: int = 2048
-    sliding_window: int | None = None
-    tie_word_embeddings: bool = False
-    attention_bias: bool = False
-    block: str = "sequential"
-    dtype: str = "float32"
-    bos_token_id: int | list[int] | None = None
-    eos_token_id: int | list[int] | None = None
-    pad_token_id: int | None = None
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    model_type: Literal["moecompose"] = "moecompose"
+    architectures: tuple[Literal["MoECausalLM"]] = ("MoECausalLM",)
+    moecompose_format: Literal[1] = FORMAT_VERSION
+    family: str = "llama"  # the sources' family: provenance, not read by the model
+    vocab_size: PositiveInt
+    hidden_size: PositiveInt
+    num_hidden_layers: int
+    num_attention_heads: PositiveInt
+    num_key_value_heads: PositiveInt
+    head_dim: PositiveInt
+    hidden_act: Literal["silu"] = "silu"
+    rms_norm_eps: Number = 1e-5
+    rope_theta: Number = 10000.0
+    rope_scaling: RopeScalingConfig | None = None
+    max_position_embeddings: PositiveInt = 2048
+    sliding_window: PositiveInt | None = None
+    tie_word_embeddings: Bool = False
+    bos_token_id: TokenIds = None
+    eos_token_id: TokenIds = None
+    pad_token_id: TokenIds = None
+    intermediate_size: PositiveInt
+    attention_bias: Bool = False
+    block: Literal["sequential", "parallel"] = "sequential"
+    dtype: Literal[MODEL_DTYPES] = "float32"  # type: ignore[valid-type]
+    layers: tuple[LayerConfig, ...]
     trainable: tuple[str, ...] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def num_hidden_layers(self) -> int:
-        return len(self.layers)
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
+    @model_validator(mode="before")
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
-        """Parse and check a native config dict; raises ValueError naming the offending field."""
-        version = d.get("moecompose_format", FORMAT_VERSION)
-        if version != FORMAT_VERSION:
-            raise ValueError(
-                f"moecompose_format {version!r} is not supported by this version (expected {FORMAT_VERSION})"
+    def _implied_fields(cls, data: Any) -> Any:
+        """Fill what the other fields imply: `num_key_value_heads` (= heads), `head_dim`
+        (hidden / heads), `num_hidden_layers` (the layers), and HF's rope scaling forms."""
+        if not isinstance(data, Mapping):
+            return data
+        data = dict(data)
+        heads, hidden = data.get("num_attention_heads"), data.get("hidden_size")
+        if isinstance(heads, int) and heads > 0:
+            data.setdefault("num_key_value_heads", heads)
+            if data.get("head_dim") is None and isinstance(hidden, int):
+                if hidden % heads:
+                    raise _Rule("", f"hidden_size ({hidden}) is not divisible by "
+                                f"num_attention_heads ({heads}); set head_dim")
+                data["head_dim"] = hidden // heads
+        if isinstance(data.get("layers"), (list, tuple)):
+            data.setdefault("num_hidden_layers", len(data["layers"]))
+        scaling = data.get("rope_scaling")
+        if isinstance(scaling, Mapping):
+            data["rope_scaling"] = _rope_scaling_as_read(
+                scaling, data.get("rope_theta", 10000.0), data.get("max_position_embeddings", 2048)
             )
-        model_type = d.get("model_type", "moecompose")
-        if model_type != "moecompose":
-            raise ValueError(
-                f"model_type {model_type!r} is not a native moecompose config; convert it first"
-            )
+        return data
 
-        hidden = _positive_int(_require(d, "hidden_size", "config"), "hidden_size")
-        heads = _positive_int(_require(d, "num_attention_heads", "config"), "num_attention_heads")
-        kv_heads = _positive_int(d.get("num_key_value_heads", heads), "num_key_value_heads")
-        if heads % kv_heads:
-            raise ValueError(
-                f"num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})"
-            )
-        head_dim = d.get("head_dim")
-        if head_dim is None:
-            if hidden % heads:
-                raise ValueError(
-                    f"hidden_size ({hidden}) is not divisible by num_attention_heads ({heads}); set head_dim"
-                )
-            head_dim = hidden // heads
-        head_dim = _positive_int(head_dim, "head_dim")
-        if head_dim % 2:
-            raise ValueError(f"head_dim must be even for rotary embeddings, got {head_dim}")
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise _Rule("", f"num_attention_heads ({self.num_attention_heads}) must be a "
+                        f"multiple of num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim % 2:
+            raise _Rule("head_dim", f" must be even for rotary embeddings, got {self.head_dim}")
+        if self.num_hidden_layers != len(self.layers):
+            raise _Rule("", f"num_hidden_layers is {self.num_hidden_layers} but layers has "
+                        f"{len(self.layers)} entries")
+        return self
 
-        raw_layers = _require(d, "layers", "config")
-        if not isinstance(raw_layers, list):
-            raise ValueError("layers must be a list with one entry per decoder layer")
-        layers = tuple(
-            LayerSpec.from_dict(layer, f"layers[{i}]") for i, layer in enumerate(raw_layers)
-        )
-        declared = d.get("num_hidden_layers", len(layers))
-        if declared != len(layers):
-            raise ValueError(
-                f"num_hidden_layers is {declared} but layers has {len(layers)} entries"
-            )
 
-        hidden_act = d.get("hidden_act", "silu")
-        if hidden_act != "silu":
-            raise ValueError(
-                f"hidden_act {hidden_act!r} is not supported by this version (supported: ['silu'])"
-            )
-        block = d.get("block", "sequential")
-        if block not in BLOCKS:
-            raise ValueError(
-                f"block {block!r} is not supported by this version (supported: {list(BLOCKS)})"
-            )
-        dtype = d.get("dtype", "float32")
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not supported (supported: {list(DTYPES)})")
-        trainable = d.get("trainable")
-        if trainable is not None:
-            if not isinstance(trainable, list) or not all(isinstance(n, str) for n in trainable):
-                raise ValueError("trainable must be null or a list of tensor names")
-            trainable = tuple(trainable)
+def _rope_scaling_as_read(
+    scaling: Mapping[str, Any], rope_theta: Any, max_positions: Any
+) -> dict[str, Any] | None:
+    """HF's `rope_scaling` (or its newer `rope_parameters` form) as this model reads it:
+    `type` is the old name of `rope_type`, `default` is no scaling, `rope_theta` and
+    `partial_rotary_factor` are accepted only when they change nothing, and llama3's
+    original context length defaults to `max_position_embeddings`."""
+    scaling = dict(scaling)
+    theta = scaling.pop("rope_theta", rope_theta)
+    if theta != rope_theta:
+        raise _Rule("rope_scaling.rope_theta", f" ({theta}) differs from rope_theta ({rope_theta})")
+    if scaling.pop("partial_rotary_factor", 1.0) != 1.0:
+        raise _Rule("rope_scaling.partial_rotary_factor", " != 1 is not supported by this version")
+    if "type" in scaling:
+        scaling.setdefault("rope_type", scaling.pop("type"))
+    if scaling.get("rope_type") == "default":
+        return None
+    if scaling.get("rope_type") == "llama3":
+        scaling.setdefault("original_max_position_embeddings", max_positions)
+    return scaling
 
-        max_pos = _positive_int(d.get("max_position_embeddings", 2048), "max_position_embeddings")
-        window = d.get("sliding_window")
-        if window is not None:
-            window = _positive_int(window, "sliding_window")
-        rope_theta = float(d.get("rope_theta", 10000.0))
-        return cls(
-            vocab_size=_positive_int(_require(d, "vocab_size", "config"), "vocab_size"),
-            hidden_size=hidden,
-            intermediate_size=_positive_int(
-                _require(d, "intermediate_size", "config"), "intermediate_size"
-            ),
-            num_attention_heads=heads,
-            num_key_value_heads=kv_heads,
-            head_dim=head_dim,
-            layers=layers,
-            family=d.get("family", "llama"),
-            hidden_act=hidden_act,
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
-            rope_theta=rope_theta,
-            rope_scaling=RopeScaling.from_dict(d.get("rope_scaling"), max_pos, rope_theta),
-            max_position_embeddings=max_pos,
-            sliding_window=window,
-            tie_word_embeddings=_bool(d.get("tie_word_embeddings", False), "tie_word_embeddings"),
-            attention_bias=_bool(d.get("attention_bias", False), "attention_bias"),
-            block=block,
-            dtype=dtype,
-            bos_token_id=d.get("bos_token_id"),
-            eos_token_id=d.get("eos_token_id"),
-            pad_token_id=d.get("pad_token_id"),
-            trainable=trainable,
-            extra={k: v for k, v in d.items() if k not in _MODEL_KEYS},
-        )
 
-    def to_dict(self) -> dict[str, Any]:
-        """The native `config.json` content; `from_dict(to_dict())` gives back an equal config."""
-        return {
-            "model_type": "moecompose",
-            "architectures": ["MoECausalLM"],
-            "moecompose_format": FORMAT_VERSION,
-            "family": self.family,
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim,
-            "hidden_act": self.hidden_act,
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
-            "rope_scaling": None if self.rope_scaling is None else self.rope_scaling.to_dict(),
-            "max_position_embeddings": self.max_position_embeddings,
-            "sliding_window": self.sliding_window,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "attention_bias": self.attention_bias,
-            "block": self.block,
-            "dtype": self.dtype,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
-            "pad_token_id": self.pad_token_id,
-            "layers": [layer.to_dict() for layer in self.layers],
-            "trainable": None if self.trainable is None else list(self.trainable),
-            **self.extra,
-        }
+# --------------------------------------------------------------------------- messages
+
+
+_TAGS = ("kind", "rope_type", "type")
+
+
+def _one_line(exc: ValidationError, data: Any, where: str) -> str:
+    """The first error of ``exc`` as one line that names the field (``layers[1].ffn.k``)."""
+    error = exc.errors()[0]
+    kind, loc, ctx = error["type"], error["loc"], error.get("ctx", {})
+    path = _path(where, loc, data)
+    if kind == "missing":
+        parent, _, key = path.rpartition(".")
+        return f"{parent or 'config'}: missing required key '{key}'"
+    if kind == "union_tag_invalid":
+        name = ctx["discriminator"].strip("'")
+        what = f"{path.rpartition('.')[2]} kind" if name == "kind" else name
+        return (f"{path}: {what} {ctx['tag']!r} is not supported by this version "
+                f"(supported: {ctx['expected_tags']})")
+    if kind == "union_tag_not_found":
+        return f"{path}: missing required key {ctx['discriminator']}"
+    if kind == "literal_error":
+        return (f"{path} {error['input']!r} is not supported by this version "
+                f"(supported: {ctx['expected']})")
+    rule = ctx.get("error")
+    if isinstance(rule, _Rule):
+        path = ".".join(p for p in (path, rule.field) if p)
+        return f"{path}{rule.text}" if path else rule.text.lstrip(": ")
+    return f"{path or 'config'}: {error['msg']}"
+
+
+def _path(where: str, loc: tuple[int | str, ...], data: Any) -> str:
+    """``loc`` as written in the document (``layers[1].ffn.router``), without the tags
+    pydantic inserts for the member of a discriminated union it chose."""
+    path, node = where, data
+    for item in loc:
+        if isinstance(item, int):
+            path += f"[{item}]"
+            node = node[item] if isinstance(node, (list, tuple)) and item < len(node) else None
+            continue
+        fields = node if isinstance(node, Mapping) else getattr(node, "__dict__", None)
+        if node is not None and (fields is None or (
+                item not in fields and any(fields.get(tag) == item for tag in _TAGS))):
+            continue  # the tag of a union member, or a label inside a union of scalars
+        path = f"{path}.{item}" if path else item
+        node = None if fields is None else fields.get(item)
+    return path

@@ -10,14 +10,18 @@ A Nexus router (`moecompose/model/nexus.py`) replaces `router.weight` with its p
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moecompose.model.config import MoEFFNSpec, NexusRouterSpec, RouterSpec, TopKRouterSpec
+from moecompose.model.config import (
+    MoEFFNConfig,
+    MoERouterConfig,
+    NexusRouterConfig,
+    TopKRouterConfig,
+)
 from moecompose.model.grouped_swiglu import grouped_swiglu
 from moecompose.model.parts import SwiGLU
 
@@ -59,17 +63,15 @@ class TopKRouter(nn.Module):
         return top_k_routing(logits, self.k, self.normalize)
 
 
-def _nexus_router(dim: int, num_experts: int, spec: RouterSpec) -> nn.Module:
-    from moecompose.model.nexus import NexusRouter  # nexus.py builds on this module
+def make_router(dim: int, num_experts: int, spec: MoERouterConfig) -> nn.Module:
+    """The router module of an MoE layer: top-k, or Nexus (a token-mixing controller is
+    part of `TokenMixingFFN`)."""
+    if isinstance(spec, NexusRouterConfig):
+        from moecompose.model.nexus import NexusRouter  # nexus.py builds on this module
 
-    assert isinstance(spec, NexusRouterSpec)
-    return NexusRouter(dim, num_experts, spec)
-
-
-ROUTERS: dict[str, Callable[[int, int, RouterSpec], nn.Module]] = {
-    TopKRouterSpec.kind: lambda dim, E, spec: TopKRouter(dim, E, spec.k, spec.normalize),
-    NexusRouterSpec.kind: _nexus_router,
-}
+        return NexusRouter(dim, num_experts, spec)
+    assert isinstance(spec, TopKRouterConfig)
+    return TopKRouter(dim, num_experts, spec.k, spec.normalize)
 
 
 def expert_counts(indices: Tensor, num_experts: int) -> Tensor:
@@ -174,12 +176,12 @@ class MoEFFN(nn.Module):
     (`load_balance * L_lb + z_loss * L_z`, a fp32 scalar, zero when both are off).
     """
 
-    def __init__(self, dim: int, spec: MoEFFNSpec, dispatch: Dispatch = "grouped") -> None:
+    def __init__(self, dim: int, spec: MoEFFNConfig, dispatch: Dispatch = "grouped") -> None:
         super().__init__()
         self.num_experts = spec.num_experts
         self.lb_coef = spec.aux_loss.load_balance
         self.z_coef = spec.aux_loss.z_loss
-        self.router = ROUTERS[spec.router.kind](dim, spec.num_experts, spec.router)
+        self.router = make_router(dim, spec.num_experts, spec.router)
         self.experts = GroupedExperts(spec.num_experts, dim, spec.intermediate_size, dispatch)
         shared = spec.shared_expert
         self.shared_expert = None if shared is None else SwiGLU(dim, shared.intermediate_size)

@@ -37,14 +37,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moecompose.model.config import NexusRouterSpec
+from moecompose.model.config import NexusRouterConfig
 from moecompose.model.moe import Routing, top_k_routing
 
 
 class NexusRouter(nn.Module):
     """Top-k routing over `softmax(x @ e.T)` with `e` projected from domain embeddings."""
 
-    def __init__(self, dim: int, num_experts: int, spec: NexusRouterSpec) -> None:
+    def __init__(self, dim: int, num_experts: int, spec: NexusRouterConfig) -> None:
         super().__init__()
         self.dim = dim
         self.k = spec.k

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moecompose.model.config import RopeScaling
+from moecompose.model.config import LinearRopeScalingConfig, RopeScalingConfig
 
 if TYPE_CHECKING:
     from moecompose.model.cache import LayerKV
@@ -31,35 +31,31 @@ class RMSNorm(nn.Module):
 
 
 def rope_inverse_frequencies(
-    head_dim: int, theta: float, scaling: RopeScaling | None = None
+    head_dim: int, theta: float, scaling: RopeScalingConfig | None = None
 ) -> Tensor:
     """Inverse frequencies `[head_dim // 2]` with HF's `default`, `linear` and `llama3` rules."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
     if scaling is None:
         return inv_freq
-    if scaling.rope_type == "linear":
+    if isinstance(scaling, LinearRopeScalingConfig):
         return inv_freq / scaling.factor
-    if scaling.rope_type == "llama3":
-        assert scaling.low_freq_factor is not None and scaling.high_freq_factor is not None
-        assert scaling.original_max_position_embeddings is not None
-        old_len = scaling.original_max_position_embeddings
-        low_freq_wavelen = old_len / scaling.low_freq_factor
-        high_freq_wavelen = old_len / scaling.high_freq_factor
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
-        smooth = (old_len / wavelen - scaling.low_freq_factor) / (
-            scaling.high_freq_factor - scaling.low_freq_factor
-        )
-        smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
-        is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
-        return torch.where(is_medium, smoothed, scaled)
-    raise ValueError(f"rope_type {scaling.rope_type!r} is not supported by this version")
+    old_len = scaling.original_max_position_embeddings  # llama3
+    low_freq_wavelen = old_len / scaling.low_freq_factor
+    high_freq_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
 
 
 class RotaryEmbedding(nn.Module):
     """cos/sin tables `[S, head_dim]` for positions `[S]`, computed in fp32 on the fly."""
 
-    def __init__(self, head_dim: int, theta: float, scaling: RopeScaling | None = None) -> None:
+    def __init__(self, head_dim: int, theta: float, scaling: RopeScalingConfig | None = None) -> None:
         super().__init__()
         inv_freq = rope_inverse_frequencies(head_dim, theta, scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)

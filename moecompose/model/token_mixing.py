@@ -26,7 +26,6 @@ fine-tune).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moecompose.model.config import MoEFFNSpec, TokenMixingRouterSpec, TopKRouterSpec
+from moecompose.model.config import MoEFFNConfig, TokenMixingRouterConfig, TopKRouterConfig
 from moecompose.model.grouped_swiglu import grouped_swiglu
 from moecompose.model.moe import Dispatch, GroupedExperts, MoEFFN
 from moecompose.model.parts import SwiGLU
@@ -77,7 +76,7 @@ class TokenMixingRouter(nn.Module):
     """The controller: `weight` [E, d] and the temperature, a parameter [] when learned,
     else the constant from the config."""
 
-    def __init__(self, dim: int, num_experts: int, spec: TokenMixingRouterSpec) -> None:
+    def __init__(self, dim: int, num_experts: int, spec: TokenMixingRouterConfig) -> None:
         super().__init__()
         self.group_size = spec.group_size
         self.weight = nn.Parameter(torch.empty(num_experts, dim))
@@ -102,9 +101,9 @@ class TokenMixingFFN(nn.Module):
     every expert gets the same number of mixed tokens, so there is nothing to balance.
     `dispatch` is the kernel the experts get after `transition_to_topk`."""
 
-    def __init__(self, dim: int, spec: MoEFFNSpec, dispatch: Dispatch = "grouped") -> None:
+    def __init__(self, dim: int, spec: MoEFFNConfig, dispatch: Dispatch = "grouped") -> None:
         super().__init__()
-        if not isinstance(spec.router, TokenMixingRouterSpec):
+        if not isinstance(spec.router, TokenMixingRouterConfig):
             raise ValueError(
                 f"TokenMixingFFN needs a token_mixing router, got {spec.router.kind!r}"
             )
@@ -154,14 +153,14 @@ class TokenMixingFFN(nn.Module):
             y = y + shared
         return y, x.new_zeros((), dtype=torch.float32)
 
-    def to_topk(self, spec: MoEFFNSpec) -> MoEFFN:
+    def to_topk(self, spec: MoEFFNConfig) -> MoEFFN:
         """The top-1 token-choice layer of the transition to sparse: the same experts (and
         shared expert), and `router.weight = controller / T`, so each token goes to the
         expert of its largest `x @ controller.T / T` with weight 1 (`spec.router` must be
         top-1 with `normalize`; the aux-loss coefficients of `spec` apply from now on).
         The new router weight is trainable iff the controller was."""
         router = spec.router
-        if not (isinstance(router, TopKRouterSpec) and router.k == 1 and router.normalize):
+        if not (isinstance(router, TopKRouterConfig) and router.k == 1 and router.normalize):
             raise ValueError(f"transition needs a top-1 normalized router, got {router}")
         with torch.device("meta"):
             layer = MoEFFN(self.router.weight.shape[1], spec, self.experts.dispatch)
@@ -193,14 +192,14 @@ def transition_to_topk(model: MoECausalLM) -> dict[str, Any]:
         if not isinstance(layer.mlp, TokenMixingFFN):
             continue
         spec = layers[i].ffn
-        assert isinstance(spec, MoEFFNSpec) and isinstance(spec.router, TokenMixingRouterSpec)
+        assert isinstance(spec, MoEFFNConfig) and isinstance(spec.router, TokenMixingRouterConfig)
         if spec.router.learn_temperature:
             dropped.add(f"model.layers.{i}.mlp.router.temperature")
-        sparse = dataclasses.replace(spec, router=TopKRouterSpec(k=1, normalize=True))
+        sparse = spec.model_copy(update={"router": TopKRouterConfig(k=1, normalize=True)})
         layer.mlp = layer.mlp.to_topk(sparse)
-        layers[i] = dataclasses.replace(layers[i], ffn=sparse)
+        layers[i] = layers[i].model_copy(update={"ffn": sparse})
     trainable = config.trainable
     if trainable is not None:
         trainable = tuple(name for name in trainable if name not in dropped)
-    model.config = dataclasses.replace(config, layers=tuple(layers), trainable=trainable)
+    model.config = config.model_copy(update={"layers": tuple(layers), "trainable": trainable})
     return model.config.to_dict()

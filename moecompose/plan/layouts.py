@@ -3,9 +3,19 @@ config.json. ``native`` expresses everything; Hugging Face formats only some mod
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from moecompose.errors import SourceError
+from moecompose.model.config import (
+    ConfigError,
+    DenseFFNConfig,
+    LayerConfig,
+    ModelConfig,
+    MoEFFNConfig,
+    TopKRouterConfig,
+)
 from moecompose.sources.checkpoint import ArchFacts
 from moecompose.text import ranges
 
@@ -87,8 +97,6 @@ class MoEShape:
     unexpressible: frozenset[str]  # expert/router kinds only the native format has
     attention_layers: tuple[int, ...]  # layers with attention experts
     block: str
-    load_balance: float
-    z_loss: float
 
 
 def blockers(fmt: str, arch: ArchFacts, moe: MoEShape, *, asked: bool = False) -> list[str]:
@@ -139,89 +147,102 @@ def blockers(fmt: str, arch: ArchFacts, moe: MoEShape, *, asked: bool = False) -
     return out
 
 
-def _arch_fields(arch: ArchFacts) -> dict[str, Any]:
-    """Fields every output config has, with the meaning Hugging Face gives them."""
-    return {
-        "vocab_size": arch.vocab_size,
-        "hidden_size": arch.hidden_size,
-        "num_hidden_layers": arch.num_hidden_layers,
-        "num_attention_heads": arch.num_attention_heads,
-        "num_key_value_heads": arch.num_key_value_heads,
-        "head_dim": arch.head_dim,
-        "hidden_act": arch.hidden_act,
-        "rms_norm_eps": arch.rms_norm_eps,
-        "rope_theta": arch.rope_theta,
-        "rope_scaling": arch.rope_scaling,
-        "max_position_embeddings": arch.max_position_embeddings,
-        "sliding_window": arch.sliding_window,
-        "tie_word_embeddings": arch.tie_word_embeddings,
-        "bos_token_id": arch.bos_token_id,
-        "eos_token_id": arch.eos_token_id,
-        "pad_token_id": arch.pad_token_id,
-    }
+HF_FIELDS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "rope_theta",
+    "rope_scaling", "max_position_embeddings", "sliding_window", "tie_word_embeddings",
+    "bos_token_id", "eos_token_id", "pad_token_id",
+)  # fmt: skip
+"""Fields of the native config that Hugging Face configs have too, with the same meaning."""
 
 
-def _common(arch: ArchFacts, dtype: str) -> dict[str, Any]:
-    return {**_arch_fields(arch), "initializer_range": arch.initializer_range, "dtype": dtype}
+def model_config(
+    arch: ArchFacts,
+    family: str,
+    layers: Sequence[LayerConfig],
+    *,
+    block: str = "sequential",
+    dtype: str = "float32",
+    trainable: Sequence[str] | None = None,
+    where: str,
+) -> ModelConfig:
+    """The native config of a model with the widths of ``arch`` and these ``layers`` (a
+    dense source is the one whose layers are all dense). A fact of the source that the
+    model cannot run is a ``SourceError`` about ``where``, the source."""
+    try:
+        return ModelConfig.from_dict({
+            "family": family,
+            "vocab_size": arch.vocab_size,
+            "hidden_size": arch.hidden_size,
+            "num_attention_heads": arch.num_attention_heads,
+            "num_key_value_heads": arch.num_key_value_heads,
+            "head_dim": arch.head_dim,
+            "hidden_act": arch.hidden_act,
+            "rms_norm_eps": arch.rms_norm_eps,
+            "rope_theta": arch.rope_theta,
+            "rope_scaling": arch.rope_scaling,
+            "max_position_embeddings": arch.max_position_embeddings,
+            "sliding_window": arch.sliding_window,
+            "tie_word_embeddings": arch.tie_word_embeddings,
+            "bos_token_id": arch.bos_token_id,
+            "eos_token_id": arch.eos_token_id,
+            "pad_token_id": arch.pad_token_id,
+            "intermediate_size": arch.intermediate_size,
+            "attention_bias": arch.attention_bias,
+            "block": block,
+            "dtype": dtype,
+            "layers": tuple(layers),
+            "trainable": trainable,
+        })
+    except ConfigError as exc:
+        raise SourceError(f"{where}: config.json describes no model moecompose can run: {exc}") from None
 
 
-def native_base(arch: ArchFacts, family: str, block: str, dtype: str) -> dict[str, Any]:
-    """The model-wide fields of a native config.json; the caller adds ``layers`` and
-    ``trainable``. A dense source is the native model whose layers are all dense."""
-    return {
-        "model_type": "moecompose",
-        "architectures": ["MoECausalLM"],
-        "moecompose_format": 1,
-        "family": family,
-        **_arch_fields(arch),
-        "intermediate_size": arch.intermediate_size,
-        "attention_bias": arch.attention_bias,
-        "block": block,
-        "dtype": dtype,
-    }
-
-
-def hf_config(
-    fmt: str, arch: ArchFacts, dtype: str, moe: MoEShape, native: dict[str, Any]
-) -> dict[str, Any]:
+def hf_config(fmt: str, native: ModelConfig, initializer_range: float) -> dict[str, Any]:
     """config.json for ``fmt``. Hugging Face configs carry the native one under
     ``moecompose`` so that ``moecompose.load`` restores what HF has no field for."""
+    data = native.to_dict()
     if fmt == "native":
-        return native
-    cfg = _common(arch, dtype)
-    (experts,) = moe.num_experts
-    (k,) = moe.top_k
-    ffn_width = native["layers"][moe.moe_layers[0]]["ffn"]["intermediate_size"]
+        return data
+    dense = [i for i, layer in enumerate(native.layers) if isinstance(layer.ffn, DenseFFNConfig)]
+    moe = [layer.ffn for layer in native.layers if isinstance(layer.ffn, MoEFFNConfig)]
+    first, router = moe[0], moe[0].router
+    assert isinstance(router, TopKRouterConfig)  # blockers() refuses the other kinds
+    cfg = {
+        **{key: data[key] for key in HF_FIELDS},
+        "initializer_range": initializer_range,
+        "dtype": native.dtype,
+    }
+    load_balance = max(ffn.aux_loss.load_balance for ffn in moe)
     if fmt == "mixtral":
         cfg = {
             "architectures": ["MixtralForCausalLM"],
             "model_type": "mixtral",
             **cfg,
-            "intermediate_size": ffn_width,
-            "num_local_experts": experts,
-            "num_experts_per_tok": k,
-            "router_aux_loss_coef": moe.load_balance,
+            "intermediate_size": first.intermediate_size,
+            "num_local_experts": first.num_experts,
+            "num_experts_per_tok": router.k,
+            "router_aux_loss_coef": load_balance,
             "output_router_logits": False,
         }
     else:
+        assert first.shared_expert is not None  # blockers() refuses MoE layers without one
         cfg = {
             "architectures": ["Qwen2MoeForCausalLM"],
             "model_type": "qwen2_moe",
             **cfg,
-            "intermediate_size": native["intermediate_size"],
-            "moe_intermediate_size": ffn_width,
-            "shared_expert_intermediate_size": native["layers"][moe.moe_layers[0]]["ffn"][
-                "shared_expert"
-            ]["intermediate_size"],
-            "num_experts": experts,
-            "num_experts_per_tok": k,
-            "norm_topk_prob": next(iter(moe.normalize)),
+            "intermediate_size": native.intermediate_size,
+            "moe_intermediate_size": first.intermediate_size,
+            "shared_expert_intermediate_size": first.shared_expert.intermediate_size,
+            "num_experts": first.num_experts,
+            "num_experts_per_tok": router.k,
+            "norm_topk_prob": router.normalize,
             "decoder_sparse_step": 1,
-            "mlp_only_layers": list(moe.dense_layers),
-            "qkv_bias": arch.attention_bias,
+            "mlp_only_layers": dense,
+            "qkv_bias": native.attention_bias,
             "use_sliding_window": False,
-            "router_aux_loss_coef": moe.load_balance,
+            "router_aux_loss_coef": load_balance,
             "output_router_logits": False,
         }
-    cfg["moecompose"] = native
+    cfg["moecompose"] = data
     return cfg

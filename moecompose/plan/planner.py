@@ -5,8 +5,28 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from moecompose.dtypes import nbytes
 from moecompose.errors import SpecError
-from moecompose.plan.layouts import LAYOUTS, Layout, MoEShape, blockers, hf_config, native_base
+from moecompose.model.config import (
+    AdapterFFNConfig,
+    AttentionConfig,
+    AttentionRouterConfig,
+    AuxLossConfig,
+    DenseAttentionConfig,
+    DenseFFNConfig,
+    FFNConfig,
+    LayerConfig,
+    MoAAttentionConfig,
+    ModelConfig,
+    MoEFFNConfig,
+    MoERouterConfig,
+    NexusRouterConfig,
+    SharedExpertConfig,
+    SoftRouterConfig,
+    TokenMixingRouterConfig,
+    TopKRouterConfig,
+)
+from moecompose.plan.layouts import LAYOUTS, Layout, MoEShape, blockers, hf_config, model_config
 from moecompose.plan.recipe import Plan, PlannedTensor, Recipe, TensorRef, Totals
 from moecompose.resolve import (
     AttentionMixture,
@@ -24,7 +44,6 @@ from moecompose.spec.schema import (
     TopKRouter,
 )
 
-ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 FLOPS_CONTEXT = 2048
 PROJECTIONS = ("gate", "up", "down")
 ATTENTION_ROLES = ("q", "k", "v", "o", "q_bias", "k_bias", "v_bias")
@@ -67,8 +86,6 @@ def moe_shape(resolved: Resolved) -> MoEShape:
         shared=frozenset(m.shared is not None for m in mixtures),
         attention_layers=tuple(x.index for x in resolved.layers if x.attention is not None),
         block=resolved.block,
-        load_balance=max((m.aux_loss.load_balance for m in mixtures), default=0.0),
-        z_loss=max((m.aux_loss.z_loss for m in mixtures), default=0.0),
     )
 
 
@@ -336,78 +353,58 @@ class _Planner:
                  "adapters", i, active)
 
     # -- config and totals
-    def native_config(self) -> dict[str, Any]:
-        arch = self.r.arch
-        layers: list[dict[str, Any]] = []
-        for layer in self.r.layers:
-            mix = layer.ffn
-            entry: dict[str, Any] = {}
-            if layer.attention is not None:
-                attn = layer.attention
-                router: dict[str, Any] = {"kind": attn.router.kind}
-                if isinstance(attn.router, TopKRouter):
-                    router.update(k=attn.router.k, normalize=attn.router.normalize)
-                entry["attention"] = {
-                    "kind": "moa",
-                    "num_experts": len(attn.experts),
-                    "share": ["k", "v"] if attn.share_kv else [],
-                    "router": router,
-                }
-            layers.append(entry)
-            if mix is None:
-                entry["ffn"] = {"kind": "dense"}
-                continue
-            shared = None
-            if mix.shared is not None:
-                shared = {
-                    "intermediate_size": arch.intermediate_size,
-                    "gate": self.layout.shared_expert_gate is not None,
-                }
-            if isinstance(mix.router, TokenMixingRouter):
-                router_cfg: dict[str, Any] = {
-                    "kind": "token_mixing",
-                    "group_size": mix.router.group_size,
-                    "temperature": mix.router.temperature,
-                    "learn_temperature": mix.router.learn_temperature,
-                }
-            else:
-                router_cfg = {"kind": mix.router.kind, "k": mix.router.k,
-                              "normalize": mix.router.normalize}
-                if isinstance(mix.router, NexusRouter) and self.layout.name == "native":
-                    router_cfg["domain_dim"] = self.r.domains[mix.experts[0].source].width
-                elif isinstance(mix.router, NexusRouter):  # baked into a linear gate
-                    router_cfg["kind"] = "topk"
-            aux = {"load_balance": mix.aux_loss.load_balance, "z_loss": mix.aux_loss.z_loss}
-            if mix.adapters is not None:
-                a = mix.adapters
-                entry["ffn"] = {
-                    "kind": "adapters",
-                    "num_experts": len(mix.experts),
-                    "intermediate_size": arch.intermediate_size,
-                    "bottleneck": a.bottleneck,
-                    "scale": a.scale,
-                    "activation": a.activation,
-                    "dropout": a.dropout,
-                    "router": router_cfg,
-                    "aux_loss": aux,
-                }
-                continue
-            entry["ffn"] = {
-                "kind": "moe",
-                "num_experts": len(mix.experts),
-                "intermediate_size": arch.intermediate_size,
-                "router": router_cfg,
-                "shared_expert": shared,
-                "aux_loss": aux,
-            }
+    def native_config(self) -> ModelConfig:
+        layers = [LayerConfig(attention=self.attention_config(layer.attention),
+                              ffn=self.ffn_config(layer.ffn)) for layer in self.r.layers]
         trainable = None
         if self.r.train is not None:
             trainable = [t.name for t in self.tensors if t.trainable]
-        return {
-            **native_base(self.r.arch, self.family.name, self.r.block, self.dtype),
-            "layers": layers,
-            "trainable": trainable,
-        }
+        first = next(iter(self.r.sources.values()))
+        return model_config(self.r.arch, self.family.name, layers, block=self.r.block,
+                            dtype=self.dtype, trainable=trainable,
+                            where=f"source '{first.name}' ({first.path})")
+
+    def attention_config(self, attn: AttentionMixture | None) -> AttentionConfig:
+        if attn is None:
+            return DenseAttentionConfig()
+        router: AttentionRouterConfig = (
+            TopKRouterConfig(k=attn.router.k, normalize=attn.router.normalize)
+            if isinstance(attn.router, TopKRouter) else SoftRouterConfig()
+        )
+        return MoAAttentionConfig(num_experts=len(attn.experts),
+                                  share=("k", "v") if attn.share_kv else (), router=router)
+
+    def ffn_config(self, mix: FFNMixture | None) -> FFNConfig:
+        if mix is None:
+            return DenseFFNConfig()
+        width = self.r.arch.intermediate_size
+        aux = AuxLossConfig(load_balance=mix.aux_loss.load_balance, z_loss=mix.aux_loss.z_loss)
+        router = self.router_config(mix)
+        if mix.adapters is not None:
+            a = mix.adapters
+            assert isinstance(router, TopKRouterConfig)  # check_spec refuses the others
+            return AdapterFFNConfig(num_experts=len(mix.experts), intermediate_size=width,
+                                    bottleneck=a.bottleneck, scale=a.scale,
+                                    activation=a.activation, dropout=a.dropout, router=router,
+                                    aux_loss=aux)
+        shared = None
+        if mix.shared is not None:
+            shared = SharedExpertConfig(intermediate_size=width,
+                                        gate=self.layout.shared_expert_gate is not None)
+        return MoEFFNConfig(num_experts=len(mix.experts), intermediate_size=width,
+                            router=router, shared_expert=shared, aux_loss=aux)
+
+    def router_config(self, mix: FFNMixture) -> MoERouterConfig:
+        router = mix.router
+        if isinstance(router, TokenMixingRouter):
+            return TokenMixingRouterConfig(group_size=router.group_size,
+                                           temperature=router.temperature,
+                                           learn_temperature=router.learn_temperature)
+        if isinstance(router, NexusRouter) and self.layout.name == "native":
+            width = self.r.domains[mix.experts[0].source].width
+            return NexusRouterConfig(k=router.k, normalize=router.normalize, domain_dim=width)
+        # (a nexus router outside the native format is baked into a linear top-k gate)
+        return TopKRouterConfig(k=router.k, normalize=router.normalize)
 
     def totals(self) -> Totals:
         arch = self.r.arch
@@ -426,7 +423,7 @@ class _Planner:
             )
         head = arch.vocab_size * arch.hidden_size  # lm_head (tied or not); the lookup is free
         ctx = min(FLOPS_CONTEXT, arch.max_position_embeddings)
-        kv_row = 2 * arch.num_key_value_heads * arch.head_dim * ITEMSIZE[self.dtype]
+        kv_row = 2 * arch.num_key_value_heads * arch.head_dim * nbytes(self.dtype)
         scores, kv_cache = 0.0, 0
         for layer in self.r.layers:
             attn = layer.attention
@@ -435,8 +432,8 @@ class _Planner:
             scores += 4 * computed * arch.num_attention_heads * arch.head_dim * (ctx + 1) / 2
             kv_cache += caches * kv_row
         flops = round(2 * (matmul + head) + scores)
-        nbytes = sum(t.numel * ITEMSIZE[t.dtype] for t in self.tensors)
-        return Totals(params, active, trainable, flops, ctx, nbytes, kv_cache)
+        size = sum(t.numel * nbytes(t.dtype) for t in self.tensors)
+        return Totals(params, active, trainable, flops, ctx, size, kv_cache)
 
 
 def _expert_kind(mix: FFNMixture) -> str:
@@ -480,7 +477,7 @@ def _check_size(resolved: Resolved, tensors: list[PlannedTensor]) -> None:
     largest = max(resolved.sources.values(), key=lambda c: sum(
         e.end - e.start for e in c.tensors.values()))
     source_bytes = max(1, sum(e.end - e.start for e in largest.tensors.values()))
-    out_bytes = sum(t.numel * ITEMSIZE[t.dtype] for t in tensors)
+    out_bytes = sum(t.numel * nbytes(t.dtype) for t in tensors)
     if out_bytes <= MAX_GROWTH * source_bytes:
         return
     biggest = max(tensors, key=lambda t: t.numel)
@@ -525,11 +522,7 @@ def plan(resolved: Resolved) -> Plan:
     planner.run()
     _check_train_groups(resolved, planner.tensors)
     _check_size(resolved, planner.tensors)
-    native = planner.native_config()
-    config = hf_config(fmt, resolved.arch, resolved.dtype, shape, native)
-    if fmt != "native" and native["trainable"] is not None:
-        # Trainability is recorded under HF names too; the loader reads it from here.
-        config["moecompose"]["trainable"] = native["trainable"]
+    config = hf_config(fmt, planner.native_config(), resolved.arch.initializer_range)
     first = next(iter(resolved.sources.values()))
     warnings = list(resolved.warnings)
     if fmt != "native" and "nexus" in shape.unexpressible:
