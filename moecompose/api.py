@@ -100,7 +100,7 @@ def extend(
 
 def load(path: str | Path, *, dtype: str | None = None, device: str | None = None) -> MoECausalLM:
     """Load any artifact (native or exported) as a ``MoECausalLM`` module in eval mode."""
-    from moecompose.export import load_artifact
+    from moecompose.loader import load_artifact
 
     return load_artifact(Path(path), dtype=dtype, device=device)
 

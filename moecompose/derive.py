@@ -24,7 +24,7 @@ from moecompose.build.executor import build
 from moecompose.dtypes import CODES
 from moecompose.errors import BuildError, MoeComposeError
 from moecompose.extend import BASE
-from moecompose.plan.layouts import LAYOUTS
+from moecompose.formats import native
 from moecompose.plan.planner import TEMPERATURE
 from moecompose.plan.planner import plan as make_plan
 from moecompose.plan.recipe import Plan, PlannedTensor, Recipe, TensorRef
@@ -81,7 +81,7 @@ def transition_plan(artifact: str | Path) -> Plan:
         new = make_plan(resolve(Spec.model_validate(spec_data), opened))
     except MoeComposeError as exc:
         raise type(exc)(f"transitioning {artifact}: {exc.message}", hint=exc.hint) from None
-    scales = {LAYOUTS["native"].router.format(i=i): 1.0 / _temperature(config, index, i)
+    scales = {native.LAYOUT.router.format(i=i): 1.0 / _temperature(config, index, i)
               for i in layers}
     tensors = tuple(_from_artifact(t, index, scales.get(t.name)) for t in new.tensors)
     dropped = {TEMPERATURE.format(i=i) for i in layers}

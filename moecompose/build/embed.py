@@ -41,10 +41,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moecompose.errors import BuildError, MoeComposeError, SourceError
+from moecompose.formats.native import model_config
 from moecompose.model.causal_lm import DecoderLayer
 from moecompose.model.config import DenseFFNConfig, LayerConfig, ModelConfig
 from moecompose.model.parts import RMSNorm, RotaryEmbedding, sequence_mask
-from moecompose.plan.layouts import model_config
 from moecompose.sources.checkpoint import Checkpoint, open_checkpoint
 from moecompose.sources.safetensors_io import SafetensorsWriter, read_header, read_tensor
 from moecompose.sources.vectors import VectorFileError, read_embedding

@@ -5,8 +5,11 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from moecompose import formats
 from moecompose.dtypes import nbytes
 from moecompose.errors import SpecError
+from moecompose.formats import Format, MoEShape
+from moecompose.formats.native import model_config
 from moecompose.model.config import (
     AdapterFFNConfig,
     AttentionConfig,
@@ -26,7 +29,6 @@ from moecompose.model.config import (
     TokenMixingRouterConfig,
     TopKRouterConfig,
 )
-from moecompose.plan.layouts import LAYOUTS, Layout, MoEShape, blockers, hf_config, model_config
 from moecompose.plan.recipe import Plan, PlannedTensor, Recipe, TensorRef, Totals
 from moecompose.resolve import (
     AttentionMixture,
@@ -93,7 +95,7 @@ def choose_format(resolved: Resolved, shape: MoEShape) -> tuple[str, str]:
     """(format, why) for the spec's ``output.format``; an impossible request is an error."""
     asked = resolved.spec.output.format
     if asked != "auto":
-        why_not = blockers(asked, resolved.arch, shape, asked=True)
+        why_not = formats.get(asked).blockers(resolved.arch, shape, asked=True)
         if why_not:
             raise SpecError(
                 f"format '{asked}' cannot express this model: {'; '.join(why_not)}",
@@ -102,19 +104,20 @@ def choose_format(resolved: Resolved, shape: MoEShape) -> tuple[str, str]:
             )
         return asked, "asked for in the spec"
     reasons = []
-    for fmt in ("mixtral", "qwen2_moe"):
-        why_not = blockers(fmt, resolved.arch, shape)
+    for fmt in formats.tried_by_auto():
+        why_not = fmt.blockers(resolved.arch, shape, asked=False)
         if not why_not:
-            return fmt, "auto: " + "; ".join([*reasons, f"the model is expressible as {fmt}"])
-        reasons.append(f"not {fmt}: {why_not[0]}")
+            reasons.append(f"the model is expressible as {fmt.name}")
+            return fmt.name, "auto: " + "; ".join(reasons)
+        reasons.append(f"not {fmt.name}: {why_not[0]}")
     return "native", "auto: " + "; ".join(reasons)
 
 
 class _Planner:
     def __init__(self, resolved: Resolved, fmt: str) -> None:
         self.r = resolved
-        self.fmt = fmt
-        self.layout: Layout = LAYOUTS[fmt]
+        self.format: Format = formats.get(fmt)
+        self.layout = self.format.layout
         self.family: Family = resolved.family
         self.seed = resolved.spec.seed
         self.dtype = resolved.dtype
@@ -272,7 +275,7 @@ class _Planner:
         d = self.r.arch.hidden_size
         n = len(mix.experts)
         router = mix.router
-        if isinstance(router, NexusRouter) and self.layout.name == "native":
+        if isinstance(router, NexusRouter) and self.format.name == "native":
             self.nexus_router(i, mix)
         elif isinstance(router, NexusRouter):  # a Hugging Face gate: the projection baked in
             self.add(self.layout.router.format(i=i), (n, d), self.nexus_gate(i, mix), "router", i)
@@ -322,7 +325,7 @@ class _Planner:
                     self.add(self.layout.expert[proj].format(i=i, j=j), shape, recipe, "experts", i, active)
         if mix.shared is not None:
             d = self.r.arch.hidden_size
-            gated = self.layout.shared_expert_gate is not None
+            gated = self.format.gates_shared_expert
             for proj in PROJECTIONS:
                 tensor = self.family.tensor(FFN_ROLE[proj], i)
                 # A gated shared expert (Qwen2-MoE) starts at sigmoid(0) = 1/2: doubling its
@@ -390,7 +393,7 @@ class _Planner:
         shared = None
         if mix.shared is not None:
             shared = SharedExpertConfig(intermediate_size=width,
-                                        gate=self.layout.shared_expert_gate is not None)
+                                        gate=self.format.gates_shared_expert)
         return MoEFFNConfig(num_experts=len(mix.experts), intermediate_size=width,
                             router=router, shared_expert=shared, aux_loss=aux)
 
@@ -400,7 +403,7 @@ class _Planner:
             return TokenMixingRouterConfig(group_size=router.group_size,
                                            temperature=router.temperature,
                                            learn_temperature=router.learn_temperature)
-        if isinstance(router, NexusRouter) and self.layout.name == "native":
+        if isinstance(router, NexusRouter) and self.format.name == "native":
             width = self.r.domains[mix.experts[0].source].width
             return NexusRouterConfig(k=router.k, normalize=router.normalize, domain_dim=width)
         # (a nexus router outside the native format is baked into a linear top-k gate)
@@ -416,7 +419,7 @@ class _Planner:
             if len(t.shape) >= 2 and t.group != "embeddings"
         )
         # Nexus expert embeddings [n, d] act as a router weight for every token.
-        if self.layout.name == "native":  # (a baked gate is a planned tensor already)
+        if self.format.name == "native":  # (a baked gate is a planned tensor already)
             matmul += sum(
                 len(layer.ffn.experts) * arch.hidden_size for layer in self.r.layers
                 if layer.ffn is not None and isinstance(layer.ffn.router, NexusRouter)
@@ -522,7 +525,7 @@ def plan(resolved: Resolved) -> Plan:
     planner.run()
     _check_train_groups(resolved, planner.tensors)
     _check_size(resolved, planner.tensors)
-    config = hf_config(fmt, planner.native_config(), resolved.arch.initializer_range)
+    config = planner.format.write_config(planner.native_config(), resolved.arch.initializer_range)
     first = next(iter(resolved.sources.values()))
     warnings = list(resolved.warnings)
     if fmt != "native" and "nexus" in shape.unexpressible:

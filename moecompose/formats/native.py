@@ -1,0 +1,128 @@
+"""The native format (docs/artifact-format.md): expresses every model moecompose makes;
+experts stacked, one ``[E, ...]`` tensor per projection; ``config.json`` is the native
+config itself. Other formats read back into it with :func:`from_layout`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from moecompose.errors import SourceError
+from moecompose.formats import Format, Layout, MoEShape
+from moecompose.model.config import ConfigError, LayerConfig, ModelConfig, MoEFFNConfig
+from moecompose.sources.checkpoint import ArchFacts
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+# The few native names that differ from the sources' Llama names.
+LAYOUT = Layout(
+    stacked=True,
+    router="model.layers.{i}.mlp.router.weight",
+    expert={"gate": "model.layers.{i}.mlp.experts.gate_proj",
+            "up": "model.layers.{i}.mlp.experts.up_proj",
+            "down": "model.layers.{i}.mlp.experts.down_proj"},
+    shared={"gate": "model.layers.{i}.mlp.shared_expert.gate_proj.weight",
+            "up": "model.layers.{i}.mlp.shared_expert.up_proj.weight",
+            "down": "model.layers.{i}.mlp.shared_expert.down_proj.weight"},
+    shared_expert_gate="model.layers.{i}.mlp.shared_expert_gate.weight",
+)
+
+
+def blockers(arch: ArchFacts, moe: MoEShape, *, asked: bool) -> list[str]:
+    return []
+
+
+def write_config(native_config: ModelConfig, initializer_range: float) -> dict[str, Any]:
+    return native_config.to_dict()
+
+
+def read_config(data: dict[str, Any]) -> dict[str, Any]:
+    return data
+
+
+def read_tensors(native_config: ModelConfig, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    return tensors
+
+
+def from_layout(layout: Layout, native_config: ModelConfig,
+                tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``tensors`` with the MoE layers stored in ``layout`` renamed into native names,
+    per-expert tensors stacked into ``[E, ...]`` in expert order."""
+    import torch
+
+    out = dict(tensors)
+    for i, layer in enumerate(native_config.layers):
+        ffn = layer.ffn
+        if not isinstance(ffn, MoEFFNConfig):
+            continue
+        out[LAYOUT.router.format(i=i)] = out.pop(layout.router.format(i=i))
+        for proj, name in layout.expert.items():
+            if layout.stacked:
+                out[LAYOUT.expert[proj].format(i=i)] = out.pop(name.format(i=i))
+            else:
+                parts = [out.pop(name.format(i=i, j=j)) for j in range(ffn.num_experts)]
+                out[LAYOUT.expert[proj].format(i=i)] = torch.stack(parts)
+        if ffn.shared_expert is not None:
+            for proj, name in layout.shared.items():
+                out[LAYOUT.shared[proj].format(i=i)] = out.pop(name.format(i=i))
+            if ffn.shared_expert.gate and layout.shared_expert_gate is not None:
+                assert LAYOUT.shared_expert_gate is not None
+                out[LAYOUT.shared_expert_gate.format(i=i)] = out.pop(
+                    layout.shared_expert_gate.format(i=i))
+    return out
+
+
+def model_config(
+    arch: ArchFacts,
+    family: str,
+    layers: Sequence[LayerConfig],
+    *,
+    block: str = "sequential",
+    dtype: str = "float32",
+    trainable: Sequence[str] | None = None,
+    where: str,
+) -> ModelConfig:
+    """The native config of a model with the widths of ``arch`` and these ``layers`` (a
+    dense source is the one whose layers are all dense). A fact of the source that the
+    model cannot run is a ``SourceError`` about ``where``, the source."""
+    try:
+        return ModelConfig.from_dict({
+            "family": family,
+            "vocab_size": arch.vocab_size,
+            "hidden_size": arch.hidden_size,
+            "num_attention_heads": arch.num_attention_heads,
+            "num_key_value_heads": arch.num_key_value_heads,
+            "head_dim": arch.head_dim,
+            "hidden_act": arch.hidden_act,
+            "rms_norm_eps": arch.rms_norm_eps,
+            "rope_theta": arch.rope_theta,
+            "rope_scaling": arch.rope_scaling,
+            "max_position_embeddings": arch.max_position_embeddings,
+            "sliding_window": arch.sliding_window,
+            "tie_word_embeddings": arch.tie_word_embeddings,
+            "bos_token_id": arch.bos_token_id,
+            "eos_token_id": arch.eos_token_id,
+            "pad_token_id": arch.pad_token_id,
+            "intermediate_size": arch.intermediate_size,
+            "attention_bias": arch.attention_bias,
+            "block": block,
+            "dtype": dtype,
+            "layers": tuple(layers),
+            "trainable": trainable,
+        })
+    except ConfigError as exc:
+        raise SourceError(f"{where}: config.json describes no model moecompose can run: {exc}") from None
+
+
+FORMAT = Format(
+    name="native",
+    model_type="moecompose",
+    auto=None,  # not tried: the fallback when no other format fits
+    gates_shared_expert=False,
+    layout=LAYOUT,
+    blockers=blockers,
+    write_config=write_config,
+    read_config=read_config,
+    read_tensors=read_tensors,
+)

@@ -1,0 +1,94 @@
+"""Qwen2-MoE (``Qwen2MoeForCausalLM``): one tensor per expert, a shared expert in every
+MoE layer scaled by ``sigmoid(x . g)`` (its gate), dense layers listed in
+``mlp_only_layers``, no sliding window."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from moecompose.formats import (
+    Format,
+    Layout,
+    MoEShape,
+    embedded_native,
+    hf_blockers,
+    hf_config,
+    moe_ffns,
+    native,
+)
+from moecompose.model.config import DenseFFNConfig, ModelConfig
+from moecompose.sources.checkpoint import ArchFacts
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+LAYOUT = Layout(
+    stacked=False,
+    router="model.layers.{i}.mlp.gate.weight",
+    expert={"gate": "model.layers.{i}.mlp.experts.{j}.gate_proj.weight",
+            "up": "model.layers.{i}.mlp.experts.{j}.up_proj.weight",
+            "down": "model.layers.{i}.mlp.experts.{j}.down_proj.weight"},
+    shared={"gate": "model.layers.{i}.mlp.shared_expert.gate_proj.weight",
+            "up": "model.layers.{i}.mlp.shared_expert.up_proj.weight",
+            "down": "model.layers.{i}.mlp.shared_expert.down_proj.weight"},
+    shared_expert_gate="model.layers.{i}.mlp.shared_expert_gate.weight",
+)
+
+
+def blockers(arch: ArchFacts, moe: MoEShape, *, asked: bool) -> list[str]:
+    """A Nexus router's expert embeddings do not depend on the input, so at build time it
+    is a linear gate: Qwen2-MoE expresses it when ``asked`` for by name (the projection
+    that training and ``moecompose extend`` need is then baked in; ``auto`` keeps it
+    native)."""
+    out = hf_blockers(moe, bakes_nexus=asked)
+    if arch.sliding_window is not None:
+        out.append(
+            f"sliding-window attention (window {arch.sliding_window}; Qwen2-MoE windows "
+            "only some layers)"
+        )
+    if False in moe.shared:
+        out.append("MoE layers without a shared expert (Qwen2-MoE always has one)")
+    if len(moe.normalize) > 1:
+        out.append("MoE layers differ in router.normalize")
+    return out
+
+
+def write_config(native_config: ModelConfig, initializer_range: float) -> dict[str, Any]:
+    moe, router = moe_ffns(native_config)
+    shared = moe[0].shared_expert
+    assert shared is not None  # blockers() refuses MoE layers without one
+    return hf_config(
+        native_config, initializer_range,
+        architecture="Qwen2MoeForCausalLM",
+        model_type="qwen2_moe",
+        intermediate_size=native_config.intermediate_size,
+        moe_intermediate_size=moe[0].intermediate_size,
+        shared_expert_intermediate_size=shared.intermediate_size,
+        num_experts=moe[0].num_experts,
+        num_experts_per_tok=router.k,
+        norm_topk_prob=router.normalize,
+        decoder_sparse_step=1,
+        mlp_only_layers=[i for i, layer in enumerate(native_config.layers)
+                         if isinstance(layer.ffn, DenseFFNConfig)],
+        qkv_bias=native_config.attention_bias,
+        use_sliding_window=False,
+    )
+
+
+def read_tensors(native_config: ModelConfig, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Experts stacked, the shared expert and its gate renamed (the gate is in the native
+    config: ``shared_expert.gate``)."""
+    return native.from_layout(LAYOUT, native_config, tensors)
+
+
+FORMAT = Format(
+    name="qwen2_moe",
+    model_type="qwen2_moe",
+    auto=2,
+    gates_shared_expert=True,
+    layout=LAYOUT,
+    blockers=blockers,
+    write_config=write_config,
+    read_config=embedded_native,
+    read_tensors=read_tensors,
+)
