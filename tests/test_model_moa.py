@@ -231,7 +231,7 @@ def test_single_expert_mixture_is_ordinary_attention() -> None:
 
 def test_topk_router_zeroes_all_but_k_experts() -> None:
     spec = MoAAttentionConfig(num_experts=4, router=TopKRouterConfig(k=2, normalize=True))
-    weights = MixtureOfAttention(32, 4, 2, 8, spec).router(torch.randn(5, 32))
+    weights = MixtureOfAttention(32, 4, 2, 8, spec).mixture_weights(torch.randn(5, 32))
     assert weights.dtype == torch.float32
     assert ((weights > 0).sum(-1) == 2).all()
     torch.testing.assert_close(weights.sum(-1), torch.ones(5))

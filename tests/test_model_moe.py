@@ -12,7 +12,8 @@ from moecompose.model.config import (
     TopKRouterConfig,
 )
 from moecompose.model.grouped_swiglu import _grouped_swiglu, _grouped_swiglu_inference
-from moecompose.model.moe import MoEFFN, expert_counts, expert_slices
+from moecompose.model.moe import MoEFFN, expert_slices
+from moecompose.model.routing import expert_counts
 
 DIM, HIDDEN = 16, 24
 

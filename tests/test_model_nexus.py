@@ -17,7 +17,7 @@ from moecompose.model import ModelConfig, MoECausalLM, compile_model
 from moecompose.model.compile import supports_shapes_spec
 from moecompose.model.config import NexusRouterConfig
 from moecompose.model.moe import MoEFFN
-from moecompose.model.nexus import NexusRouter
+from moecompose.model.routing import NexusRouter
 
 DIM, EXPERTS, DOMAIN_DIM = 32, 3, 12
 PREFIX = "model.layers.1.mlp.router."

@@ -18,7 +18,8 @@ from torch._dynamo.utils import counters
 from moecompose.model import ModelConfig, MoECausalLM
 from moecompose.model.compile import supports_shapes_spec
 from moecompose.model.config import MoEFFNConfig, TokenMixingRouterConfig
-from moecompose.model.moe import MoEFFN, swiglu_loop
+from moecompose.model.moe import MoEFFN
+from moecompose.model.parts import swiglu
 from moecompose.model.token_mixing import TokenMixingFFN
 
 DIM, HIDDEN = 16, 12
@@ -49,7 +50,7 @@ def reference(layer: TokenMixingFFN, x: torch.Tensor) -> torch.Tensor:
             w = (xs @ c.t() / T).softmax(dim=0)  # [g, E]
             for e in range(E):
                 mixed = (w[:, e, None] * xs).sum(dim=0, keepdim=True)  # [1, d]
-                out = swiglu_loop(mixed, ex.gate_proj[e], ex.up_proj[e], ex.down_proj[e])
+                out = swiglu(mixed, ex.gate_proj[e], ex.up_proj[e], ex.down_proj[e])
                 y[rows, s] += w[:, e, None] * out[0]
     return y
 
@@ -103,7 +104,7 @@ def test_group_of_one_real_row_equals_that_row_alone_and_sums_all_experts() -> N
         alone = layer(x[2:])[0]
         ex = layer.experts
         every = sum(
-            swiglu_loop(x[2], ex.gate_proj[e], ex.up_proj[e], ex.down_proj[e]) for e in range(4)
+            swiglu(x[2], ex.gate_proj[e], ex.up_proj[e], ex.down_proj[e]) for e in range(4)
         )
     torch.testing.assert_close(three[2:], alone, atol=1e-6, rtol=0)
     torch.testing.assert_close(alone[0], every, atol=1e-5, rtol=0)
@@ -256,7 +257,7 @@ def test_transition_gives_a_top1_model_that_runs_on_one_sequence() -> None:
         choice = (x @ controller.t()).argmax(dim=-1)
         for t in range(7):
             e = choice[t]
-            expected = swiglu_loop(
+            expected = swiglu(
                 x[t : t + 1], experts.gate_proj[e], experts.up_proj[e], experts.down_proj[e]
             )
             torch.testing.assert_close(y[t : t + 1], expected, atol=1e-6, rtol=1e-5)

@@ -21,7 +21,7 @@ _HOMES = {  # name -> the submodule that defines it
     "ModelConfig": "config",
     "DISPATCHES": "moe",
     "Dispatch": "moe",
-    "NexusRouter": "nexus",
+    "NexusRouter": "routing",
 }
 
 __all__ = sorted(_HOMES)

@@ -17,7 +17,6 @@ and the activation run between the two ops as ordinary traced code.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -26,14 +25,9 @@ from torch import Tensor, nn
 
 from moecompose.model.config import AdapterActivation, AdapterFFNConfig
 from moecompose.model.grouped_swiglu import _spans
-from moecompose.model.moe import (
-    DISPATCHES,
-    Dispatch,
-    TopKRouter,
-    expert_counts,
-    expert_slices,
-    weighted_aux_loss,
-)
+from moecompose.model.moe import DISPATCHES, Dispatch, expert_loop, one_of, stacked_parameter
+from moecompose.model.parts import swiglu
+from moecompose.model.routing import TopKRouter, expert_counts, weighted_aux_loss
 
 ACTIVATIONS: dict[AdapterActivation, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,  # exact (erf) GELU, as torch.nn.GELU()
@@ -106,8 +100,8 @@ class GroupedAdapters(nn.Module):
     """E bottleneck adapters `scale * up_e(act(dropout(down_e(u))))` with stacked weights.
 
     `dispatch="grouped"` sorts token slots by expert and runs two `grouped_linear` ops;
-    `dispatch="loop"` is the reference loop over experts (`one_hot` / `where`, breaks
-    compiled graphs). `up_proj` starts at zero, so a fresh layer adds nothing.
+    `dispatch="loop"` is the reference, `expert_loop`. `up_proj` starts at zero, so a
+    fresh layer adds nothing.
     """
 
     def __init__(
@@ -115,32 +109,33 @@ class GroupedAdapters(nn.Module):
         num_experts: int,
         dim: int,
         bottleneck: int,
-        scale: float = 1.0,
-        activation: AdapterActivation = "gelu",
-        dropout: float = 0.0,
+        scale: float,
+        activation: AdapterActivation,
+        dropout: float,
         dispatch: Dispatch = "grouped",
     ) -> None:
         super().__init__()
-        if dispatch not in DISPATCHES:
-            raise ValueError(f"dispatch must be one of {DISPATCHES}, got {dispatch!r}")
-        self.num_experts = num_experts
+        one_of("dispatch", dispatch, DISPATCHES)
         self.scale = scale
         self.activation = activation
         self.dropout = dropout
         self.dispatch = dispatch
-        self.down_proj = nn.Parameter(torch.empty(num_experts, bottleneck, dim))
+        self.down_proj = stacked_parameter(num_experts, bottleneck, dim)
         self.up_proj = nn.Parameter(torch.zeros(num_experts, dim, bottleneck))
-        bound = 1 / math.sqrt(dim)
-        nn.init.uniform_(self.down_proj, -bound, bound)
 
     def _hidden(self, h: Tensor) -> Tensor:
         return ACTIVATIONS[self.activation](F.dropout(h, self.dropout, self.training))
+
+    def _adapter(self, u: Tensor, down: Tensor, up: Tensor) -> Tensor:
+        """One adapter, unscaled: u [n, d], down [r, d], up [d, r] -> [n, d]."""
+        return F.linear(self._hidden(F.linear(u, down)), up)
 
     def forward(self, u: Tensor, weights: Tensor, indices: Tensor, counts: Tensor) -> Tensor:
         """u [T, d], weights [T, k] (u's dtype), indices [T, k], counts [E] ->
         `sum_j weights[:, j] * adapter_{indices[:, j]}(u)` [T, d]."""
         if self.dispatch == "loop":
-            return self._loop(u, weights, indices)
+            stacked = (self.down_proj, self.up_proj)
+            return expert_loop(u, weights * self.scale, indices, stacked, self._adapter)
         k = indices.shape[1]
         order = indices.reshape(-1).argsort(stable=True)  # [N] slots sorted by expert
         token = order // k  # [N]
@@ -148,16 +143,6 @@ class GroupedAdapters(nn.Module):
         a = grouped_linear(self._hidden(h), counts, self.up_proj)  # [N, d]
         gain = weights.reshape(-1)[order] * self.scale  # [N]
         return torch.zeros_like(u).index_add(0, token, a * gain[:, None])
-
-    def _loop(self, u: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
-        out = torch.zeros_like(u)  # [T, d]
-        mask = F.one_hot(indices, self.num_experts).permute(2, 1, 0)  # [E, k, T]
-        for e, (down, up) in enumerate(expert_slices(self.down_proj, self.up_proj)):
-            slot, token = torch.where(mask[e])
-            h = self._hidden(F.linear(u[token], down))  # [n, r]
-            a = F.linear(h, up)  # [n, d]
-            out.index_add_(0, token, a * (weights[token, slot, None] * self.scale))
-        return out
 
 
 class AdapterMoEFFN(nn.Module):
@@ -173,7 +158,7 @@ class AdapterMoEFFN(nn.Module):
         self.gate_proj = nn.Linear(dim, spec.intermediate_size, bias=False)
         self.up_proj = nn.Linear(dim, spec.intermediate_size, bias=False)
         self.down_proj = nn.Linear(spec.intermediate_size, dim, bias=False)
-        self.router = TopKRouter(dim, spec.num_experts, spec.router.k, spec.router.normalize)
+        self.router = TopKRouter(dim, spec.num_experts, spec.router)
         self.adapters = GroupedAdapters(
             spec.num_experts,
             dim,
@@ -186,7 +171,7 @@ class AdapterMoEFFN(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x [..., d] -> (y [..., d], aux loss [])."""
-        u = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # [..., d]
+        u = swiglu(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
         shape = x.shape
         x, u = x.reshape(-1, shape[-1]), u.reshape(-1, shape[-1])  # [T, d]
         weights, indices, logits = self.router(x)  # [T, k], [T, k], [T, E]

@@ -19,7 +19,6 @@ ordinary attention per expert, summed with the router weights.
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -27,45 +26,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moecompose.model.cache import LayerKV
-from moecompose.model.config import MoAAttentionConfig, TopKRouterConfig
-from moecompose.model.moe import expert_slices
+from moecompose.model.config import MoAAttentionConfig
+from moecompose.model.moe import expert_slices, one_of, stacked_parameter
 from moecompose.model.parts import apply_rotary, attend, merge_heads, split_heads
+from moecompose.model.routing import Routing, make_router
 
 AttentionImpl = Literal["fused", "loop"]
 ATTENTION_IMPLS: tuple[AttentionImpl, ...] = ("fused", "loop")
-
-
-def _uniform(*shape: int, fan_in: int) -> nn.Parameter:
-    """nn.Linear's default initialisation, for stacked weights and biases."""
-    bound = 1 / math.sqrt(fan_in)
-    return nn.Parameter(torch.empty(*shape).uniform_(-bound, bound))
-
-
-class AttentionRouter(nn.Module):
-    """Mixture weights [..., E] (fp32) from `softmax(x @ weight.T)`.
-
-    `k=None` is soft routing (all E weights); otherwise the top k are kept, renormalised
-    to sum to 1 when `normalize`, and the others are 0.
-    """
-
-    def __init__(
-        self, dim: int, num_experts: int, k: int | None = None, normalize: bool = True
-    ) -> None:
-        super().__init__()
-        self.k = k
-        self.normalize = normalize
-        self.weight = nn.Parameter(torch.empty(num_experts, dim))
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x [..., d] -> weights [..., E] (fp32)."""
-        probs = F.linear(x.float(), self.weight.float()).softmax(dim=-1)
-        if self.k is None:
-            return probs
-        top, idx = probs.topk(self.k, dim=-1)  # [..., k]
-        if self.normalize:
-            top = top / top.sum(dim=-1, keepdim=True)
-        return torch.zeros_like(probs).scatter(-1, idx, top)
 
 
 class AttentionExperts(nn.Module):
@@ -83,14 +50,14 @@ class AttentionExperts(nn.Module):
     ) -> None:
         super().__init__()
         E, q_out, kv_out = num_experts, n_heads * head_dim, n_kv_heads * head_dim
-        self.q_proj = _uniform(E, q_out, dim, fan_in=dim)
-        self.k_proj = None if shared_kv else _uniform(E, kv_out, dim, fan_in=dim)
-        self.v_proj = None if shared_kv else _uniform(E, kv_out, dim, fan_in=dim)
-        self.o_proj = _uniform(E, dim, q_out, fan_in=q_out)
+        self.q_proj = stacked_parameter(E, q_out, dim)
+        self.k_proj = None if shared_kv else stacked_parameter(E, kv_out, dim)
+        self.v_proj = None if shared_kv else stacked_parameter(E, kv_out, dim)
+        self.o_proj = stacked_parameter(E, dim, q_out)
         with_kv_bias = bias and not shared_kv
-        self.q_bias = _uniform(E, q_out, fan_in=dim) if bias else None
-        self.k_bias = _uniform(E, kv_out, fan_in=dim) if with_kv_bias else None
-        self.v_bias = _uniform(E, kv_out, fan_in=dim) if with_kv_bias else None
+        self.q_bias = stacked_parameter(E, q_out, fan_in=dim) if bias else None
+        self.k_bias = stacked_parameter(E, kv_out, fan_in=dim) if with_kv_bias else None
+        self.v_bias = stacked_parameter(E, kv_out, fan_in=dim) if with_kv_bias else None
 
 
 def _flat(t: Tensor | None) -> Tensor | None:
@@ -116,19 +83,14 @@ class MixtureOfAttention(nn.Module):
         impl: AttentionImpl = "fused",
     ) -> None:
         super().__init__()
-        if impl not in ATTENTION_IMPLS:
-            raise ValueError(f"impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+        one_of("impl", impl, ATTENTION_IMPLS)
         self.impl = impl
         self.num_experts = spec.num_experts
         self.n_heads = n_heads
         self.n_kv_heads = n_kv_heads
         self.head_dim = head_dim
         self.shared_kv = spec.shared_kv
-        router = spec.router
-        if isinstance(router, TopKRouterConfig):
-            self.router = AttentionRouter(dim, spec.num_experts, router.k, router.normalize)
-        else:
-            self.router = AttentionRouter(dim, spec.num_experts)
+        self.router = make_router(dim, spec.num_experts, spec.router)
         self.experts = AttentionExperts(
             spec.num_experts, dim, n_heads, n_kv_heads, head_dim, spec.shared_kv, bias
         )
@@ -142,29 +104,23 @@ class MixtureOfAttention(nn.Module):
         return self.n_kv_heads if self.shared_kv else self.num_experts * self.n_kv_heads
 
     def forward(
-        self,
-        x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        mask: Tensor | None = None,
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None,
         cache: LayerKV | None = None,
     ) -> Tensor:
-        """x [B, S, d]; cos, sin: rotary tables; mask: None (causal) or bool [B, 1, S, L];
-        cache: this layer's keys and values of earlier tokens, extended in place."""
-        weights = self.router(x).to(x.dtype)  # [B, S, E]
+        """Called as `Attention.forward`: x [B, S, d] -> [B, S, d]."""
+        weights = self.mixture_weights(x).to(x.dtype)  # [B, S, E]
         if self.impl == "loop":
             return self._loop(x, weights, cos, sin, mask, cache)
         return self._fused(x, weights, cos, sin, mask, cache)
 
-    def _fused(
-        self,
-        x: Tensor,
-        weights: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        mask: Tensor | None,
-        cache: LayerKV | None,
-    ) -> Tensor:
+    def mixture_weights(self, x: Tensor) -> Tensor:
+        """x [..., d] -> each expert's weight [..., E] (fp32): the soft router's, or the
+        top-k router's kept weights and 0 for the other experts."""
+        routing = self.router(x)
+        return routing.dense() if isinstance(routing, Routing) else routing
+
+    def _fused(self, x: Tensor, weights: Tensor, cos: Tensor, sin: Tensor,
+               mask: Tensor | None, cache: LayerKV | None) -> Tensor:
         B, S, d = x.shape
         E, h, kv, dh = self.num_experts, self.n_heads, self.n_kv_heads, self.head_dim
         ex = self.experts
@@ -196,15 +152,8 @@ class MixtureOfAttention(nn.Module):
             o_proj = ex.o_proj.transpose(0, 1)  # [d, E, h*dh]
         return F.linear(o.flatten(2), o_proj.reshape(d, E * h * dh))
 
-    def _loop(
-        self,
-        x: Tensor,
-        weights: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        mask: Tensor | None,
-        cache: LayerKV | None,
-    ) -> Tensor:
+    def _loop(self, x: Tensor, weights: Tensor, cos: Tensor, sin: Tensor,
+              mask: Tensor | None, cache: LayerKV | None) -> Tensor:
         E, h, kv = self.num_experts, self.n_heads, self.n_kv_heads
         ex = self.experts
         experts = expert_slices(

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moecompose.model.parts import causal_mask, visible
+from moecompose.model.parts import causal_mask, key_mask
 
 
 @torch.library.custom_op("moecompose::kv_cache_slots", mutates_args=())
@@ -168,15 +168,10 @@ class StaticKVCache(KVCache):
     def positions(self, query_len: int, device: torch.device) -> Tensor:
         return self.position + torch.arange(query_len, device=device)
 
-    def mask(
-        self,
-        query_len: int,
-        attention_mask: Tensor | None,
-        device: torch.device,
-        window: int | None = None,
-    ) -> Tensor:
-        """Bool mask [B, 1, S, max_length]: causal over the written positions (and within
-        the sliding `window`, when given), padding hidden.
+    def mask(self, query_len: int, attention_mask: Tensor | None, device: torch.device,
+             window: int | None = None) -> Tensor:
+        """As `KVCache.mask`, [B, 1, S, max_length]: causal over the written positions (and
+        within the sliding `window`, when given), padding hidden.
 
         Also records the new tokens' padding: the last S columns of `attention_mask`
         ([B, past + S] as for `KVCache`, or just [B, S]); None means no padding. Raises
@@ -189,9 +184,7 @@ class StaticKVCache(KVCache):
         else:
             new = attention_mask[:, attention_mask.shape[-1] - query_len :].bool()  # [B, S]
         self.keep.index_copy_(1, q_pos, new)
-        seen = visible(q_pos, k_pos, window)  # [S, L]; hides positions not written yet
-        mask = seen & self.keep[:, None, None, :]  # [B, 1, S, L]
-        return mask | (k_pos[None, :] == q_pos[:, None])  # a padded query still sees itself
+        return key_mask(q_pos, k_pos, self.keep, window)  # hides positions not written yet
 
     def advance(self, query_len: int) -> None:
         """Move the write position past the new tokens (in place, so compiled code sees it)."""

@@ -28,8 +28,7 @@ from moecompose.model.config import (
     ModelConfig,
     TokenMixingRouterConfig,
 )
-from moecompose.model.moe import DISPATCHES, Dispatch, GroupedExperts, MoEFFN
-from moecompose.model.nexus import NexusRouter
+from moecompose.model.moe import DISPATCHES, Dispatch, GroupedExperts, MoEFFN, one_of
 from moecompose.model.parts import (
     Attention,
     RMSNorm,
@@ -38,6 +37,7 @@ from moecompose.model.parts import (
     padding_mask,
     sequence_mask,
 )
+from moecompose.model.routing import NexusRouter
 from moecompose.model.token_mixing import TokenMixingFFN, transition_to_topk
 
 
@@ -120,19 +120,9 @@ class Decoder(nn.Module):
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
         self.sliding_window = config.sliding_window
 
-    def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        position_ids: Tensor | None = None,
-        cache: KVCache | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """input_ids [B, S] -> (hidden [B, S, d], aux loss []).
-
-        Without a cache, `attention_mask` is [B, S]; with one, it covers the cached tokens
-        too, [B, past + S] (a `StaticKVCache` reads only the last S columns, so [B, S] will
-        do), and default positions continue at `past`.
-        """
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None,
+                position_ids: Tensor | None, cache: KVCache | None) -> tuple[Tensor, Tensor]:
+        """As `MoECausalLM.forward`, up to the final norm: (hidden [B, S, d], aux loss [])."""
         B, S = input_ids.shape
         x = self.embed_tokens(input_ids)  # [B, S, d]
         if position_ids is not None:
@@ -205,7 +195,8 @@ class MoECausalLM(nn.Module):
 
         With a `cache` (from `new_cache()`), the call continues the cached sequences: keys
         and values of `input_ids` are appended to it, positions start after the cached
-        tokens and `attention_mask`, if given, is [B, past + S].
+        tokens and `attention_mask`, if given, is [B, past + S] (a `StaticKVCache` reads
+        only its last S columns, so [B, S] will do).
         """
         h, aux = self.model(input_ids, attention_mask, position_ids, cache)  # [B, S, d]
         if self.lm_head is None:
@@ -270,16 +261,14 @@ class MoECausalLM(nn.Module):
 
     def set_attention_impl(self, impl: AttentionImpl) -> None:
         """Switch every mixture-of-attention layer between `"fused"` and the `"loop"` reference."""
-        if impl not in ATTENTION_IMPLS:
-            raise ValueError(f"impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+        one_of("impl", impl, ATTENTION_IMPLS)
         for module in self.modules():
             if isinstance(module, MixtureOfAttention):
                 module.impl = impl
 
     def set_dispatch(self, dispatch: Dispatch) -> None:
         """Switch every MoE layer between the `"grouped"` and the `"loop"` expert kernels."""
-        if dispatch not in DISPATCHES:
-            raise ValueError(f"dispatch must be one of {DISPATCHES}, got {dispatch!r}")
+        one_of("dispatch", dispatch, DISPATCHES)
         for module in self.modules():
             if isinstance(module, (GroupedExperts, GroupedAdapters)):
                 module.dispatch = dispatch

@@ -220,6 +220,12 @@ class MoEFFNConfig(_Routed):
     shared_expert: SharedExpertConfig | None = None
     aux_loss: AuxLossConfig = AuxLossConfig()
 
+    @model_validator(mode="after")
+    def _token_mixing_has_no_shared_expert(self) -> Self:
+        if self.shared_expert is not None and self.router.kind == "token_mixing":
+            raise _Rule("shared_expert", " is not supported with a token_mixing router")
+        return self
+
 
 class AdapterFFNConfig(_Routed):
     """PESC (Wu et al. 2024): one shared SwiGLU FFN of width `intermediate_size`; the

@@ -1,111 +1,43 @@
-"""Mixture-of-Experts FFN: router, grouped experts, shared expert, auxiliary losses.
+"""Mixture-of-Experts FFN: a router, grouped experts, an optional shared expert.
 
 Shapes: `T` tokens, `d` model width, `E` experts, `f` expert width, `k` experts per token.
 The tensor names follow `docs/artifact-format.md`: `router.weight` [E, d],
 `experts.{gate,up}_proj` [E, f, d], `experts.down_proj` [E, d, f],
 `shared_expert.{gate,up,down}_proj.weight`, `shared_expert_gate.weight` [1, d].
-A Nexus router (`moecompose/model/nexus.py`) replaces `router.weight` with its projection.
+The router is a top-k or a Nexus router (`moecompose/model/routing.py`; Nexus replaces
+`router.weight` with its projection).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, NamedTuple
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moecompose.model.config import (
-    MoEFFNConfig,
-    MoERouterConfig,
-    NexusRouterConfig,
-    TopKRouterConfig,
-)
+from moecompose.model.config import MoEFFNConfig
 from moecompose.model.grouped_swiglu import grouped_swiglu
-from moecompose.model.parts import SwiGLU
+from moecompose.model.parts import SwiGLU, swiglu
+from moecompose.model.routing import expert_counts, make_router, weighted_aux_loss
 
 Dispatch = Literal["grouped", "loop"]
 DISPATCHES: tuple[Dispatch, ...] = ("grouped", "loop")
 
 
-class Routing(NamedTuple):
-    """weights [T, k] (fp32), indices [T, k] (int64), logits [T, E] (fp32)."""
-
-    weights: Tensor
-    indices: Tensor
-    logits: Tensor
+def one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
+    """Raise `ValueError` unless `value` (of the argument `name`) is one of `choices`."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
-def top_k_routing(logits: Tensor, k: int, normalize: bool) -> Routing:
-    """Softmax of logits [T, E] (fp32) over all experts, keep the top k, optionally
-    renormalise the kept probabilities to sum to 1."""
-    probs = logits.softmax(dim=-1)
-    weights, indices = probs.topk(k, dim=-1)  # [T, k]
-    if normalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return Routing(weights, indices, logits)
-
-
-class TopKRouter(nn.Module):
-    """Softmax over all E experts in fp32, keep the top k, optionally renormalise over them."""
-
-    def __init__(self, dim: int, num_experts: int, k: int, normalize: bool = True) -> None:
-        super().__init__()
-        self.k = k
-        self.normalize = normalize
-        self.weight = nn.Parameter(torch.empty(num_experts, dim))
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-
-    def forward(self, x: Tensor) -> Routing:
-        """x: [T, d] -> Routing."""
-        logits = F.linear(x.float(), self.weight.float())  # [T, E]
-        return top_k_routing(logits, self.k, self.normalize)
-
-
-def make_router(dim: int, num_experts: int, spec: MoERouterConfig) -> nn.Module:
-    """The router module of an MoE layer: top-k, or Nexus (a token-mixing controller is
-    part of `TokenMixingFFN`)."""
-    if isinstance(spec, NexusRouterConfig):
-        from moecompose.model.nexus import NexusRouter  # nexus.py builds on this module
-
-        return NexusRouter(dim, num_experts, spec)
-    assert isinstance(spec, TopKRouterConfig)
-    return TopKRouter(dim, num_experts, spec.k, spec.normalize)
-
-
-def expert_counts(indices: Tensor, num_experts: int) -> Tensor:
-    """Assignments per expert: indices [T, k] -> counts [E] (int64), with a static shape."""
-    flat = indices.reshape(-1)
-    return flat.new_zeros(num_experts).scatter_add_(0, flat, torch.ones_like(flat))
-
-
-def load_balance_loss(logits: Tensor, counts: Tensor) -> Tensor:
-    """Switch Transformer balance loss `E * sum_i f_i * P_i`.
-
-    `f_i` is the fraction of token-to-expert assignments that went to expert i (from
-    `counts` [E], not differentiable), `P_i` the mean router probability of i over the
-    T tokens (logits [T, E]). Equals 1 under perfectly uniform routing.
-    """
-    E = logits.shape[-1]
-    fraction = counts.float() / counts.sum().clamp(min=1)  # [E]
-    mean_prob = logits.softmax(dim=-1).mean(dim=0)  # [E]
-    return E * (fraction * mean_prob).sum()
-
-
-def router_z_loss(logits: Tensor) -> Tensor:
-    """ST-MoE router z-loss `mean_t logsumexp(logits_t)^2`; logits [T, E]."""
-    return torch.logsumexp(logits, dim=-1).square().mean()
-
-
-def weighted_aux_loss(logits: Tensor, counts: Tensor, load_balance: float, z_loss: float) -> Tensor:
-    """`load_balance * L_lb + z_loss * L_z` (fp32 []; zero when both coefficients are 0)."""
-    loss = logits.new_zeros(())
-    if load_balance:
-        loss = loss + load_balance * load_balance_loss(logits, counts)
-    if z_loss:
-        loss = loss + z_loss * router_z_loss(logits)
-    return loss
+def stacked_parameter(*shape: int, fan_in: int | None = None) -> nn.Parameter:
+    """A stacked weight [E, ...] (or bias) with nn.Linear's initialisation: uniform in
+    `+-1/sqrt(fan_in)`, `fan_in` the last dimension unless given."""
+    bound = 1 / math.sqrt(shape[-1] if fan_in is None else fan_in)
+    return nn.Parameter(torch.empty(*shape).uniform_(-bound, bound))
 
 
 def expert_slices(*stacked: Tensor | None) -> list[tuple[Any, ...]]:
@@ -120,9 +52,23 @@ def expert_slices(*stacked: Tensor | None) -> list[tuple[Any, ...]]:
     return list(zip(*columns, strict=True))
 
 
-def swiglu_loop(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
-    """One expert's SwiGLU: x [n, d], gate/up [f, d], down [d, f] -> [n, d]."""
-    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+def expert_loop(
+    x: Tensor,
+    weights: Tensor,
+    indices: Tensor,
+    stacked: tuple[Tensor, ...],
+    expert: Callable[..., Tensor],
+) -> Tensor:
+    """The reference dispatch, Hugging Face's Mixtral loop over experts with `one_hot` /
+    `where` (data-dependent shapes, so it breaks compiled graphs): x [T, d], weights [T, k]
+    (x's dtype), indices [T, k], stacked expert weights [E, ...] ->
+    `sum_j weights[:, j] * expert(x, *stacked[indices[:, j]])` [T, d]."""
+    out = torch.zeros_like(x)  # [T, d]
+    mask = F.one_hot(indices, stacked[0].shape[0]).permute(2, 1, 0)  # [E, k, T]
+    for e, params in enumerate(expert_slices(*stacked)):
+        slot, token = torch.where(mask[e])
+        out.index_add_(0, token, expert(x[token], *params) * weights[token, slot, None])
+    return out
 
 
 class GroupedExperts(nn.Module):
@@ -130,43 +76,28 @@ class GroupedExperts(nn.Module):
 
     `dispatch="grouped"` sorts the T*k token slots by expert and runs one grouped GEMM op
     (`grouped_swiglu`); it traces into a single graph with `torch.compile`.
-    `dispatch="loop"` is the reference: Hugging Face's Mixtral loop over experts with
-    `one_hot` / `where` (data-dependent shapes, so it breaks compiled graphs).
+    `dispatch="loop"` is the reference, `expert_loop`.
     """
 
     def __init__(
         self, num_experts: int, dim: int, hidden: int, dispatch: Dispatch = "grouped"
     ) -> None:
         super().__init__()
-        if dispatch not in DISPATCHES:
-            raise ValueError(f"dispatch must be one of {DISPATCHES}, got {dispatch!r}")
-        self.num_experts = num_experts
+        one_of("dispatch", dispatch, DISPATCHES)
         self.dispatch = dispatch
-        self.gate_proj = nn.Parameter(torch.empty(num_experts, hidden, dim))
-        self.up_proj = nn.Parameter(torch.empty(num_experts, hidden, dim))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden))
-        for w in (self.gate_proj, self.up_proj, self.down_proj):
-            bound = 1 / math.sqrt(w.shape[-1])
-            nn.init.uniform_(w, -bound, bound)
+        self.gate_proj = stacked_parameter(num_experts, hidden, dim)
+        self.up_proj = stacked_parameter(num_experts, hidden, dim)
+        self.down_proj = stacked_parameter(num_experts, dim, hidden)
 
     def forward(self, x: Tensor, weights: Tensor, indices: Tensor, counts: Tensor) -> Tensor:
         """x [T, d], weights [T, k] (x's dtype), indices [T, k], counts [E] -> [T, d]."""
+        stacked = (self.gate_proj, self.up_proj, self.down_proj)
         if self.dispatch == "loop":
-            return self._loop(x, weights, indices)
+            return expert_loop(x, weights, indices, stacked, swiglu)
         T, k = indices.shape
         order = indices.reshape(-1).argsort(stable=True)  # [T*k] slots sorted by expert
-        y = grouped_swiglu(x, order, counts, self.gate_proj, self.up_proj, self.down_proj)
+        y = grouped_swiglu(x, order, counts, *stacked)
         return (y.view(T, k, -1) * weights[..., None]).sum(dim=1)  # [T, k, d] -> [T, d]
-
-    def _loop(self, x: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
-        out = torch.zeros_like(x)  # [T, d]
-        mask = F.one_hot(indices, self.num_experts).permute(2, 1, 0)  # [E, k, T]
-        experts = expert_slices(self.gate_proj, self.up_proj, self.down_proj)
-        for e, (gate, up, down) in enumerate(experts):
-            slot, token = torch.where(mask[e])
-            y = swiglu_loop(x[token], gate, up, down)
-            out.index_add_(0, token, y * weights[token, slot, None])
-        return out
 
 
 class MoEFFN(nn.Module):
@@ -201,7 +132,4 @@ class MoEFFN(nn.Module):
             if self.shared_expert_gate is not None:
                 shared = shared * torch.sigmoid(self.shared_expert_gate(x))  # [T, d] * [T, 1]
             y = y + shared
-        return y.reshape(shape), self.aux_loss(logits, counts)
-
-    def aux_loss(self, logits: Tensor, counts: Tensor) -> Tensor:
-        return weighted_aux_loss(logits, counts, self.lb_coef, self.z_coef)
+        return y.reshape(shape), weighted_aux_loss(logits, counts, self.lb_coef, self.z_coef)

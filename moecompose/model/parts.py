@@ -139,8 +139,13 @@ class Attention(nn.Module):
         return self.o_proj(merge_heads(attend(q, k, v, mask)))
 
 
+def swiglu(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
+    """`down(silu(gate(x)) * up(x))`: x [..., d], gate/up [f, d], down [d, f] -> [..., d]."""
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
 class SwiGLU(nn.Module):
-    """`down(silu(gate(x)) * up(x))`: the Llama FFN, also used as a shared expert."""
+    """`swiglu` with weights `{gate,up,down}_proj`: the Llama FFN, also a shared expert."""
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
@@ -149,7 +154,7 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return swiglu(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
 
 
 def visible(q_pos: Tensor, k_pos: Tensor, window: int | None = None) -> Tensor:
@@ -177,11 +182,18 @@ def causal_mask(
     """
     q_pos = torch.arange(query_len, device=device) + past  # [S]
     k_pos = torch.arange(past + query_len, device=device)  # [L]
+    keep = None if attention_mask is None else attention_mask.bool()
+    return key_mask(q_pos, k_pos, keep, window)
+
+
+def key_mask(q_pos: Tensor, k_pos: Tensor, keep: Tensor | None, window: int | None) -> Tensor:
+    """Bool mask [B or 1, 1, S, L]: key slot `k_pos[j]` is `visible` from query slot
+    `q_pos[i]` and holds a token (`keep` [B, L], False = padding; None: all do). A query
+    always sees its own slot, so no row is empty."""
     mask = visible(q_pos, k_pos, window)  # [S, L]
-    if attention_mask is None:
+    if keep is None:
         return mask[None, None]
-    keep = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, L]
-    return (mask & keep) | (k_pos[None, :] == q_pos[:, None])
+    return (mask & keep[:, None, None, :]) | (k_pos[None, :] == q_pos[:, None])
 
 
 def sequence_mask(query_len: int, device: torch.device, window: int | None) -> Tensor | None:

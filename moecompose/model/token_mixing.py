@@ -3,9 +3,10 @@
 Shapes: `B` sequences, `S` positions, `d` model width, `E` experts, `f` expert width, `G`
 group size, `n = ceil(B / G)` groups. A group is G sequences of the batch at one
 position, never tokens of one sequence, so a causal LM stays causal. Tensor names follow
-`docs/artifact-format.md`: the controller `router.weight` [E, d], with `learn_temperature`
-`router.temperature` [], and stacked experts `experts.{gate,up}_proj` [E, f, d],
-`experts.down_proj` [E, d, f], as in an ordinary MoE layer.
+`docs/artifact-format.md`: the controller (a `TokenMixingRouter`) `router.weight` [E, d],
+with `learn_temperature` `router.temperature` [], and stacked experts
+`experts.{gate,up}_proj` [E, f, d], `experts.down_proj` [E, d, f], as in an ordinary MoE
+layer.
 
     w   = softmax(x_group @ router.weight.T / T, dim=group)  # [G, E] per position, fp32
     m_e = sum_g w[g, e] x_g                                 # one mixed token per expert
@@ -26,7 +27,6 @@ fine-tune).
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from moecompose.model.config import MoEFFNConfig, TokenMixingRouterConfig, TopKRouterConfig
 from moecompose.model.grouped_swiglu import grouped_swiglu
 from moecompose.model.moe import Dispatch, GroupedExperts, MoEFFN
-from moecompose.model.parts import SwiGLU
+from moecompose.model.routing import TokenMixingRouter
 
 if TYPE_CHECKING:
     from moecompose.model.causal_lm import MoECausalLM
@@ -72,34 +72,11 @@ def _batch_major_backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
 batch_major.register_autograd(_batch_major_backward, setup_context=_batch_major_setup)
 
 
-class TokenMixingRouter(nn.Module):
-    """The controller: `weight` [E, d] and the temperature, a parameter [] when learned,
-    else the constant from the config."""
-
-    def __init__(self, dim: int, num_experts: int, spec: TokenMixingRouterConfig) -> None:
-        super().__init__()
-        self.group_size = spec.group_size
-        self.weight = nn.Parameter(torch.empty(num_experts, dim))
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        self.temperature: nn.Parameter | float = (
-            nn.Parameter(torch.tensor(spec.temperature))
-            if spec.learn_temperature
-            else spec.temperature
-        )
-
-    def forward(self, x: Tensor, real: Tensor) -> Tensor:
-        """x [M, G, d] (M groups of G tokens), real [M, G] (False = padding row) -> mixing
-        weights [M, G, E], fp32, summing to 1 over G for every group and expert."""
-        logits = F.linear(x.float(), self.weight.float()) / self.temperature  # [M, G, E]
-        logits = logits.masked_fill(~real[:, :, None], float("-inf"))
-        return logits.softmax(dim=1)
-
-
 class TokenMixingFFN(nn.Module):
-    """An MoE FFN layer whose router is a token-mixing controller; optional shared expert as
-    in `MoEFFN`. forward takes [B, S, d] and returns (y, aux loss) with a zero aux loss:
-    every expert gets the same number of mixed tokens, so there is nothing to balance.
-    `dispatch` is the kernel the experts get after `transition_to_topk`."""
+    """An MoE FFN layer whose router is a token-mixing controller, without a shared expert
+    (a spec cannot combine them). forward takes [B, S, d] and returns (y, aux loss) with a
+    zero aux loss: every expert gets the same number of mixed tokens, so there is nothing
+    to balance. `dispatch` is the kernel the experts get after `transition_to_topk`."""
 
     def __init__(self, dim: int, spec: MoEFFNConfig, dispatch: Dispatch = "grouped") -> None:
         super().__init__()
@@ -110,11 +87,6 @@ class TokenMixingFFN(nn.Module):
         self.num_experts = spec.num_experts
         self.router = TokenMixingRouter(dim, spec.num_experts, spec.router)
         self.experts = GroupedExperts(spec.num_experts, dim, spec.intermediate_size, dispatch)
-        shared = spec.shared_expert
-        self.shared_expert = None if shared is None else SwiGLU(dim, shared.intermediate_size)
-        self.shared_expert_gate = (
-            nn.Linear(dim, 1, bias=False) if shared is not None and shared.gate else None
-        )
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x [B, S, d] -> (y [B, S, d], aux loss [] = 0).
@@ -145,19 +117,13 @@ class TokenMixingFFN(nn.Module):
             mixed.view(M * E, d), order, counts, ex.gate_proj, ex.up_proj, ex.down_proj
         ).view(M, E, d)
         y = torch.bmm(w, out).view(S, n, G, d).view(S, n * G, d)  # [S, n * G, d]
-        y = batch_major(y, B)  # [B, S, d]
-        if self.shared_expert is not None:
-            shared = self.shared_expert(x)
-            if self.shared_expert_gate is not None:
-                shared = shared * torch.sigmoid(self.shared_expert_gate(x))
-            y = y + shared
-        return y, x.new_zeros((), dtype=torch.float32)
+        return batch_major(y, B), x.new_zeros((), dtype=torch.float32)  # [B, S, d]
 
     def to_topk(self, spec: MoEFFNConfig) -> MoEFFN:
-        """The top-1 token-choice layer of the transition to sparse: the same experts (and
-        shared expert), and `router.weight = controller / T`, so each token goes to the
-        expert of its largest `x @ controller.T / T` with weight 1 (`spec.router` must be
-        top-1 with `normalize`; the aux-loss coefficients of `spec` apply from now on).
+        """The top-1 token-choice layer of the transition to sparse: the same experts, and
+        `router.weight = controller / T`, so each token goes to the expert of its largest
+        `x @ controller.T / T` with weight 1 (`spec.router` must be top-1 with
+        `normalize`; the aux-loss coefficients of `spec` apply from now on).
         The new router weight is trainable iff the controller was."""
         router = spec.router
         if not (isinstance(router, TopKRouterConfig) and router.k == 1 and router.normalize):
@@ -165,8 +131,6 @@ class TokenMixingFFN(nn.Module):
         with torch.device("meta"):
             layer = MoEFFN(self.router.weight.shape[1], spec, self.experts.dispatch)
         layer.experts = self.experts
-        layer.shared_expert = self.shared_expert
-        layer.shared_expert_gate = self.shared_expert_gate
         controller = self.router.weight
         temperature = torch.as_tensor(self.router.temperature).detach().float()
         weight = (controller.detach().float() / temperature).to(controller.dtype)
@@ -180,10 +144,10 @@ def transition_to_topk(model: MoECausalLM) -> dict[str, Any]:
 
     Mapping: `router.weight = controller / T` (T the learned or configured temperature),
     router `{"kind": "topk", "k": 1, "normalize": true}` so the chosen expert's weight is
-    1; experts, shared expert and aux-loss coefficients are kept. A learned temperature
-    tensor disappears (and from `trainable`). Afterwards every batch size works, 1
-    included, with ordinary routing; outputs differ from the mixing layer's, so the paper
-    follows the transition with a short fine-tune.
+    1; experts and aux-loss coefficients are kept. A learned temperature tensor disappears
+    (and from `trainable`). Afterwards every batch size works, 1 included, with ordinary
+    routing; outputs differ from the mixing layer's, so the paper follows the transition
+    with a short fine-tune.
     """
     config = model.config
     layers = list(config.layers)
