@@ -40,6 +40,7 @@ from moecompose.spec.schema import (
     TokenMixingRouter,
     TopKRouter,
 )
+from moecompose.text import ranges
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,7 @@ def resolve(spec: Spec, opened: dict[str, Checkpoint] | None = None) -> Resolved
             "block: parallel changes the function of the sequential sources; the built "
             "model does not reproduce them before training"
         )
+    warnings += _frozen_top1_warnings(layers)
     domains = _domains(spec, sources)
     _check_prompt_sources(spec, sources)
     name = spec.name or (Path(origin.file).stem if origin.file else "moecompose-model")
@@ -489,3 +491,22 @@ def _layers(spec: Spec, n_layers: int) -> list[LayerPlanInput]:
         for i in indices:
             ffn[i] = mixture
     return [LayerPlanInput(i, ffn.get(i), attention.get(i)) for i in range(n_layers)]
+
+
+def _frozen_top1_warnings(layers: list[LayerPlanInput]) -> list[str]:
+    """A top-1 router that renormalises weighs its one expert 1.0 for every token, so the
+    LM loss gives it no gradient: it learns from the aux loss alone (ALGORITHMS.md)."""
+    out = []
+    for part in ("ffn", "attention"):
+        chosen = tuple(
+            layer.index for layer in layers
+            if (mix := getattr(layer, part)) is not None and isinstance(mix.router, TopKRouter)
+            and mix.router.k == 1 and mix.router.normalize
+        )
+        if chosen:
+            out.append(
+                f"layers {ranges(chosen)}: the {part} router is top-1 with normalize: true, so "
+                "its expert always gets weight 1.0 and training gives the router no gradient "
+                "from the LM loss; write normalize: false to train it (Switch)"
+            )
+    return out

@@ -82,3 +82,13 @@ def test_train_marks_only_named_groups_trainable(write_spec) -> None:
     assert trainable and all(t.endswith("block_sparse_moe.gate.weight") for t in trainable)
     assert plan.config["moecompose"]["trainable"] == trainable
     assert plan.totals.trainable_params == sum(t.numel for t in plan.tensors if t.trainable)
+
+
+@pytest.mark.parametrize("normalize, warned", [("true", True), ("false", False)])
+def test_top1_router_that_renormalises_is_warned_about(write_spec, normalize, warned) -> None:
+    """Its expert always weighs 1.0: the LM loss gives such a router no gradient."""
+    plan = moecompose.plan(write_spec(BTX.replace("k: 2}", f"k: 1, normalize: {normalize}}}")))
+    messages = [w for w in plan.warnings if "top-1 with normalize: true" in w]
+    assert bool(messages) is warned
+    if warned:
+        assert messages[0].startswith("layers 0-3: the ffn router") and "normalize: false" in messages[0]
