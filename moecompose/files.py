@@ -32,6 +32,8 @@ def file_problem(path: str | Path) -> str | None:
     """
     try:
         mode = os.stat(path).st_mode
+    except ValueError:  # a NUL character: no file system can hold such a name
+        return "is not a valid path (it contains a NUL character)"
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             return "is a symbolic link loop"

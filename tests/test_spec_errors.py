@@ -127,6 +127,8 @@ CASES = [
          BASE + RULE + "      experts: {adapters: seed, count: 8, bottleneck: 1000000000000}\n",
          ("the plan writes", "PB", "the largest source", "refused as a likely mistake"), "1:1",
          cli=True),
+    Case("nul-in-a-path", 'moecompose: 1\nsources:\n  seed: "./a\\0b"\n',
+         ("text with a NUL character",), "3:9"),
     Case("markup-in-a-path", "moecompose: 1\nsources:\n  seed: ./no/[/x]/[bold]such\n",
          ("does not exist", "[/x]/[bold]such"), "3:9", cli=True),
     Case("dsl-unknown-key-in-block",

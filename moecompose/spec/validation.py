@@ -28,12 +28,28 @@ def spec_from_data(data: Any, origin: Origin) -> Spec:
             hint="write at least 'moecompose: 1' and 'sources: {NAME: PATH}'",
         )
     _check_version(data, origin)
+    _refuse_nul(data, (), origin)
     try:
         spec = Spec.model_validate(data)
     except ValidationError as exc:
         raise _first_error(exc, data, origin) from None
     spec._origin = origin
     return spec
+
+
+def _refuse_nul(value: Any, path: DataPath, origin: Origin) -> None:
+    """No name, path or text in a spec may hold a NUL character (no file system or model
+    name can); refused where it is written, before any path is used."""
+    if isinstance(value, str) and "\x00" in value:
+        raise SpecError("text with a NUL character (\\0) is not allowed here",
+                        location=origin.locate(path), hint="remove the \\0 escape")
+    items = value.items() if isinstance(value, dict) else enumerate(value) \
+        if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, str) and "\x00" in key:
+            raise SpecError("a key with a NUL character (\\0) is not allowed",
+                            location=origin.locate((*path, key), key=True))
+        _refuse_nul(item, (*path, key), origin)
 
 
 def _check_version(data: dict[Any, Any], origin: Origin) -> None:
