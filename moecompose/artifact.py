@@ -24,7 +24,6 @@ import contextlib
 import ctypes
 import errno
 import hashlib
-import json
 import os
 import platform
 import re
@@ -39,6 +38,7 @@ from typing import Any, TypeVar
 import psutil
 
 from moecompose.errors import BuildError, ResourceError
+from moecompose.files import read_json_file
 from moecompose.plan.recipe import Plan
 
 T = TypeVar("T")
@@ -334,26 +334,43 @@ def manifest(plan: Plan, files: dict[str, str]) -> dict[str, Any]:
     return out
 
 
+def read_json(artifact: Path, name: str) -> dict[str, Any]:
+    """An artifact's JSON file ``name`` (config.json, plan.json, ...): an object, read
+    with the bounds of every file a user names; a missing, unreadable or corrupted one is
+    a one-line error."""
+    path = artifact / name
+    if not path.exists():
+        raise BuildError(f"{artifact} has no {name}", hint="is this a moecompose artifact?")
+    try:
+        data = read_json_file(path)
+    except OSError as exc:
+        raise BuildError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        data = exc
+    if not isinstance(data, dict):
+        what = data if isinstance(data, ValueError) else "not a JSON object"
+        raise BuildError(f"{path} is corrupted: {what}",
+                         hint="rebuild the artifact, or restore the file")
+    return data
+
+
 def read_plan(artifact: Path) -> Plan:
     """The plan an artifact was written from (its plan.json)."""
-    path = artifact / "plan.json"
-    if not path.is_file():
-        raise BuildError(f"{artifact} has no plan.json", hint="is this a moecompose artifact?")
+    data = read_json(artifact, "plan.json")
     try:
-        return Plan.from_data(json.loads(path.read_text()))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise BuildError(f"{path} is corrupted: {exc}") from None
+        return Plan.from_data(data)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise BuildError(f"{artifact / 'plan.json'} is corrupted: {exc}",
+                         hint="rebuild the artifact, or restore the file") from None
 
 
 def verify_files(artifact: Path) -> list[str]:
     """Files whose sha256 differs from manifest.json (or that are missing)."""
-    path = artifact / "manifest.json"
+    manifest_data = read_json(artifact, "manifest.json")
     try:
-        listed = dict(json.loads(path.read_text())["files"])
-    except FileNotFoundError:
-        raise BuildError(f"{artifact} has no manifest.json", hint="nothing to verify against") from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise BuildError(f"{path} is corrupted: {exc}") from None
+        listed = {str(name): str(digest) for name, digest in manifest_data["files"].items()}
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise BuildError(f"{artifact / 'manifest.json'} is corrupted: {exc}") from None
     bad = []
     for name, digest in listed.items():
         if not (artifact / name).is_file():

@@ -14,12 +14,11 @@ source artifact is only read; the new one is written atomically.
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from moecompose.artifact import DOMAINS_FILE, read_plan, sha256_file
+from moecompose.artifact import DOMAINS_FILE, read_json, read_plan, sha256_file
 from moecompose.build.executor import build
 from moecompose.dtypes import CODES
 from moecompose.errors import BuildError, MoeComposeError
@@ -52,7 +51,7 @@ def transition_plan(artifact: str | Path) -> Plan:
     if not (artifact / "config.json").is_file():
         raise BuildError(f"{artifact} is not a moecompose artifact", hint="give a folder `build` wrote")
     base = read_plan(artifact)
-    config = json.loads((artifact / "config.json").read_text())
+    config = read_json(artifact, "config.json")
     if config.get("model_type") != "moecompose":
         raise BuildError(f"{artifact} is a {config.get('model_type')} export without token mixing")
     layers = [i for i, layer in enumerate(config["layers"])

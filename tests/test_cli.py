@@ -247,6 +247,26 @@ def test_inspect_verify(built: dict[str, Path], tmp_path: Path) -> None:
     assert "model.safetensors" in line and "manifest.json" in line
 
 
+CORRUPTIONS = {"garbage": "{not json", "a list": "[]", "nested": "[" * 10_000 + "]" * 10_000}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("file", ["plan.json", "config.json", "manifest.json"])
+@pytest.mark.parametrize("content", sorted(CORRUPTIONS))
+def test_commands_on_a_corrupted_artifact_say_which_file(
+    built: dict[str, Path], tmp_path: Path, file: str, content: str
+) -> None:
+    copy = Path(shutil.copytree(built["out"], tmp_path / "copy"))
+    (copy / file).write_text(CORRUPTIONS[content])
+    commands = {"plan.json": [["inspect", str(copy)], ["diff", str(copy), str(built["out"])]],
+                "config.json": [["transition", str(copy), "-o", str(tmp_path / "t")]],
+                "manifest.json": [["inspect", str(copy), "--verify"]]}[file]
+    for command in commands:
+        line = one_error_line(run(*command))
+        assert f"{copy / file} is corrupted" in line or f"{file} is corrupted" in line, line
+    assert not (tmp_path / "t").exists()
+
+
 @pytest.mark.slow
 def test_inspect_of_a_folder_that_is_not_an_artifact(tmp_path: Path) -> None:
     line = one_error_line(run("inspect", str(tmp_path)))
