@@ -213,23 +213,30 @@ def put_in_place(tmp: Path, out: Path, *, force: bool) -> None:
 def write_atomically(out: Path, fill: Callable[[Path], T], *, force: bool) -> T:
     """Run ``fill`` on a hidden temporary folder beside ``out``, then put it in place of
     ``out``. On any failure (SIGINT and SIGTERM included) the temporary folder is removed
-    and ``out`` is untouched."""
+    and ``out`` is untouched; folders made to hold ``out`` are removed again."""
+    made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise write_error(exc, out) from None
-    with output_lock(out):
-        remove_stale(out)
-        tmp = out.parent / f".{out.name}.partial-{_me()}"
         try:
-            tmp.mkdir()
-            result = fill(tmp)
-            put_in_place(tmp, out, force=force)
-        except BaseException as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(exc, OSError):
-                raise write_error(exc, out) from None
-            raise
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_error(exc, out) from None
+        with output_lock(out):
+            remove_stale(out)
+            tmp = out.parent / f".{out.name}.partial-{_me()}"
+            try:
+                tmp.mkdir()
+                result = fill(tmp)
+                put_in_place(tmp, out, force=force)
+            except BaseException as exc:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if isinstance(exc, OSError):
+                    raise write_error(exc, out) from None
+                raise
+    except BaseException:
+        for folder in made:  # innermost first; only what is still empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     return result
 
 

@@ -51,6 +51,19 @@ def _hidden(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
 
 
+def test_failed_build_removes_the_folders_it_made_for_its_output(
+    spec: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "new" / "deeper" / "model"
+
+    def fail(done: int, total: int, name: str) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        mc.build(spec, out, progress=fail)
+    assert not (tmp_path / "new").exists()
+
+
 def test_output_that_appears_during_the_build_is_left_alone(spec: Path, tmp_path: Path) -> None:
     out = tmp_path / "artifacts" / "model"
 
