@@ -27,6 +27,8 @@ from moecompose.resolve import Resolved, resolve
 from moecompose.spec import Spec, load_spec
 
 if TYPE_CHECKING:
+    import torch
+
     from moecompose.artifact import Progress
     from moecompose.diff import Diff
     from moecompose.model import MoECausalLM
@@ -98,8 +100,19 @@ def extend(
     return _extend(artifact, out, new, lam=lam, force=force)
 
 
-def load(path: str | Path, *, dtype: str | None = None, device: str | None = None) -> MoECausalLM:
-    """Load any artifact (native or exported) as a ``MoECausalLM`` module in eval mode."""
+def load(
+    path: str | Path,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> MoECausalLM:
+    """Load any artifact (native or exported) as a ``MoECausalLM`` module in eval mode.
+
+    ``dtype``: ``torch.bfloat16`` or ``"bfloat16"`` (default: the artifact's); ``device``:
+    a ``torch.device`` or a string such as ``"cuda"`` (default: CPU). The tensors read
+    from the files become the parameters, cast and moved as they are read: no random
+    initialisation runs, and memory stays near the model's size.
+    """
     from moecompose.loader import load_artifact
 
     return load_artifact(Path(path), dtype=dtype, device=device)

@@ -31,3 +31,13 @@ def test_build_benchmark_reports_peak_memory(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "ratio moecompose / naive" in result.stdout and "peak RSS" in result.stdout
+
+
+def test_load_benchmark_reports_time_and_memory_ratios(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "load.py"), "--quick", "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("ratios (lower is better): load / read time") == 2
+    assert "above idle" in result.stdout and "x model" in result.stdout

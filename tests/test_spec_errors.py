@@ -689,7 +689,7 @@ def test_build_failing_after_its_first_tensor_removes_its_temporary_folder(
     with pytest.raises(MoeComposeError, match="No space left on device"):
         mc.build(spec, out)
     assert len(calls) == 3 and not out.exists()
-    assert [p.name for p in out.parent.iterdir()] == []
+    assert not out.parent.exists()  # the build made it to hold out, and removed it
 
 
 def test_api_messages_are_one_line_for_in_memory_specs() -> None:
@@ -726,7 +726,7 @@ def test_source_with_non_finite_weights_builds_nothing_and_names_the_tensor(
     message = _check_cli_error(_run_cli("build", str(spec), "-o", str(out), "-q"))
     assert ("tensor 'model.layers.1.mlp.up_proj.weight' in "
             f"{copy / 'model.safetensors'} has 2 non-finite value(s) (NaN or Inf)") in message
-    assert not out.exists() and list(out.parent.iterdir()) == []
+    assert not out.exists() and not out.parent.exists()
 
 
 @pytest.mark.slow

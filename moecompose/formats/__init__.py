@@ -68,7 +68,9 @@ class Format:
     ``write_config`` gives ``config.json`` from the native config (and the sources'
     ``initializer_range``); ``read_config`` gives back the native config from that
     ``config.json`` (``None`` when it lacks one); ``read_tensors`` renames (and stacks)
-    the format's tensors into native names for the native config.
+    the format's tensors, held in memory, into native names for the native config. Both
+    it and ``moecompose.load`` (which reads the files straight into the stacked tensors)
+    follow one table, ``native.stored_names`` of ``layout``.
     """
 
     name: str

@@ -45,6 +45,42 @@ def read_tensors(native_config: ModelConfig, tensors: dict[str, Tensor]) -> dict
     return tensors
 
 
+def stored_names(layout: Layout, layers: Sequence[LayerConfig]) -> dict[str, str | tuple[str, ...]]:
+    """Native name -> the name ``layout`` stores the tensor under, or, for experts stored
+    one tensor each, the tuple of their names in expert order (stacked into the native
+    ``[E, ...]`` tensor), for every MoE tensor of ``layers``; every other tensor is stored
+    under its native name."""
+    out: dict[str, str | tuple[str, ...]] = {}
+    for i, layer in enumerate(layers):
+        ffn = layer.ffn
+        if not isinstance(ffn, MoEFFNConfig):
+            continue
+        out[LAYOUT.router.format(i=i)] = layout.router.format(i=i)
+        for proj, name in layout.expert.items():
+            out[LAYOUT.expert[proj].format(i=i)] = (
+                name.format(i=i) if layout.stacked
+                else tuple(name.format(i=i, j=j) for j in range(ffn.num_experts))
+            )
+        if ffn.shared_expert is not None:
+            for proj, name in layout.shared.items():
+                out[LAYOUT.shared[proj].format(i=i)] = name.format(i=i)
+            if ffn.shared_expert.gate and layout.shared_expert_gate is not None:
+                assert LAYOUT.shared_expert_gate is not None
+                out[LAYOUT.shared_expert_gate.format(i=i)] = layout.shared_expert_gate.format(i=i)
+    return out
+
+
+def native_names(layout: Layout, layers: Sequence[LayerConfig], names: Sequence[str]) -> tuple[str, ...]:
+    """``names`` of tensors stored in ``layout``, as the native model names them: in
+    order, each once (the per-expert tensors of one projection are one native tensor).
+    Native names come back unchanged."""
+    back = {}
+    for target, stored in stored_names(layout, layers).items():
+        for name in stored if isinstance(stored, tuple) else (stored,):
+            back[name] = target
+    return tuple(dict.fromkeys(back.get(name, name) for name in names))
+
+
 def from_layout(layout: Layout, native_config: ModelConfig,
                 tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """``tensors`` with the MoE layers stored in ``layout`` renamed into native names,
@@ -52,24 +88,11 @@ def from_layout(layout: Layout, native_config: ModelConfig,
     import torch
 
     out = dict(tensors)
-    for i, layer in enumerate(native_config.layers):
-        ffn = layer.ffn
-        if not isinstance(ffn, MoEFFNConfig):
-            continue
-        out[LAYOUT.router.format(i=i)] = out.pop(layout.router.format(i=i))
-        for proj, name in layout.expert.items():
-            if layout.stacked:
-                out[LAYOUT.expert[proj].format(i=i)] = out.pop(name.format(i=i))
-            else:
-                parts = [out.pop(name.format(i=i, j=j)) for j in range(ffn.num_experts)]
-                out[LAYOUT.expert[proj].format(i=i)] = torch.stack(parts)
-        if ffn.shared_expert is not None:
-            for proj, name in layout.shared.items():
-                out[LAYOUT.shared[proj].format(i=i)] = out.pop(name.format(i=i))
-            if ffn.shared_expert.gate and layout.shared_expert_gate is not None:
-                assert LAYOUT.shared_expert_gate is not None
-                out[LAYOUT.shared_expert_gate.format(i=i)] = out.pop(
-                    layout.shared_expert_gate.format(i=i))
+    for target, stored in stored_names(layout, native_config.layers).items():
+        if isinstance(stored, tuple):
+            out[target] = torch.stack([out.pop(name) for name in stored])
+        else:
+            out[target] = out.pop(stored)
     return out
 
 

@@ -12,7 +12,8 @@ token, `N = T * k` token slots. Tensor names follow `docs/artifact-format.md`:
 Dispatch mirrors `GroupedExperts`: the N slots are sorted by expert and each projection is
 one `moecompose::grouped_linear` op (a GEMM per expert over its contiguous rows, counts
 read inside the op, so `torch.compile` sees one node with a static output shape). Dropout
-and the activation run between the two ops as ordinary traced code.
+and the activation run between the two ops as ordinary traced code. Under autocast the op
+runs like `mm`, in the autocast dtype (`autocast_rule`); the router stays fp32.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moecompose.model.config import AdapterActivation, AdapterFFNConfig
-from moecompose.model.grouped_swiglu import _spans
+from moecompose.model.grouped_swiglu import _spans, autocast_rule
 from moecompose.model.moe import DISPATCHES, Dispatch, expert_loop, one_of, stacked_parameter
 from moecompose.model.parts import swiglu
 from moecompose.model.routing import TopKRouter, expert_counts, weighted_aux_loss
@@ -85,6 +86,8 @@ def _backward(ctx, dy):
 
 
 _grouped_linear.register_autograd(_backward, setup_context=_setup_context)
+autocast_rule("grouped_linear", cast=True)
+autocast_rule("grouped_linear_backward", cast=False)
 
 
 def grouped_linear(x: Tensor, counts: Tensor, weight: Tensor) -> Tensor:
@@ -169,12 +172,17 @@ class AdapterMoEFFN(nn.Module):
             dispatch,
         )
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x [..., d] -> (y [..., d], aux loss [])."""
+    def forward(self, x: Tensor, tokens: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x [..., d], tokens [...] (bool, False = padding: left out of the aux loss) ->
+        (y [..., d], aux loss [])."""
         u = swiglu(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
         shape = x.shape
         x, u = x.reshape(-1, shape[-1]), u.reshape(-1, shape[-1])  # [T, d]
         weights, indices, logits = self.router(x)  # [T, k], [T, k], [T, E]
         counts = expert_counts(indices, self.num_experts)  # [E]
         y = u + self.adapters(u, weights.to(u.dtype), indices, counts)
-        return y.reshape(shape), weighted_aux_loss(logits, counts, self.lb_coef, self.z_coef)
+        if tokens is not None:
+            tokens = tokens.reshape(-1)  # [T]
+            counts = expert_counts(indices, self.num_experts, tokens)  # real tokens' only
+        aux = weighted_aux_loss(logits, counts, self.lb_coef, self.z_coef, tokens)
+        return y.reshape(shape), aux

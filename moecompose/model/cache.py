@@ -119,10 +119,11 @@ class StaticLayerKV(LayerKV):
 
     def update(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
         """Write the new tokens' key, value [B, n, S, dh] at positions `position + [0, S)`;
-        returns the whole buffers [B, n, max_length, dh]."""
+        returns the whole buffers [B, n, max_length, dh]. The buffers keep the model's
+        dtype: under autocast the new keys (bf16, say) are stored in it."""
         index = _slots(self.position, key.shape[-2], self.key.shape[-2])  # [S]
-        self.key.index_copy_(2, index, key)
-        self.value.index_copy_(2, index, value)
+        self.key.index_copy_(2, index, key.to(self.key.dtype))
+        self.value.index_copy_(2, index, value.to(self.value.dtype))
         return self.key, self.value
 
     @property

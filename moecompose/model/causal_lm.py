@@ -7,12 +7,14 @@ module and the artifact's safetensors agree key for key.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from moecompose.dtypes import torch_dtype
 from moecompose.model.adapters import AdapterMoEFFN, GroupedAdapters
@@ -62,6 +64,22 @@ def build_attention(config: ModelConfig, spec: AttentionConfig) -> nn.Module:
     return Attention(*widths, bias=config.attention_bias)
 
 
+class _SkipInit(TorchFunctionMode):
+    """`torch.nn.init` functions and the random fills (`Tensor.normal_`, `uniform_`) return
+    their tensor untouched: for a model made on the meta device to be given its weights.
+
+    On meta tensors they would do nothing anyway, but `normal_` runs there through a Python
+    reference kernel whose first call imports `torch._dynamo` (seconds, ~70 MB)."""
+
+    FILLS = (torch.Tensor.normal_, torch.Tensor.uniform_)
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func in self.FILLS or getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
 def _names(names: list[str], limit: int = 20) -> str:
     shown = ", ".join(names[:limit])
     return shown if len(names) <= limit else f"{shown}, ... ({len(names) - limit} more)"
@@ -69,11 +87,30 @@ def _names(names: list[str], limit: int = 20) -> str:
 
 class CausalLMOutput(NamedTuple):
     """logits [B, S, V]; aux_loss: weighted auxiliary losses summed over MoE layers, fp32 [];
-    cache: the KV cache passed in, now holding this call's tokens too (None without one)."""
+    cache: the KV cache passed in, now holding this call's tokens too (None without one);
+    loss: with `labels`, `next_token_loss + aux_loss` (fp32 []), else None."""
 
     logits: Tensor
     aux_loss: Tensor
     cache: KVCache | None = None
+    loss: Tensor | None = None
+
+
+def next_token_loss(
+    logits: Tensor, labels: Tensor, attention_mask: Tensor | None = None
+) -> Tensor:
+    """Mean cross-entropy of predicting `labels[:, t + 1]` from `logits[:, t]`, fp32 [].
+
+    logits [B, S, V]; labels [B, S] (-100: not a target); attention_mask [B, S] (0 =
+    padding): a padded token is never a target, and neither is the token after one (it
+    would be predicted from padding). The mean is over the targets that remain (NaN when
+    there are none, as `F.cross_entropy`'s).
+    """
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # [B, S]: position t predicts t + 1
+    if attention_mask is not None:
+        real = attention_mask.bool()
+        targets = targets.masked_fill(~(real & F.pad(real[:, 1:], (0, 1))), -100)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
 
 class DecoderLayer(nn.Module):
@@ -92,20 +129,27 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(d, config.rms_norm_eps)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: LayerKV | None = None
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None,
+        cache: LayerKV | None = None,
+        tokens: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """x [B, S, d] -> (x [B, S, d], this layer's aux loss or None)."""
+        """x [B, S, d], tokens [B, S] (bool, False = padding) -> (x [B, S, d], this layer's
+        aux loss or None, over the real tokens)."""
         if self.parallel:
             attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-            ffn, aux = self._ffn(self.post_attention_layernorm(x))
+            ffn, aux = self._ffn(self.post_attention_layernorm(x), tokens)
             return x + attn + ffn, aux
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        ffn, aux = self._ffn(self.post_attention_layernorm(x))
+        ffn, aux = self._ffn(self.post_attention_layernorm(x), tokens)
         return x + ffn, aux
 
-    def _ffn(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    def _ffn(self, x: Tensor, tokens: Tensor | None) -> tuple[Tensor, Tensor | None]:
         if self.routed:
-            return self.mlp(x)
+            return self.mlp(x, tokens)
         return self.mlp(x), None
 
 
@@ -117,7 +161,11 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, spec, dispatch) for spec in config.layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+        # Computed, never stored, so real even in a model made on the meta device
+        # (`MoECausalLM.from_weights`, which moves it where the weights go).
+        meta = torch.get_default_device().type == "meta"
+        with torch.device("cpu") if meta else contextlib.nullcontext():
+            self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
         self.sliding_window = config.sliding_window
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None,
@@ -141,9 +189,13 @@ class Decoder(nn.Module):
             mask = sequence_mask(S, x.device, window)  # None (causal) or [1, 1, S, S]
         if mask is not None:
             mask = mask.expand(B, 1, S, mask.shape[-1])  # no size-1 broadcast to guard on
+        tokens = None  # [B, S]: the new tokens that are not padding
+        if attention_mask is not None:
+            tokens = attention_mask[:, attention_mask.shape[-1] - S :].bool()
         aux = torch.zeros((), device=x.device)
         for i, layer in enumerate(self.layers):
-            x, layer_aux = layer(x, cos, sin, mask, None if cache is None else cache.layers[i])
+            layer_cache = None if cache is None else cache.layers[i]
+            x, layer_aux = layer(x, cos, sin, mask, layer_cache, tokens)
             if layer_aux is not None:
                 aux = aux + layer_aux
         if cache is not None:
@@ -190,6 +242,7 @@ class MoECausalLM(nn.Module):
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         cache: KVCache | None = None,
+        labels: Tensor | None = None,
     ) -> CausalLMOutput:
         """input_ids [B, S]; attention_mask [B, S] (1 = token, 0 = padding); position_ids [B, S].
 
@@ -197,13 +250,23 @@ class MoECausalLM(nn.Module):
         and values of `input_ids` are appended to it, positions start after the cached
         tokens and `attention_mask`, if given, is [B, past + S] (a `StaticKVCache` reads
         only its last S columns, so [B, S] will do).
+
+        labels [B, S] (usually `input_ids`, -100 where no loss is wanted): the output's
+        `loss` is `next_token_loss(logits, labels, mask) + aux_loss`, `mask` the last S
+        columns of `attention_mask`. Padded tokens count in neither term.
         """
         h, aux = self.model(input_ids, attention_mask, position_ids, cache)  # [B, S, d]
         if self.lm_head is None:
             logits = F.linear(h, self.model.embed_tokens.weight)  # [B, S, V]
         else:
             logits = self.lm_head(h)
-        return CausalLMOutput(logits, aux, cache)
+        loss = None
+        if labels is not None:
+            mask = attention_mask
+            if mask is not None:
+                mask = mask[:, mask.shape[-1] - labels.shape[-1] :]  # [B, S]
+            loss = next_token_loss(logits, labels, mask) + aux
+        return CausalLMOutput(logits, aux, cache, loss)
 
     def new_cache(self, max_length: int | None = None, batch_size: int = 1) -> KVCache:
         """An empty KV cache for this model, to pass to `forward` for incremental decoding.
@@ -273,14 +336,50 @@ class MoECausalLM(nn.Module):
             if isinstance(module, (GroupedExperts, GroupedAdapters)):
                 module.dispatch = dispatch
 
-    def load_weights(
-        self, state_dict: Mapping[str, Tensor], strict: bool = True
-    ) -> tuple[list[str], list[str]]:
-        """Copy tensors into the parameters (cast to their dtype); returns (missing, unexpected).
-
-        Raises `ValueError` naming the tensors: with `strict`, for any missing or unexpected
-        name; always, for a shape that differs from the config's.
+    @classmethod
+    def from_weights(
+        cls,
+        config: ModelConfig | Mapping[str, Any],
+        state_dict: Mapping[str, Tensor],
+        dispatch: Dispatch = "grouped",
+        device: torch.device | str | None = None,
+    ) -> MoECausalLM:
+        """The model of `config` holding `state_dict` (every tensor, native names), made
+        without running any initialisation: the module is built on the meta device and
+        the tensors, cast to the config's dtype and moved to `device` (CPU by default),
+        become its parameters and stored buffers (`load_state_dict(assign=True)`); the
+        buffers that are not stored (rotary frequencies, Nexus expert embeddings) are then
+        computed there. A tensor already of the right dtype and device is used as it is,
+        not copied. Raises `ValueError` as `load_weights` with `strict` does.
         """
+        if not isinstance(config, ModelConfig):
+            config = ModelConfig.from_dict(config)
+        with _SkipInit(), torch.device("meta"):
+            model = cls(config, dispatch)
+        own = model.state_dict()
+        model._check_weights(state_dict, strict=True)
+        device = torch.device("cpu" if device is None else device)
+        model.load_state_dict(
+            {name: t.to(device=device, dtype=own[name].dtype) for name, t in state_dict.items()},
+            assign=True,
+        )
+        model._compute_unsaved_buffers(device)
+        return model
+
+    def _compute_unsaved_buffers(self, device: torch.device) -> None:
+        """Give the buffers that state dicts leave out their values on `device`, after an
+        assign-load into a meta model: the rotary frequencies (computed on the CPU while
+        the model was made, as a model built there and moved has them) and the Nexus
+        routers' cached expert embeddings."""
+        self.model.rotary_emb.to(device)
+        for module in self.modules():
+            if isinstance(module, NexusRouter):
+                module.refresh()
+
+    def _check_weights(
+        self, state_dict: Mapping[str, Tensor], strict: bool
+    ) -> tuple[list[str], list[str]]:
+        """(missing, unexpected) names of `state_dict`; raises as `load_weights` says."""
         own = self.state_dict()
         missing = sorted(set(own) - set(state_dict))
         unexpected = sorted(set(state_dict) - set(own))
@@ -300,6 +399,18 @@ class MoECausalLM(nn.Module):
             raise ValueError(
                 "tensor shapes do not match the model config:\n  " + "\n  ".join(wrong)
             )
+        return missing, unexpected
+
+    def load_weights(
+        self, state_dict: Mapping[str, Tensor], strict: bool = True
+    ) -> tuple[list[str], list[str]]:
+        """Copy tensors into the parameters (cast to their dtype); returns (missing, unexpected).
+
+        Raises `ValueError` naming the tensors: with `strict`, for any missing or unexpected
+        name; always, for a shape that differs from the config's.
+        """
+        missing, unexpected = self._check_weights(state_dict, strict)
+        own = self.state_dict()
         with torch.no_grad():
             for name, tensor in own.items():
                 if name in state_dict:

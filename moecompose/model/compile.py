@@ -9,7 +9,7 @@ strategy), which recompile later at larger sizes. `backed_size_oblivious` remove
 lowering at length 1.
 
 Torch 2.13's `torch.compile(shapes_spec=...)` declares `B` and `S` as *unbacked*
-symbols (`ShapeVar(min=1)`) for `input_ids`, `attention_mask` and `position_ids`
+symbols (`ShapeVar(min=1)`) for `input_ids`, `attention_mask`, `position_ids` and `labels`
 ([B, S] each). Unbacked sizes are never specialised and never guarded on, so the graph
 compiled on the first call serves every later shape; nothing in the forward pass
 branches on a size (MoE dispatch reads expert counts only inside the opaque
@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-_SHAPED_INPUTS = ("input_ids", "attention_mask", "position_ids")
+_SHAPED_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels")
 
 
 def supports_shapes_spec() -> bool:

@@ -17,6 +17,11 @@ nonlinearity, and the result copied to its slots (`index_copy_`: a permutation, 
 accumulates). Temporaries are expert-sized; the only [N, *] buffers are the output and,
 when autograd needs them, the gate/up activations g, u [N, f] (saved, not recomputed).
 The backward mirrors this and adds input gradients with `index_add_`.
+
+Under `torch.autocast` the ops run like `mm` (`autocast_rule`): the forward ops in the
+autocast dtype, their floating-point inputs cast to it first (casts that autograd sees, so
+fp32 weights get fp32 gradients), the backward op in the dtypes the forward saved, and none
+with autocast on inside.
 """
 
 from __future__ import annotations
@@ -24,6 +29,41 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+_AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
+_LIB = torch.library.Library("moecompose", "FRAGMENT")
+
+
+def autocast_rule(name: str, cast: bool) -> None:
+    """Register how the op `moecompose::{name}` runs inside `torch.autocast` on CPU and
+    CUDA: with autocast off inside (else its `mm`s would return the autocast dtype next to
+    tensors that are not in it); with `cast`, its floating-point tensor inputs (fp64 aside)
+    first cast to the region's autocast dtype (`torch.get_autocast_dtype`: bf16, fp16), as
+    autocast treats `mm`; without, in the dtypes it is given (backward ops, which get what
+    the forward saved; layout ops).
+
+    Unlike `torch.library.register_autocast`, which fixes one dtype per device, the dtype
+    is the region's. The rule sits at the autocast dispatch key, so it is part of the op:
+    Dynamo and AOTAutograd trace it (the casts become graph nodes, which autograd sees,
+    so fp32 weights get fp32 gradients) and the op's fake and autograd registrations
+    apply below it."""
+    op = getattr(torch.ops.moecompose, name).default
+
+    for device, key in _AUTOCAST_KEYS.items():
+
+        def kernel(*args: object, device: str = device) -> object:
+            if cast:
+                dtype = torch.get_autocast_dtype(device)
+                args = tuple(
+                    a.to(dtype)
+                    if isinstance(a, Tensor) and a.is_floating_point() and a.dtype != torch.float64
+                    else a
+                    for a in args
+                )
+            with torch.autocast(device, enabled=False):
+                return op(*args)
+
+        _LIB.impl(name, kernel, key)
 
 
 def _spans(counts: Tensor) -> list[tuple[int, int, int]]:
@@ -149,6 +189,9 @@ def _backward(ctx, dy, _dg, _du):
 
 
 _grouped_swiglu.register_autograd(_backward, setup_context=_setup_context)
+autocast_rule("grouped_swiglu", cast=True)
+autocast_rule("grouped_swiglu_inference", cast=True)
+autocast_rule("grouped_swiglu_backward", cast=False)
 
 
 def grouped_swiglu(

@@ -120,8 +120,9 @@ class MoEFFN(nn.Module):
             nn.Linear(dim, 1, bias=False) if shared is not None and shared.gate else None
         )
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x [..., d] -> (y [..., d], aux loss [])."""
+    def forward(self, x: Tensor, tokens: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x [..., d], tokens [...] (bool, False = padding: left out of the aux loss) ->
+        (y [..., d], aux loss [])."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [T, d]
         weights, indices, logits = self.router(x)  # [T, k], [T, k], [T, E]
@@ -132,4 +133,8 @@ class MoEFFN(nn.Module):
             if self.shared_expert_gate is not None:
                 shared = shared * torch.sigmoid(self.shared_expert_gate(x))  # [T, d] * [T, 1]
             y = y + shared
-        return y.reshape(shape), weighted_aux_loss(logits, counts, self.lb_coef, self.z_coef)
+        if tokens is not None:
+            tokens = tokens.reshape(-1)  # [T]
+            counts = expert_counts(indices, self.num_experts, tokens)  # real tokens' only
+        aux = weighted_aux_loss(logits, counts, self.lb_coef, self.z_coef, tokens)
+        return y.reshape(shape), aux

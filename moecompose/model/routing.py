@@ -15,6 +15,10 @@ and what is made of the scores:
 `make_router` builds the one a config names. Aux losses (`weighted_aux_loss`) are those of
 a token-choice router: Switch load balance and ST-MoE z-loss, from logits and
 `expert_counts`.
+
+Mixed precision: routers compute in fp32 under `torch.autocast` too. The logits, the Nexus
+projection and the aux losses run with autocast off (on the input's device type), since
+autocast would run their matmuls in its lower precision; softmax and top-k then see fp32.
 """
 
 from __future__ import annotations
@@ -50,8 +54,10 @@ class Routing(NamedTuple):
 
 
 def router_logits(x: Tensor, rows: Tensor) -> Tensor:
-    """x [..., d], one row per expert rows [E, d] -> logits [..., E], computed in fp32."""
-    return F.linear(x.float(), rows.float())
+    """x [..., d], one row per expert rows [E, d] -> logits [..., E], computed in fp32
+    (autocast off)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x.float(), rows.float())
 
 
 def top_k_routing(logits: Tensor, k: int, normalize: bool) -> Routing:
@@ -148,7 +154,8 @@ class NexusRouter(nn.Module):
     and on `refresh()`, and forward reads that cached copy (so in eval mode no gradient
     reaches `w1`, `w2`). Writing the weights in place in eval mode (an optimiser step,
     `copy_`) leaves the cache stale until `refresh()`. The projection runs in the
-    parameters' dtype (the domain embeddings are cast to it); the logits are fp32.
+    parameters' dtype (the domain embeddings are cast to it; autocast off, so fp32
+    weights project in fp32 under mixed precision too); the logits are fp32.
     """
 
     def __init__(self, dim: int, num_experts: int, config: NexusRouterConfig) -> None:
@@ -166,14 +173,19 @@ class NexusRouter(nn.Module):
 
     def project(self) -> Tensor:
         """Expert embeddings [E, d] (fp32) from the domain embeddings."""
-        dom = self.domain_embeddings.to(self.w1.weight.dtype)  # [E, m]
-        a, b = self.w1(dom).split(self.dim, dim=-1)  # [E, d] each
-        return self.w2(F.silu(a) * b).float()
+        with torch.autocast(self.w1.weight.device.type, enabled=False):
+            dom = self.domain_embeddings.to(self.w1.weight.dtype)  # [E, m]
+            a, b = self.w1(dom).split(self.dim, dim=-1)  # [E, d] each
+            return self.w2(F.silu(a) * b).float()
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """Recompute the expert embeddings eval mode reads."""
-        self.expert_embeddings.copy_(self.project())
+        """Recompute the expert embeddings eval mode reads (allocating them first when the
+        module was made on the meta device and its weights assigned afterwards)."""
+        e = self.project()  # [E, d]
+        if self.expert_embeddings.device != e.device:
+            self.expert_embeddings = torch.empty_like(e)
+        self.expert_embeddings.copy_(e)
 
     def train(self, mode: bool = True) -> NexusRouter:
         """Switching to eval mode fills the cache of expert embeddings."""
@@ -208,35 +220,58 @@ def make_router(dim: int, num_experts: int, config: RouterConfig) -> nn.Module:
 # --------------------------------------------------------------------------- aux losses
 
 
-def expert_counts(indices: Tensor, num_experts: int) -> Tensor:
-    """Assignments per expert: indices [T, k] -> counts [E] (int64), with a static shape."""
+def expert_counts(indices: Tensor, num_experts: int, tokens: Tensor | None = None) -> Tensor:
+    """Assignments per expert: indices [T, k] -> counts [E] (int64), with a static shape.
+    With `tokens` [T] (bool, False = padding) only real tokens' assignments count."""
     flat = indices.reshape(-1)
-    return flat.new_zeros(num_experts).scatter_add_(0, flat, torch.ones_like(flat))
+    ones = torch.ones_like(flat) if tokens is None else tokens[:, None].expand_as(indices)
+    return flat.new_zeros(num_experts).scatter_add_(0, flat, ones.reshape(-1).to(flat.dtype))
 
 
-def load_balance_loss(logits: Tensor, counts: Tensor) -> Tensor:
+def _token_mean(values: Tensor, tokens: Tensor | None) -> Tensor:
+    """Mean over the first dimension of values [T, ...], over real tokens only when a
+    mask tokens [T] (bool) is given (0 when there are none)."""
+    if tokens is None:
+        return values.mean(dim=0)
+    keep = tokens.reshape(-1, *(1,) * (values.dim() - 1)).to(values.dtype)  # [T, 1, ...]
+    return (values * keep).sum(dim=0) / keep.sum().clamp(min=1)
+
+
+def load_balance_loss(logits: Tensor, counts: Tensor, tokens: Tensor | None = None) -> Tensor:
     """Switch Transformer balance loss `E * sum_i f_i * P_i`.
 
     `f_i` is the fraction of token-to-expert assignments that went to expert i (from
     `counts` [E], not differentiable), `P_i` the mean router probability of i over the
-    T tokens (logits [T, E]). Equals 1 under perfectly uniform routing.
+    T tokens (logits [T, E]), or over the real ones of `tokens` [T] (bool, False =
+    padding; `counts` must then count only those too). Equals 1 under perfectly uniform
+    routing.
     """
     E = logits.shape[-1]
     fraction = counts.float() / counts.sum().clamp(min=1)  # [E]
-    mean_prob = logits.softmax(dim=-1).mean(dim=0)  # [E]
+    mean_prob = _token_mean(logits.softmax(dim=-1), tokens)  # [E]
     return E * (fraction * mean_prob).sum()
 
 
-def router_z_loss(logits: Tensor) -> Tensor:
-    """ST-MoE router z-loss `mean_t logsumexp(logits_t)^2`; logits [T, E]."""
-    return torch.logsumexp(logits, dim=-1).square().mean()
+def router_z_loss(logits: Tensor, tokens: Tensor | None = None) -> Tensor:
+    """ST-MoE router z-loss `mean_t logsumexp(logits_t)^2`; logits [T, E], the mean over
+    the real tokens of `tokens` [T] (bool) when given."""
+    return _token_mean(torch.logsumexp(logits, dim=-1).square(), tokens)
 
 
-def weighted_aux_loss(logits: Tensor, counts: Tensor, load_balance: float, z_loss: float) -> Tensor:
-    """`load_balance * L_lb + z_loss * L_z` (fp32 []; zero when both coefficients are 0)."""
-    loss = logits.new_zeros(())
-    if load_balance:
-        loss = loss + load_balance * load_balance_loss(logits, counts)
-    if z_loss:
-        loss = loss + z_loss * router_z_loss(logits)
-    return loss
+def weighted_aux_loss(
+    logits: Tensor,
+    counts: Tensor,
+    load_balance: float,
+    z_loss: float,
+    tokens: Tensor | None = None,
+) -> Tensor:
+    """`load_balance * L_lb + z_loss * L_z` (fp32 []; zero when both coefficients are 0),
+    over the real tokens of `tokens` [T] (bool, False = padding) when given; `counts`
+    must then be `expert_counts(indices, E, tokens)`. Autocast off."""
+    with torch.autocast(logits.device.type, enabled=False):
+        loss = logits.new_zeros(())
+        if load_balance:
+            loss = loss + load_balance * load_balance_loss(logits, counts, tokens)
+        if z_loss:
+            loss = loss + z_loss * router_z_loss(logits, tokens)
+        return loss

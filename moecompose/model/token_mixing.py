@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moecompose.model.config import MoEFFNConfig, TokenMixingRouterConfig, TopKRouterConfig
-from moecompose.model.grouped_swiglu import grouped_swiglu
+from moecompose.model.grouped_swiglu import autocast_rule, grouped_swiglu
 from moecompose.model.moe import Dispatch, GroupedExperts, MoEFFN
 from moecompose.model.routing import TokenMixingRouter
 
@@ -51,7 +51,7 @@ def batch_major(y: Tensor, batch: int) -> Tensor:
     layout is fixed, so Inductor cannot give the residual sum that consumes it the
     transposed layout of this input. Under `compile_model` (unbacked B and S) that layout
     change would not reach the backward graph, whose saved-activation strides would then
-    be wrong."""
+    be wrong. Under autocast it keeps y's dtype, as a transpose would."""
     return y.new_empty(batch, y.shape[0], y.shape[2]).copy_(y[:, :batch].transpose(0, 1))
 
 
@@ -70,6 +70,7 @@ def _batch_major_backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
 
 
 batch_major.register_autograd(_batch_major_backward, setup_context=_batch_major_setup)
+autocast_rule("batch_major", cast=False)
 
 
 class TokenMixingFFN(nn.Module):
@@ -88,8 +89,12 @@ class TokenMixingFFN(nn.Module):
         self.router = TokenMixingRouter(dim, spec.num_experts, spec.router)
         self.experts = GroupedExperts(spec.num_experts, dim, spec.intermediate_size, dispatch)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x [B, S, d] -> (y [B, S, d], aux loss [] = 0).
+    def forward(self, x: Tensor, tokens: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x [B, S, d], tokens [B, S] (bool, False = padding) -> (y [B, S, d], aux loss [] = 0).
+
+        Padded tokens get weight 0 in their group, like the rows that pad the batch to a
+        multiple of G, so the real tokens come out as without them (a group that holds
+        only padding at a position mixes its rows as without a mask).
 
         Works position-major: `M = S * n` groups of [G, d], so mixing and combining are
         `bmm`s over M whose matrices have static sizes (G, E, d), and each expert runs once
@@ -105,6 +110,10 @@ class TokenMixingFFN(nn.Module):
         padded = F.pad(xt, (0, 0, 0, n * G - B)).contiguous()  # [S, n * G, d], zero rows last
         padded = padded.view(S, n, G, d).view(S * n, G, d)  # [M, G, d]
         real = (torch.arange(n * G, device=x.device) < B).view(n, G).repeat(S, 1)  # [M, G]
+        if tokens is not None:
+            kept = F.pad(tokens.t().to(torch.uint8), (0, n * G - B))  # [S, n * G]
+            kept = real & kept.view(S, n, G).view(S * n, G).bool()  # [M, G]
+            real = torch.where(kept.any(dim=1, keepdim=True), kept, real)
         w = self.router(padded, real).to(x.dtype)  # [M, G, E]
         mixed = torch.bmm(w.transpose(1, 2), padded)  # [M, E, d]
         ex, E, M = self.experts, self.num_experts, mixed.shape[0]

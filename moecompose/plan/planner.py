@@ -9,7 +9,7 @@ from moecompose import formats
 from moecompose.dtypes import nbytes
 from moecompose.errors import SpecError
 from moecompose.formats import Format, MoEShape
-from moecompose.formats.native import model_config
+from moecompose.formats.native import model_config, native_names
 from moecompose.model.config import (
     AdapterFFNConfig,
     AttentionConfig,
@@ -360,8 +360,9 @@ class _Planner:
         layers = [LayerConfig(attention=self.attention_config(layer.attention),
                               ffn=self.ffn_config(layer.ffn)) for layer in self.r.layers]
         trainable = None
-        if self.r.train is not None:
-            trainable = [t.name for t in self.tensors if t.trainable]
+        if self.r.train is not None:  # the model's own (native) names, whatever the format
+            stored = [t.name for t in self.tensors if t.trainable]
+            trainable = native_names(self.layout, layers, stored)
         first = next(iter(self.r.sources.values()))
         return model_config(self.r.arch, self.family.name, layers, block=self.r.block,
                             dtype=self.dtype, trainable=trainable,
