@@ -16,7 +16,7 @@ from moecompose.dtypes import ITEMSIZE, torch_dtype
 from moecompose.errors import BuildError
 from moecompose.formats.native import native_names, stored_names
 from moecompose.model.config import ModelConfig
-from moecompose.sources.safetensors_io import TensorEntry, read_header, tensor_bytes
+from moecompose.sources.safetensors_io import TensorEntry, pread_exact, read_header, tensor_bytes
 
 if TYPE_CHECKING:
     from moecompose.model import MoECausalLM
@@ -100,28 +100,19 @@ def read_weights(
     return tensors
 
 
-def _pread(fd: int, view: memoryview, offset: int, file: str) -> None:
-    got = 0
-    while got < len(view):
-        n = os.preadv(fd, [view[got:]], offset + got)
-        if n <= 0:
-            raise BuildError(f"unexpected end of file reading {file}")
-        got += n
-
-
 def _read_into(fd: int, entry: TensorEntry, dest: torch.Tensor) -> None:
     """The bytes of ``entry`` into the contiguous ``dest`` of its shape: directly when it is a
     CPU tensor of the stored dtype, else ``CHUNK`` bytes at a time, cast and moved."""
     own = torch_dtype(entry.dtype)
     if dest.device.type == "cpu" and dest.dtype == own:
-        _pread(fd, tensor_bytes(dest), entry.start, entry.file)
+        pread_exact(fd, tensor_bytes(dest), entry.start, entry.file)
         return
     flat = dest.view(-1)
     step = max(CHUNK // ITEMSIZE[entry.dtype], 1)
     scratch = torch.empty(min(step, flat.numel()), dtype=own)
     for a in range(0, flat.numel(), step):
         part = scratch[: min(step, flat.numel() - a)]
-        _pread(fd, tensor_bytes(part), entry.start + a * ITEMSIZE[entry.dtype], entry.file)
+        pread_exact(fd, tensor_bytes(part), entry.start + a * ITEMSIZE[entry.dtype], entry.file)
         flat[a : a + part.numel()].copy_(part)
 
 

@@ -120,6 +120,18 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorEntry], dict[str, str
     return entries, metadata
 
 
+def pread_exact(fd: int, view: memoryview, offset: int, file: str) -> None:
+    """Fill ``view`` with the bytes of open file ``fd`` from ``offset`` on (``pread``: the
+    file's pages do not stay in this process's resident set)."""
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n <= 0:
+            raise SourceError(f"unexpected end of file reading {file}",
+                              hint="the file is truncated; re-download or rebuild it")
+        got += n
+
+
 def read_tensor(entry: TensorEntry, rows: tuple[int, int] | None = None) -> torch.Tensor:
     """The tensor (or rows ``[a, b)`` of its first dimension) as a fresh CPU tensor.
 
@@ -137,12 +149,7 @@ def read_tensor(entry: TensorEntry, rows: tuple[int, int] | None = None) -> torc
 
     buf = bytearray(end - start)
     with open(entry.file, "rb", buffering=0) as fh:
-        view, got = memoryview(buf), 0
-        while got < len(buf):
-            n = os.preadv(fh.fileno(), [view[got:]], start + got)
-            if n <= 0:
-                raise SourceError(f"unexpected end of file reading {entry.file}")
-            got += n
+        pread_exact(fh.fileno(), memoryview(buf), start, entry.file)
     if not buf:
         return torch.empty(shape, dtype=torch_dtype(entry.dtype))
     tensor = torch.frombuffer(buf, dtype=torch_dtype(entry.dtype)).reshape(shape)
