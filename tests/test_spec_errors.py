@@ -63,6 +63,8 @@ CASES = [
          ("train[0]: expected", "did you mean 'router'?"), "5:9"),
     Case("bad-shard-size", BASE + "output: {max_shard_size: lots}\n",
          ("expected a size such as 2GB",), "5:26"),
+    Case("shard-size-zero", BASE + "output: {max_shard_size: 0}\n",
+         ("output.max_shard_size must be at least 1", "got 0"), "5:26"),
     Case("seed-not-a-number", BASE + "seed: abc\n",
          ("seed: expected a whole number", "'abc'"), "5:7"),
     Case("seed-negative", BASE + "seed: -1\n", ("seed must be at least 0", "-1"), "5:7"),

@@ -406,7 +406,8 @@ class Output(Node):
         "else native.",
     )
     max_shard_size: ByteSize = Field(
-        ByteSize(2_000_000_000), description="Largest safetensors shard, e.g. 2GB or 500MB."
+        ByteSize(2_000_000_000), ge=1,
+        description="Largest safetensors shard, e.g. 2GB or 500MB.",
     )
 
 
