@@ -73,6 +73,11 @@ class BuildError(MoeComposeError):
     """The build could not be carried out (output exists, corrupted tensor data)."""
 
 
+class DataError(MoeComposeError):
+    """Training or evaluation data (or a training recipe) is missing, unreadable or
+    unusable: named by file, line, or glob."""
+
+
 class ResourceError(BuildError):
     """The machine could not do what was asked (a full disk, no memory, no permission):
     not a mistake in the input, so the CLI exits with status 1, still with one line."""

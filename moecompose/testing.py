@@ -1,7 +1,9 @@
 """Tiny real dense checkpoints for tests, demos and benchmarks.
 
-They are written by ``transformers`` itself (``save_pretrained``) with a small word-level
-tokenizer, so every reader sees exactly what a Hugging Face checkpoint looks like.
+They are written by ``transformers`` itself (``save_pretrained``) with a small
+character-level tokenizer (every ASCII character one token, within the 128-id vocabulary),
+so every reader sees exactly what a Hugging Face checkpoint looks like and real text, such
+as the bundled corpus in ``specs/data/train/``, tokenises with almost no ``<unk>``.
 Requires the ``transformers`` and ``tokenizers`` packages (the ``test`` extra).
 """
 
@@ -12,6 +14,7 @@ from typing import Any
 
 import torch
 
+# Sample words for test and benchmark texts; any text is valid input to the tokenizer.
 WORDS = ["the", "of", "and", "to", "in", "is", "for", "on", "that", "with", "as", "by", "it", "at", "from", "this", "be", "are", "or", "an", "was", "def", "return", "import", "class", "if", "else", "while", "law", "court", "case", "contract", "code", "function", "value", "print", "math", "sum", "proof", "theorem", "equation", "number", "matrix", "data", "model", "expert", "token", "layer"]
 
 FAMILY_CLASSES = {
@@ -21,17 +24,34 @@ FAMILY_CLASSES = {
 }
 
 
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0..3: configs use bos 1, eos 2, pad 3
+CHARACTERS = [chr(c) for c in range(32, 127)] + ["\n", "\t"]  # printable ASCII, newline, tab
+
+
 def tiny_tokenizer() -> Any:
-    """A deterministic word-level fast tokenizer over a fixed vocabulary."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    """A deterministic character-level fast tokenizer: 101 ids, within a vocabulary of 128.
+
+    Ids 0..3 are ``<unk>``, ``<s>``, ``</s>``, ``<pad>``; then one id per printable ASCII
+    character (32..126), ``\\n`` and ``\\t``. Every character is one token, whitespace
+    included, and decoding gives ASCII text back exactly. The normalizer first folds text
+    towards ASCII (NFKD, accents stripped: ``é`` -> ``e``; ``\\r\\n``, ``\\r``, ``\\f``,
+    ``\\v`` -> ``\\n``); whatever is still not ASCII becomes ``<unk>``, one per character.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<unk>", "<s>", "</s>", "<pad>"]
-    vocab = {w: i for i, w in enumerate(specials + list(WORDS))}
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + CHARACTERS)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.normalizer = normalizers.Sequence([
+        normalizers.NFKD(),
+        normalizers.StripAccents(),
+        normalizers.Replace(Regex(r"\r\n?|[\f\v]"), "\n"),
+    ])
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # each character
+    tok.decoder = decoders.Fuse()  # concatenate tokens: no spaces inserted between them
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        clean_up_tokenization_spaces=False,
     )
 
 

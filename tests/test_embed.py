@@ -51,7 +51,7 @@ def _embedder(path: Path) -> Embedder:
 @functools.cache
 def _hf(path: Path) -> tuple[transformers.PreTrainedTokenizerBase, torch.nn.Module]:
     # AutoTokenizer maps model_type qwen2 to Qwen2Tokenizer, which rebuilds a byte-level
-    # BPE instead of reading the tiny word-level tokenizer.json; the fast tokenizer reads
+    # BPE instead of reading the tiny character-level tokenizer.json; the fast tokenizer reads
     # the file as it is, post-processor included.
     tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(path)
     model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
@@ -141,8 +141,9 @@ def test_file_embedding_reads_one_document_per_file(sources: dict[str, Path], tm
         files.append(tmp_path / f"doc{k}.txt")
         files[-1].write_text(doc + "\n")
     embedder = _embedder(sources["seed"])
-    assert read_texts(files) == [doc + "\n" for doc in DOCS]
-    torch.testing.assert_close(embedder.file_embedding(files, 512), embedder.text_embedding(DOCS, 512))
+    texts = [doc + "\n" for doc in DOCS]  # the newline is a token of the character-level tokenizer
+    assert read_texts(files) == texts
+    torch.testing.assert_close(embedder.file_embedding(files, 512), embedder.text_embedding(texts, 512))
 
 
 def test_layer_outside_the_model_is_refused(sources: dict[str, Path]) -> None:
@@ -152,7 +153,7 @@ def test_layer_outside_the_model_is_refused(sources: dict[str, Path]) -> None:
 
 def test_text_with_zero_tokens_is_named(sources: dict[str, Path]) -> None:
     with pytest.raises(SourceError, match=r"b\.txt tokenises to zero tokens"):
-        _embedder(sources["seed"]).text_embedding(["the law", "  \n"], 8, names=["a.txt", "b.txt"])
+        _embedder(sources["seed"]).text_embedding(["the law", ""], 8, names=["a.txt", "b.txt"])
 
 
 def test_source_without_tokenizer_json_is_refused(sources: dict[str, Path], tmp_path: Path) -> None:
