@@ -57,29 +57,7 @@ def load_spec(path: str | Path, *, check: bool = True) -> Spec:
     """Read a spec file (``.moe``: the text syntax, else YAML); relative source paths in it
     are taken from the file's folder."""
     path = Path(path)
-    problem = file_problem(path)
-    if problem == "does not exist":
-        raise SpecError("spec file not found", location=Location(str(path)))
-    if problem is not None:
-        raise SpecError(f"the spec file {problem}", location=Location(str(path)),
-                        hint="give the path of a .yaml or .moe spec file")
-    if path.stat().st_size > MAX_SPEC_BYTES:
-        raise SpecError(f"the spec file is larger than {MAX_SPEC_BYTES:,} bytes",
-                        location=Location(str(path)), hint="a spec is a short text file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpecError("spec file not found", location=Location(str(path))) from None
-    except UnicodeDecodeError as exc:
-        line = path.read_bytes()[: exc.start].count(b"\n") + 1
-        raise SpecError(
-            "the spec is not UTF-8 text", location=Location(str(path), line),
-            hint="save the file as UTF-8",
-        ) from None
-    except OSError as exc:
-        raise SpecError(
-            f"cannot read spec file: {exc.strerror or exc}", location=Location(str(path))
-        ) from None
+    text = read_document(path, "spec", MAX_SPEC_BYTES, hint="give the path of a .yaml or .moe spec file")
     return parse_spec(text, file=str(path), base_dir=path.parent, check=check)
 
 
@@ -91,3 +69,30 @@ def dump_yaml(spec: Spec) -> str:
 def dump_data(data: dict[str, object]) -> str:
     """Spec data as YAML, keys in the order given (the form of an artifact's spec.yaml)."""
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
+
+
+def read_document(path: Path, what: str, max_bytes: int, *, hint: str) -> str:
+    """The UTF-8 text of a short document a user names (a spec, a recipe): a missing,
+    special, oversized, unreadable or non-UTF-8 file is one located ``SpecError``."""
+    problem = file_problem(path)
+    if problem == "does not exist":
+        raise SpecError(f"{what} file not found", location=Location(str(path)))
+    if problem is not None:
+        raise SpecError(f"the {what} file {problem}", location=Location(str(path)), hint=hint)
+    if path.stat().st_size > max_bytes:
+        raise SpecError(f"the {what} file is larger than {max_bytes:,} bytes",
+                        location=Location(str(path)), hint=f"a {what} is a short text file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{what} file not found", location=Location(str(path))) from None
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise SpecError(
+            f"the {what} is not UTF-8 text", location=Location(str(path), line),
+            hint="save the file as UTF-8",
+        ) from None
+    except OSError as exc:
+        raise SpecError(
+            f"cannot read {what} file: {exc.strerror or exc}", location=Location(str(path))
+        ) from None

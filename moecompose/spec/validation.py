@@ -3,15 +3,16 @@ actionable line."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from moecompose.errors import SpecError, did_you_mean, one_of
 from moecompose.spec.origin import DataPath, Origin, path_text
 from moecompose.spec.schema import ROUTER_KINDS, Spec
 
 FORMAT_VERSION = 1
+M = TypeVar("M", bound=BaseModel)
 
 # Hints for required keys a spec most often forgets.
 _MISSING_HINTS = {
@@ -28,13 +29,19 @@ def spec_from_data(data: Any, origin: Origin) -> Spec:
             hint="write at least 'moecompose: 1' and 'sources: {NAME: PATH}'",
         )
     _check_version(data, origin)
-    _refuse_nul(data, (), origin)
-    try:
-        spec = Spec.model_validate(data)
-    except ValidationError as exc:
-        raise _first_error(exc, data, origin) from None
+    spec = validate_as(Spec, data, origin)
     spec._origin = origin
     return spec
+
+
+def validate_as(model: type[M], data: Any, origin: Origin) -> M:
+    """``data`` as an instance of the pydantic ``model``; the first problem (in text order)
+    is raised as one located ``SpecError``, the others counted."""
+    _refuse_nul(data, (), origin)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise _first_error(exc, data, origin) from None
 
 
 def _refuse_nul(value: Any, path: DataPath, origin: Origin) -> None:
@@ -253,6 +260,8 @@ def _first_error(exc: ValidationError, data: Any, origin: Origin) -> SpecError:
             path = (*path, err["ctx"]["key"])
         elif err["type"] == "zero_weights":
             path = (*path, "weights")
+        elif "at" in (err.get("ctx") or {}):  # a model's check about one of its keys
+            path = (*path, err["ctx"]["at"])
         elif err["type"] == "union_tag_invalid" and (err.get("ctx") or {}).get(
             "discriminator"
         ) == "'kind'":

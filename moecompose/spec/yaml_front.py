@@ -72,6 +72,17 @@ def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
 
 def parse_yaml(text: str, file: str | None = None, base_dir: Path | None = None) -> Spec:
     """Parse YAML spec text. ``file`` names it in errors; relative paths start at ``base_dir``."""
+    data, origin = read_yaml(text, file, base_dir,
+                             empty_hint="write at least 'moecompose: 1' and 'sources: {NAME: PATH}'")
+    origin.comments = yaml_comments(text)
+    return spec_from_data(data, origin)
+
+
+def read_yaml(text: str, file: str | None, base_dir: Path | None, *, what: str = "spec",
+              empty_hint: str | None = None) -> tuple[Any, Origin]:
+    """YAML text -> plain data, and the ``Origin`` holding every key's and value's line and
+    column; bounded (``MAX_DEPTH``, ``MAX_NODES``), and every syntax error located. ``what``
+    names the document in messages (a spec, a training recipe)."""
     origin = Origin(file=file, base_dir=(base_dir or Path.cwd()).resolve())
     try:
         loader = _SpecLoader(text, file)  # checks every character up front
@@ -82,11 +93,7 @@ def parse_yaml(text: str, file: str | None = None, base_dir: Path | None = None)
     try:
         root = loader.get_single_node()
         if root is None:
-            raise SpecError(
-                "the spec is empty",
-                location=Location(file, 1, 1),
-                hint="write at least 'moecompose: 1' and 'sources: {NAME: PATH}'",
-            )
+            raise SpecError(f"the {what} is empty", location=Location(file, 1, 1), hint=empty_hint)
         if loader.first_alias is not None and _expanded_size(root, {}) > MAX_NODES:
             mark = loader.first_alias
             raise SpecError(
@@ -103,8 +110,7 @@ def parse_yaml(text: str, file: str | None = None, base_dir: Path | None = None)
         raise SpecError(f"YAML syntax: {_one_line(str(exc))}", location=Location(file)) from None
     finally:
         loader.dispose()
-    origin.comments = yaml_comments(text)
-    return spec_from_data(data, origin)
+    return data, origin
 
 
 def _one_line(text: str) -> str:
