@@ -10,14 +10,21 @@ warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category
 import moecompose.build  # noqa: E402
 import moecompose.diff  # noqa: E402
 import moecompose.extend  # noqa: E402, F401
-from moecompose.api import build, diff, extend, load, plan, validate  # noqa: E402
-from moecompose.errors import BuildError, MoeComposeError, SourceError, SpecError  # noqa: E402
+from moecompose.api import build, diff, evaluate, extend, load, plan, train, validate  # noqa: E402
+from moecompose.errors import (  # noqa: E402
+    BuildError,
+    DataError,
+    MoeComposeError,
+    SourceError,
+    SpecError,
+)
 from moecompose.spec import Spec, dump_yaml, load_spec, parse_spec  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BuildError",
+    "DataError",
     "MoeComposeError",
     "SourceError",
     "Spec",
@@ -25,10 +32,12 @@ __all__ = [
     "build",
     "diff",
     "dump_yaml",
+    "evaluate",
     "extend",
     "load",
     "load_spec",
     "parse_spec",
     "plan",
+    "train",
     "validate",
 ]

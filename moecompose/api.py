@@ -10,6 +10,8 @@
 >>> model = mc.load("out/demo")             # a torch.nn.Module
 >>> mc.extend("out/nexus", "out/nexus+math", expert="math", source="dense/math",
 ...           domain_texts="data/math/*.txt")  # one more expert, router kept
+>>> mc.train("recipes/demo.yaml", "out/demo-trained")   # a new artifact, trained
+>>> mc.evaluate(["out/demo", "out/demo-trained"], ["code=data/code/*.txt"])
 
 Every function raises a :class:`~moecompose.errors.MoeComposeError` (located, one line)
 for a mistake in the spec, a source or a path.
@@ -32,8 +34,11 @@ if TYPE_CHECKING:
     from moecompose.artifact import Progress
     from moecompose.diff import Diff
     from moecompose.model import MoECausalLM
+    from moecompose.training.evaluate import EvalResult
+    from moecompose.training.loop import TrainResult
+    from moecompose.training.recipe import Recipe
 
-__all__ = ["build", "diff", "extend", "load", "load_spec", "plan", "validate"]
+__all__ = ["build", "diff", "evaluate", "extend", "load", "load_spec", "plan", "train", "validate"]
 
 SpecLike = Spec | str | Path
 
@@ -126,3 +131,74 @@ def diff(a: SpecLike, b: SpecLike) -> Diff:
     from moecompose.diff import diff as _diff
 
     return _diff(a, b)
+
+
+def train(
+    recipe: Recipe | str | Path,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    run_dir: str | Path | None = None,
+) -> TrainResult:
+    """Train the artifact a recipe names (a ``Recipe`` or a recipe file) and write the
+    result to ``out``: a new artifact in the starting artifact's format. Checkpoints and
+    ``metrics.jsonl`` go to ``run_dir`` (default ``OUT.run``); ``resume`` continues from
+    the newest checkpoint there."""
+    from moecompose.training.loop import train as run
+    from moecompose.training.recipe import Recipe as RecipeModel
+    from moecompose.training.recipe import load_recipe
+
+    the_recipe = recipe if isinstance(recipe, RecipeModel) else load_recipe(recipe)
+    return run(the_recipe, out, resume=resume, force=force, run_dir=run_dir)
+
+
+def evaluate(
+    artifacts: str | Path | list[str | Path],
+    data: list[str] | dict[str, str | list[str]] | None = None,
+    *,
+    recipe: Recipe | str | Path | None = None,
+    sequence_length: int | None = None,
+    max_tokens: int | None = None,
+    batch_size: int = 8,
+) -> list[EvalResult]:
+    """Held-out loss, perplexity, tokens/s and expert usage per domain of each artifact.
+
+    ``data``: ``["NAME=GLOB", ...]`` or ``{NAME: GLOB or [GLOB, ...]}`` (every document
+    is evaluated), or ``recipe``: a training recipe whose held-out split, sequence length
+    and ``eval.max_tokens`` are used."""
+    from moecompose.errors import DataError
+    from moecompose.training.data import DomainFiles, find_files
+    from moecompose.training.evaluate import evaluate_artifacts
+    from moecompose.training.loop import recipe_domains
+    from moecompose.training.recipe import Recipe as RecipeModel
+    from moecompose.training.recipe import load_recipe
+
+    paths = [Path(a) for a in (artifacts if isinstance(artifacts, list) else [artifacts])]
+    if recipe is not None:
+        the_recipe = recipe if isinstance(recipe, RecipeModel) else load_recipe(recipe)
+        return evaluate_artifacts(
+            paths, recipe_domains(the_recipe),
+            sequence_length=sequence_length or the_recipe.sequence_length,
+            max_tokens=max_tokens or the_recipe.eval.max_tokens, batch_size=batch_size,
+            held_out=float(the_recipe.held_out), seed=the_recipe.seed,
+            text_field=the_recipe.text_field)
+    if not data:
+        raise DataError("nothing to evaluate on", hint="give data (NAME=GLOB) or a recipe")
+    globs: dict[str, list[str]] = {}
+    items = data.items() if isinstance(data, dict) else (_domain_glob(d) for d in data)
+    for name, pattern in items:
+        globs.setdefault(name, []).extend([pattern] if isinstance(pattern, str) else pattern)
+    domains = [DomainFiles(name, find_files(patterns, Path.cwd()))
+               for name, patterns in globs.items()]
+    return evaluate_artifacts(paths, domains, sequence_length=sequence_length,
+                              max_tokens=max_tokens or 65536, batch_size=batch_size)
+
+
+def _domain_glob(text: str) -> tuple[str, str]:
+    from moecompose.errors import DataError
+
+    name, sep, pattern = text.partition("=")
+    if not sep or not name or not pattern:
+        raise DataError(f"expected NAME=GLOB, got {text!r}", hint="e.g. code='data/code/*.py'")
+    return name, pattern

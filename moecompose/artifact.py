@@ -281,11 +281,9 @@ def check_free_space(out: Path, needed: int) -> None:
 def check_target(plan: Plan, out: Path, force: bool) -> None:
     """Refuse an output that overlaps what ``plan`` reads, exists (without ``force``), or
     is not ours."""
-    sources = {
-        "the artifact it derives from" if src.get("kind") == "artifact" else f"source '{name}'":
-            Path(src["path"])
-        for name, src in plan.sources.items()
-    }
+    what = {"artifact": "the artifact it derives from", "checkpoint": "the checkpoint it copies"}
+    sources = {what.get(src.get("kind", ""), f"source '{name}'"): Path(src["path"])
+               for name, src in plan.sources.items()}
     check_output(Path(out), force, sources)
 
 

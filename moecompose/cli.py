@@ -94,7 +94,9 @@ def main() -> None:
     the router. `validate` checks it against the sources' metadata, `plan` shows the
     recipe of every output tensor with parameter and FLOP totals, `build` writes the
     model. `fmt` converts between the two syntaxes, `diff` compares two experiments.
-    See docs/spec.md and docs/dsl.md for the formats.
+    `train` trains a built model on a recipe's data into a new artifact, `eval` measures
+    held-out loss and expert usage per domain. See docs/spec.md, docs/dsl.md and
+    docs/training.md for the formats.
     """
 
 
@@ -276,11 +278,116 @@ def extend(artifact: Path, expert: str, domain_texts: str | None, domain_embeddi
 
 
 @main.command()
-def schema() -> None:
-    """Print the JSON Schema of the YAML spec format (for editor completion)."""
-    from moecompose.spec.schema import Spec
+@click.argument("recipe", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="Folder for the trained artifact (must not exist unless --force).")
+@click.option("--resume", is_flag=True, help="Continue the run from its newest checkpoint.")
+@click.option("--force", is_flag=True,
+              help="Replace an existing artifact at OUTPUT, and start over a run that has checkpoints.")
+@click.option("--run-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Folder for checkpoints and metrics.jsonl [default: OUTPUT.run beside OUTPUT].")
+@click.option("--dry-run", is_flag=True, help="Check the recipe and data, print the run's plan, train nothing.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the result line.")
+def train(recipe: Path, output: Path, resume: bool, force: bool, run_dir: Path | None,
+          dry_run: bool, quiet: bool) -> None:
+    """Train the artifact RECIPE names on its data, and write the result to OUTPUT.
 
-    click.echo(json.dumps(Spec.model_json_schema(by_alias=True), indent=2))
+    Prints the run's plan (tokens, steps, trainable parameters by group, FLOPs), then a
+    progress bar with loss, lr, tokens/s and aux loss; every step, evaluation and
+    checkpoint is logged as a JSON line in RUN_DIR/metrics.jsonl. OUTPUT is a new artifact
+    in the starting artifact's format whose plan.json records the run; the starting
+    artifact is only read. See docs/training.md.
+    """
+    from moecompose.training.loop import RunPlan, prepare
+    from moecompose.training.loop import train as run_training
+    from moecompose.training.recipe import load_recipe
+    from moecompose.training.report import TrainProgress, print_run_plan
+
+    the_recipe = load_recipe(recipe)
+    if dry_run:
+        print_run_plan(prepare(the_recipe).plan, out)
+        return
+
+    def on_plan(run_plan: RunPlan) -> None:
+        if not quiet:
+            print_run_plan(run_plan, out)
+
+    with TrainProgress(err, the_recipe.total_steps, disable=quiet) as progress:
+        result = run_training(the_recipe, output, resume=resume, force=force, run_dir=run_dir,
+                              on_event=progress.update, on_plan=on_plan)
+    losses = ", ".join(f"{d} {result.initial_eval.get(d, float('nan')):.3f} -> {loss:.3f}"
+                       for d, loss in result.final_eval.items())
+    out.print(_label("trained", "green", f"{result.artifact.path} ({result.steps} steps, "
+                     f"{human(result.tokens)} tokens; held-out loss {losses or 'not measured'})"),
+              soft_wrap=True)
+
+
+@main.command("eval")
+@click.argument("artifacts", nargs=-1, required=True, type=click.Path(path_type=Path, file_okay=False))
+@click.option("--data", "data", multiple=True, metavar="NAME=GLOB",
+              help="A domain and a glob of its text or JSONL files (repeatable; all its "
+              "documents are evaluated).")
+@click.option("--recipe", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Evaluate on a training recipe's held-out data (its split, sequence length "
+              "and max_tokens).")
+@click.option("--sequence-length", type=click.IntRange(min=2), default=None,
+              help="Tokens per evaluated block [default: the recipe's, else min(512, the model's positions)].")
+@click.option("--max-tokens", type=click.IntRange(min=2), default=None,
+              help="Tokens per domain at most [default: the recipe's, else 65536].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Blocks per forward pass.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option("--plot", "plot_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Write usage heatmaps (and, with --log, loss curves) as PNG files into this "
+              "folder (needs matplotlib: pip install 'moecompose[plot]').")
+@click.option("--log", "logs", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="A training run's metrics.jsonl to plot as loss curves with --plot (repeatable).")
+def evaluate(artifacts: tuple[Path, ...], data: tuple[str, ...], recipe: Path | None,
+             sequence_length: int | None, max_tokens: int | None, batch_size: int,
+             as_json: bool, plot_dir: Path | None, logs: tuple[Path, ...]) -> None:
+    """Held-out loss, perplexity, tokens/s and expert usage of each ARTIFACT per domain.
+
+    Several artifacts are shown side by side (e.g. before and after `train`). Expert
+    usage is, per routed layer, the share of each domain's routing that each expert
+    receives: the picture of BTX or Nexus specialisation.
+    """
+    if (recipe is None) == (not data):
+        raise click.UsageError("give --data NAME=GLOB (repeatable) or --recipe RECIPE")
+    results = api.evaluate(list(artifacts), list(data) if data else None, recipe=recipe,
+                           sequence_length=sequence_length, max_tokens=max_tokens,
+                           batch_size=batch_size)
+    if as_json:
+        from moecompose.training.evaluate import results_json
+
+        click.echo(results_json(results))
+    else:
+        from moecompose.training.evaluate import render
+
+        render(results, out)
+    if plot_dir is not None:
+        from moecompose.training.plots import plot_curves, plot_usage
+
+        plot_dir.mkdir(parents=True, exist_ok=True)
+        written = []
+        for i, result in enumerate(results):
+            name = Path(result.artifact).name or f"artifact-{i + 1}"
+            written.append(plot_usage(result, plot_dir / f"usage-{i + 1}-{name}.png"))
+        if logs:
+            written.append(plot_curves(list(logs), plot_dir / "loss-curves.png"))
+        for path in written:
+            err.print(_label("wrote", "green", str(path)), soft_wrap=True)
+
+
+@main.command()
+@click.option("--recipe", is_flag=True, help="The training recipe's schema instead of the spec's.")
+def schema(recipe: bool) -> None:
+    """Print the JSON Schema of the YAML spec format (for editor completion)."""
+    if recipe:
+        from moecompose.training.recipe import Recipe as model
+    else:
+        from moecompose.spec.schema import Spec as model
+
+    click.echo(json.dumps(model.model_json_schema(by_alias=True), indent=2))
 
 
 if __name__ == "__main__":

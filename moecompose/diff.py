@@ -23,7 +23,7 @@ from rich.text import Text
 
 from moecompose.errors import BuildError, MoeComposeError
 from moecompose.plan.recipe import Plan, PlannedTensor, Recipe, Totals
-from moecompose.report import add_row, styled, table
+from moecompose.report import add_row, derivation_line, styled, table
 from moecompose.spec import fields as F
 from moecompose.spec import load_spec
 from moecompose.spec.formatter import short
@@ -85,6 +85,7 @@ class PlanDiff:
     removed: list[str] = field(default_factory=list)
     changed: list[TensorChange] = field(default_factory=list)
     source_contents: list[str] = field(default_factory=list)  # same path, other weights
+    lineage: str | None = None  # how one side was made from the other (transition, train)
 
     @property
     def equal(self) -> bool:
@@ -111,6 +112,7 @@ class PlanDiff:
                 ],
             },
             "source_contents_changed": self.source_contents,
+            "lineage": self.lineage,
         }
 
 
@@ -372,8 +374,10 @@ def _plan_diff(a: Plan, b: Plan) -> PlanDiff:
     tensors_b = {t.name: t for t in b.tensors}
     if _derived(b, a):
         tensors_b = {n: replace(t, recipe=_inline(t.recipe, tensors_a)) for n, t in tensors_b.items()}
+        out.lineage = derivation_line(b.derivations[-1], "B", "A")
     elif _derived(a, b):
         tensors_a = {n: replace(t, recipe=_inline(t.recipe, tensors_b)) for n, t in tensors_a.items()}
+        out.lineage = derivation_line(a.derivations[-1], "A", "B")
     out.added = [name for name in tensors_b if name not in tensors_a]
     out.removed = [name for name in tensors_a if name not in tensors_b]
     for name, old in tensors_a.items():
@@ -521,6 +525,8 @@ def print_diff(result: Diff, console: Console, *, max_tensors: int = 12) -> None
                       soft_wrap=True)
         return
     plan = result.plan
+    if plan.lineage is not None:
+        console.print(styled((plan.lineage, "bold")), soft_wrap=True)
     if plan.equal:
         console.print(styled(("the plans are the same", "green"),
                              " (same tensors, recipes and totals)"))
@@ -540,7 +546,8 @@ def print_diff(result: Diff, console: Console, *, max_tensors: int = 12) -> None
                 f"{'+' if change > 0 else ''}{_human(change)}{percent}")
     for name in plan.source_contents:
         add_row(totals, f"source {name}", "", "other weights", "")
-    console.print(totals)
+    if totals.row_count:
+        console.print(totals)
     for title, names, style in (("added", plan.added, "green"), ("removed", plan.removed, "red")):
         if names:
             grouped = _grouped(names)

@@ -14,6 +14,7 @@ from moecompose import formats
 from moecompose.artifact import read_json
 from moecompose.dtypes import ITEMSIZE, torch_dtype
 from moecompose.errors import BuildError
+from moecompose.formats import Format
 from moecompose.formats.native import native_names, stored_names
 from moecompose.model.config import ModelConfig
 from moecompose.sources.safetensors_io import TensorEntry, pread_exact, read_header, tensor_bytes
@@ -130,6 +131,19 @@ def load_artifact(
     costs about one read of the files and the model's bytes of memory."""
     from moecompose.model import MoECausalLM
 
+    fmt, native_config = artifact_config(path, dtype)
+    files = weight_files(path)
+    if not files:
+        raise BuildError(f"{path} has no safetensors weights")
+    target = torch.device("cpu" if device is None else device)
+    stored = stored_names(fmt.layout, native_config.layers)
+    tensors = read_weights(files, stored, torch_dtype(native_config.dtype), target)
+    return MoECausalLM.from_weights(native_config, tensors, device=target).eval()
+
+
+def artifact_config(path: Path, dtype: str | torch.dtype | None = None) -> tuple[Format, ModelConfig]:
+    """An artifact's format and native config (``dtype``: the artifact's by default), and
+    its trainable set in native names; reads no weights."""
     config_path = path / "config.json"
     config = read_json(path, config_path.name)
     model_type = config.get("model_type")
@@ -143,9 +157,6 @@ def load_artifact(
     native = dict(native)
     if dtype is not None:
         native["dtype"] = dtype_name(dtype)
-    files = weight_files(path)
-    if not files:
-        raise BuildError(f"{path} has no safetensors weights")
     try:
         native_config = ModelConfig.from_dict(native)
     except ValueError as exc:
@@ -154,7 +165,4 @@ def load_artifact(
     if native_config.trainable is not None:  # exports built before it listed native names
         trainable = native_names(fmt.layout, native_config.layers, native_config.trainable)
         native_config = native_config.model_copy(update={"trainable": trainable})
-    target = torch.device("cpu" if device is None else device)
-    stored = stored_names(fmt.layout, native_config.layers)
-    tensors = read_weights(files, stored, torch_dtype(native_config.dtype), target)
-    return MoECausalLM.from_weights(native_config, tensors, device=target).eval()
+    return fmt, native_config

@@ -115,3 +115,19 @@ def print_plan(plan: Plan, console: Console, *, tensors: bool = False) -> None:
 
     console.print(styled(("Spec, every default filled in:", "bold")))
     print_yaml(dump_data(plan.spec), console)
+
+
+def derivation_line(step: dict[str, Any], child: str, parent: str) -> str:
+    """One line on how ``child`` was made from ``parent``, e.g. ``B trained from A: 150
+    steps, 614,400 tokens``."""
+    operation = step.get("operation")
+    if operation == "train":
+        after = step.get("eval_loss_after") or {}
+        before = step.get("eval_loss_before") or {}
+        losses = ", ".join(f"{d} {before[d]:.3f} -> {loss:.3f}" if d in before else f"{d} {loss:.3f}"
+                           for d, loss in after.items())
+        return (f"{child} trained from {parent}: {step.get('steps', 0):,} steps, "
+                f"{step.get('tokens', 0):,} tokens" + (f"; held-out loss {losses}" if losses else ""))
+    if operation == "extend":
+        return f"{child} extended from {parent} by expert '{step.get('expert')}'"
+    return f"{child} derived from {parent} by {operation}"

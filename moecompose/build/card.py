@@ -57,6 +57,14 @@ def model_card(plan: Plan) -> str:
                       "switched from Mixture-of-Tokens mixing to top-1 token-choice routing "
                       "(router = controller / T). Outputs differ from the mixing model; "
                       "fine-tune briefly before use."]
+        if step.get("operation") == "train":
+            lines += ["", "## Training", "",
+                      f"Trained from `{step['from']}` for {step['steps']:,} steps "
+                      f"({step['tokens']:,} tokens) on {', '.join(f'`{d}`' for d in step['data'])}; "
+                      f"{len(step['trained'])} tensors trained. Held-out loss per domain: "
+                      + ", ".join(f"{d} {step['eval_loss_before'].get(d, float('nan')):.3f} → {v:.3f}"
+                                  for d, v in step["eval_loss_after"].items())
+                      + ". The recipe is recorded in `plan.json` (`derivations`)."]
         if step.get("operation") == "extend":
             lines += ["", "## Extension", "",
                       f"Expert `{step['expert']}` (`{step['source']}`) was added to `{step['from']}` "

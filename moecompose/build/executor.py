@@ -81,7 +81,7 @@ def open_sources(plan: Plan) -> Lookup:
         if name not in read:
             continue
         path = Path(src["path"])
-        if src.get("kind") == "artifact":
+        if src.get("kind") in ("artifact", "checkpoint"):  # a folder of weights, no config
             tensors = open_tensors(name, path)
             fingerprint = tensors_fingerprint(tensors)
         else:

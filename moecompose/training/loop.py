@@ -1,0 +1,593 @@
+"""``moecompose train``: train a built artifact on a recipe's data and write the result as
+a new artifact.
+
+A run lives in a run folder (default ``OUT.run`` beside the output): ``metrics.jsonl``
+(one JSON object per training step, evaluation and checkpoint), ``recipe.yaml``, and
+``checkpoints/step-NNNNNN`` (the trained tensors in native names and fp32, the optimizer
+state, and ``state.json`` with the step, the data position and the RNG state), each put in
+place by a rename so that a crash or a full disk never leaves a half-written one.
+``--resume`` continues from the newest checkpoint, bit-identically on CPU in fp32.
+
+The trained artifact is a plan rewrite, built by the same executor as any build: the
+starting artifact's plan, every trained tensor copied from the final checkpoint (the input
+``@trained``) and every other tensor from the starting artifact (``@base``), in the
+starting artifact's own format and dtype. Its ``plan.json`` records the run (recipe, data
+fingerprints, steps, tokens, final metrics) as a ``train`` derivation, which the manifest
+repeats with the parent artifact's manifest hash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from moecompose.artifact import (
+    DOMAINS_FILE,
+    BuildResult,
+    check_output,
+    output_lock,
+    read_plan,
+    sha256_file,
+    write_error,
+)
+from moecompose.errors import BuildError, DataError, SpecError
+from moecompose.extend import BASE
+from moecompose.formats import Format
+from moecompose.formats.native import stored_names
+from moecompose.plan.planner import FROZEN_GROUPS
+from moecompose.plan.recipe import Plan, PlannedTensor, Recipe, TensorRef
+from moecompose.sources.checkpoint import TOKENIZER_FILES, open_tensors, tensors_fingerprint
+from moecompose.sources.vectors import files_fingerprint
+from moecompose.training.data import BatchStream, Corpus, DomainFiles, TextTokenizer, find_files
+from moecompose.training.recipe import Recipe as TrainRecipe
+
+if TYPE_CHECKING:
+    from moecompose.model import MoECausalLM
+    from moecompose.model.config import ModelConfig
+
+TRAINED = "@trained"  # the final checkpoint of the run, as a plan input
+CHECKPOINTS = "checkpoints"
+Event = dict[str, Any]
+OnEvent = Callable[[Event], None]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    artifact: BuildResult
+    run_dir: Path
+    steps: int
+    tokens: int
+    initial_eval: dict[str, float]  # domain -> held-out loss before training
+    final_eval: dict[str, float]  # domain -> held-out loss after training
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run will do, shown before it starts."""
+
+    artifact: Path
+    format: str
+    steps: int
+    tokens: int
+    sequences_per_step: int
+    trainable: dict[str, int]  # group -> trainable parameters
+    frozen: int
+    train_flops: float  # about 3x the forward FLOPs of the trained tokens
+    domains: dict[str, dict[str, Any]]  # name -> {weight, train_tokens, eval_tokens, documents}
+
+
+# ------------------------------------------------------------------------------ setup
+
+
+@dataclass
+class _Run:
+    """Everything resolved from a recipe before the first step."""
+
+    recipe: TrainRecipe
+    artifact: Path
+    base_plan: Plan
+    fmt: Format
+    config: ModelConfig
+    corpus: Corpus
+    trainable: tuple[str, ...]  # native parameter names
+    groups: dict[str, str]  # native name -> plan group
+    plan: RunPlan
+
+
+def _artifact_path(recipe: TrainRecipe) -> Path:
+    path = recipe.path(recipe.artifact)
+    if not (path / "config.json").is_file() or not (path / "plan.json").is_file():
+        raise SpecError(f"artifact: {path} is not a moecompose artifact",
+                        location=recipe.locate("artifact"),
+                        hint="give a folder that 'moecompose build' wrote")
+    return path
+
+
+def _native_groups(plan: Plan, fmt: Format, config: ModelConfig) -> dict[str, str]:
+    """Native tensor name -> the plan group of the tensor(s) it is stored as."""
+    group = {t.name: t.group for t in plan.tensors}
+    out = dict(group)
+    for native, stored in stored_names(fmt.layout, config.layers).items():
+        names = stored if isinstance(stored, tuple) else (stored,)
+        if names[0] not in group:  # a tensor this layer's router kind does not have
+            continue
+        for name in names:
+            out.pop(name, None)
+        out[native] = group[names[0]]
+    return out
+
+
+def _trainable(recipe: TrainRecipe, groups: dict[str, str], params: set[str],
+               default: tuple[str, ...] | None) -> tuple[str, ...]:
+    if recipe.train is None:
+        names = default if default is not None else tuple(sorted(params))
+        return tuple(n for n in names if n in params)
+    wanted = set(recipe.train)
+    chosen = tuple(sorted(
+        n for n, g in groups.items()
+        if n in params and g not in FROZEN_GROUPS and ("all" in wanted or g in wanted)
+    ))
+    if not chosen:
+        present = sorted({g for n, g in groups.items() if n in params})
+        raise SpecError(f"train: {', '.join(recipe.train)} selects no tensor of this model",
+                        location=recipe.locate("train"),
+                        hint=f"groups in this model: {', '.join(present)}")
+    return chosen
+
+
+def recipe_domains(recipe: TrainRecipe) -> list[DomainFiles]:
+    """The recipe's data domains with their globs expanded (located errors)."""
+    out = []
+    for name, d in recipe.data.items():
+        base = recipe.origin.base_dir
+        train = find_files(d.files, base, where=recipe.locate("data", name, "files"))
+        evals = () if d.eval_files is None else find_files(
+            d.eval_files, base, where=recipe.locate("data", name, "eval_files"))
+        out.append(DomainFiles(name, train, evals, float(d.weight)))
+    if not any(d.weight > 0 for d in out):
+        raise SpecError("data: every domain has weight 0", location=recipe.locate("data"),
+                        hint="give at least one domain a positive weight")
+    return out
+
+
+def prepare(recipe: TrainRecipe) -> _Run:
+    """Check the recipe against its artifact and data, and tokenise the data."""
+    from moecompose.loader import artifact_config
+
+    artifact = _artifact_path(recipe)
+    base_plan = read_plan(artifact)
+    fmt, config = artifact_config(artifact)
+    if recipe.sequence_length > config.max_position_embeddings:
+        raise SpecError(
+            f"sequence_length {recipe.sequence_length} is longer than the model's "
+            f"{config.max_position_embeddings} positions", location=recipe.locate("sequence_length"),
+            hint=f"use at most {config.max_position_embeddings}")
+    tokenizer = TextTokenizer.from_artifact(artifact, config.eos_token_id)
+    corpus = Corpus.load(recipe_domains(recipe), tokenizer, held_out=float(recipe.held_out),
+                         seed=recipe.seed, text_field=recipe.text_field)
+    for name, stream in (*corpus.train.items(), *corpus.eval.items()):
+        if stream.numel() and int(stream.max()) >= config.vocab_size:
+            raise DataError(
+                f"domain '{name}': the tokenizer of {artifact} gives token id {int(stream.max())}, "
+                f"beyond the model's vocabulary of {config.vocab_size}",
+                hint="the artifact's tokenizer does not match its model")
+    groups = _native_groups(base_plan, fmt, config)
+    params = set(_parameter_names(config))
+    trainable = _trainable(recipe, groups, params, config.trainable)
+    per_group: dict[str, int] = {}
+    shapes = _parameter_shapes(config)
+    for name in trainable:
+        per_group[groups.get(name, "other")] = per_group.get(groups.get(name, "other"), 0) + \
+            math.prod(shapes[name])
+    steps = recipe.total_steps
+    tokens = steps * recipe.batch_tokens
+    frozen = sum(math.prod(s) for n, s in shapes.items() if n not in set(trainable))
+    weights = {d: float(recipe.data[d].weight) for d in recipe.data}
+    total_weight = sum(weights.values())
+    plan = RunPlan(
+        artifact=artifact, format=fmt.name, steps=steps, tokens=tokens,
+        sequences_per_step=recipe.batch_tokens // recipe.sequence_length,
+        trainable=dict(sorted(per_group.items())), frozen=frozen,
+        train_flops=3.0 * base_plan.totals.flops_per_token * tokens,
+        domains={d: {"weight": weights[d] / total_weight,
+                     "train_tokens": int(corpus.train[d].numel()),
+                     "eval_tokens": int(corpus.eval[d].numel()),
+                     "documents": list(corpus.documents[d])} for d in recipe.data},
+    )
+    return _Run(recipe, artifact, base_plan, fmt, config, corpus, trainable, groups, plan)
+
+
+def _meta_model(config: ModelConfig) -> MoECausalLM:
+    from moecompose.model import MoECausalLM
+
+    with torch.device("meta"):
+        return MoECausalLM(config)
+
+
+def _parameter_names(config: ModelConfig) -> list[str]:
+    return [n for n, _ in _meta_model(config).named_parameters()]
+
+
+def _parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(p.shape) for n, p in _meta_model(config).named_parameters()}
+
+
+# ---------------------------------------------------------------------- optimisation
+
+
+def lr_at(step: int, recipe: TrainRecipe) -> float:
+    """The learning rate of optimizer step ``step`` (0-based): linear warmup over
+    ``warmup_steps``, then decay to ``min_lr_ratio * lr`` at the last step."""
+    s, total, lr = recipe.schedule, recipe.total_steps, float(recipe.optimizer.lr)
+    if step < s.warmup_steps:
+        return lr * (step + 1) / s.warmup_steps
+    if s.kind == "constant":
+        return lr
+    span = max(1, total - s.warmup_steps - 1)
+    progress = min(1.0, (step - s.warmup_steps) / span)
+    low = float(s.min_lr_ratio)
+    if s.kind == "linear":
+        return lr * (1.0 - (1.0 - low) * progress)
+    return lr * (low + (1.0 - low) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model: MoECausalLM, recipe: TrainRecipe, groups: dict[str, str]
+                   ) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters: weight decay on matrices only, none on norms,
+    biases (1-D tensors) and routers."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or groups.get(name) == "router":
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    o = recipe.optimizer
+    param_groups = [g for g in (
+        {"params": decay, "weight_decay": float(o.weight_decay)},
+        {"params": no_decay, "weight_decay": 0.0},
+    ) if g["params"]]
+    return torch.optim.AdamW(param_groups, lr=float(o.lr), betas=tuple(map(float, o.betas)),
+                             eps=float(o.eps), foreach=True)
+
+
+# ----------------------------------------------------------------------- checkpoints
+
+
+def _checkpoint_dirs(run_dir: Path) -> list[Path]:
+    folder = run_dir / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir()
+                  if p.is_dir() and p.name.startswith("step-") and (p / "state.json").is_file())
+
+
+def save_checkpoint(run_dir: Path, step: int, model: MoECausalLM, optimizer: torch.optim.Optimizer,
+                    state: dict[str, Any], keep: int) -> Path:
+    """Write checkpoint ``step`` into a hidden folder, then rename it into place; only then
+    remove checkpoints beyond the newest ``keep``. A failed write (a full disk) removes the
+    hidden folder and leaves every earlier checkpoint as it was."""
+    from safetensors.torch import save_file
+
+    folder = run_dir / CHECKPOINTS
+    final = folder / f"step-{step:06d}"
+    tmp = folder / f".step-{step:06d}.partial-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        tensors = {n: p.detach().float().contiguous() for n, p in model.named_parameters()
+                   if p.requires_grad}
+        save_file(tensors, tmp / "model.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps(state) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise write_error(exc, final) from None
+        raise
+    for old in _checkpoint_dirs(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _rng_state() -> list[int]:
+    return torch.get_rng_state().tolist()
+
+
+def _load_checkpoint(path: Path, model: MoECausalLM, optimizer: torch.optim.Optimizer
+                     ) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    try:
+        state = json.loads((path / "state.json").read_text())
+        tensors = load_file(path / "model.safetensors")
+        opt_state = torch.load(path / "optimizer.pt", weights_only=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise BuildError(f"cannot read checkpoint {path}: {exc}",
+                         hint="remove it to resume from the one before") from None
+    params = dict(model.named_parameters())
+    if set(tensors) != {n for n, p in params.items() if p.requires_grad}:
+        raise BuildError(f"checkpoint {path} trains other tensors than this recipe",
+                         hint="resume with the recipe the run started with")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(opt_state)
+    torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
+    return state
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _log(handle: Any, on_event: OnEvent | None, event: Event) -> None:
+    handle.write(json.dumps(event) + "\n")
+    handle.flush()
+    if on_event is not None:
+        on_event(event)
+
+
+def _evaluate(model: MoECausalLM, run: _Run, step: int) -> Event:
+    from moecompose.training.evaluate import evaluate
+
+    blocks = {d: run.corpus.eval_blocks(d, run.recipe.sequence_length, run.recipe.eval.max_tokens)
+              for d in run.recipe.data if run.corpus.eval[d].numel() > 1}
+    was_training = model.training
+    result = evaluate(model, blocks, batch_size=run.recipe.eval.batch_size,
+                      artifact=str(run.artifact))
+    model.train(was_training)
+    return {"event": "eval", "step": step,
+            "domains": {d: {"loss": r.loss, "perplexity": r.perplexity, "tokens": r.tokens}
+                        for d, r in result.domains.items()}}
+
+
+def default_run_dir(out: Path) -> Path:
+    return out.parent / f"{out.name}.run"
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop the log lines of steps after ``step`` (written before a crash)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except ValueError:
+            break  # a line cut by the crash
+    path.write_text("".join(f"{line}\n" for line in kept))
+
+
+@contextlib.contextmanager
+def _train_mode(model: torch.nn.Module) -> Iterator[None]:
+    model.train()
+    try:
+        yield
+    finally:
+        model.eval()
+
+
+def train(
+    recipe: TrainRecipe,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    run_dir: str | Path | None = None,
+    on_event: OnEvent | None = None,
+    on_plan: Callable[[RunPlan], None] | None = None,
+) -> TrainResult:
+    """Run ``recipe`` and write the trained artifact to ``out`` (see the module docstring).
+
+    ``on_plan`` sees the run's plan before the first step; ``on_event`` every log event
+    (``{"event": "train" | "eval" | "checkpoint", "step": ...}``)."""
+    out = Path(out).resolve()
+    run = prepare(recipe)
+    run_dir = Path(run_dir).resolve() if run_dir is not None else default_run_dir(out)
+    check_output(out, force, {"the artifact it trains": run.artifact, "the run folder": run_dir})
+    if on_plan is not None:
+        on_plan(run.plan)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(run_dir):
+        return _train_locked(run, out, run_dir, resume=resume, force=force, on_event=on_event)
+
+
+def _train_locked(run: _Run, out: Path, run_dir: Path, *, resume: bool, force: bool,
+                  on_event: OnEvent | None) -> TrainResult:
+    from moecompose.loader import load_artifact
+    from moecompose.model.compile import compile_model
+
+    recipe = run.recipe
+    digest = recipe.digest()
+    existing = _checkpoint_dirs(run_dir)
+    if resume and not existing:
+        raise BuildError(f"nothing to resume: {run_dir} has no checkpoint",
+                         hint="run without --resume to start the run")
+    if existing and not resume:
+        if not force:
+            raise BuildError(f"{run_dir} holds checkpoints of an earlier run",
+                             hint="add --resume to continue it, or --force to start over")
+        shutil.rmtree(run_dir / CHECKPOINTS)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.yaml").write_text(_recipe_yaml(recipe))
+
+    torch.manual_seed(recipe.seed)
+    device = torch.device(recipe.device if recipe.device != "auto"
+                          else "cuda" if torch.cuda.is_available() else "cpu")
+    model = load_artifact(run.artifact, dtype=torch.float32, device=device)
+    model.set_trainable(run.trainable)
+    optimizer = make_optimizer(model, recipe, run.groups)
+    stream = BatchStream(run.corpus, {d: float(v.weight) for d, v in recipe.data.items()},
+                         seq_len=recipe.sequence_length,
+                         sequences=recipe.sequences_per_micro_batch, seed=recipe.seed)
+    start = 0
+    log_path = run_dir / "metrics.jsonl"
+    initial: dict[str, float] = {}
+    if resume:
+        state = _load_checkpoint(existing[-1], model, optimizer)
+        if state.get("recipe_digest") != digest:
+            raise BuildError(f"{existing[-1]} belongs to another recipe",
+                             hint="resume with the recipe the run started with, or --force")
+        stream.load_state_dict(state["data"])
+        start = int(state["step"])
+        initial = state.get("initial_eval", {})
+        _truncate_log(log_path, start)
+    elif log_path.exists():
+        log_path.unlink()
+    forward = compile_model(model) if recipe.compile else model
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                              enabled=recipe.precision == "bf16")
+    total = recipe.total_steps
+    params = [p for p in model.parameters() if p.requires_grad]
+    with open(log_path, "a") as log, _train_mode(model):
+        if start == 0:
+            event = _evaluate(model, run, 0)
+            initial = {d: v["loss"] for d, v in event["domains"].items()}
+            _log(log, on_event, event)
+        last_eval = event if start == 0 else None
+        for step in range(start, total):
+            began = time.perf_counter()
+            lr = lr_at(step, recipe)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = aux_sum = 0.0
+            for _ in range(recipe.grad_accumulation):
+                ids, _domains = stream.next_batch()
+                ids = ids.to(device)
+                with autocast:
+                    output = forward(ids, labels=ids)
+                assert output.loss is not None
+                (output.loss / recipe.grad_accumulation).backward()
+                loss_sum += float(output.loss.detach())
+                aux_sum += float(output.aux_loss.detach())
+            grad_norm = (torch.nn.utils.clip_grad_norm_(params, float(recipe.grad_clip))
+                         if recipe.grad_clip is not None else _grad_norm(params))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            seconds = time.perf_counter() - began
+            n = recipe.grad_accumulation
+            done = step + 1
+            _log(log, on_event, {
+                "event": "train", "step": done, "loss": (loss_sum - aux_sum) / n,
+                "aux_loss": aux_sum / n, "lr": lr, "grad_norm": float(grad_norm),
+                "tokens": done * recipe.batch_tokens,
+                "tokens_per_s": recipe.batch_tokens / max(seconds, 1e-9),
+            })
+            every = recipe.eval.every
+            if done == total or (every is not None and done % every == 0):
+                last_eval = _evaluate(model, run, done)
+                _log(log, on_event, last_eval)
+            ckpt_every = recipe.checkpoint.every
+            if done == total or (ckpt_every is not None and done % ckpt_every == 0):
+                state = {"step": done, "recipe_digest": digest, "data": stream.state_dict(),
+                         "rng": _rng_state(), "initial_eval": initial}
+                path = save_checkpoint(run_dir, done, model, optimizer, state,
+                                       recipe.checkpoint.keep)
+                _log(log, on_event, {"event": "checkpoint", "step": done, "path": str(path)})
+    if last_eval is None or last_eval["step"] != total:
+        last_eval = _evaluate(model, run, total)
+    final = {d: v["loss"] for d, v in last_eval["domains"].items()}
+    checkpoint = _checkpoint_dirs(run_dir)[-1]
+    plan = trained_plan(run, checkpoint, final_eval=final, initial_eval=initial)
+    from moecompose.build.executor import build
+
+    result = build(plan, out, force=force)
+    return TrainResult(result, run_dir, total, total * recipe.batch_tokens, initial, final)
+
+
+def _grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
+def _recipe_yaml(recipe: TrainRecipe) -> str:
+    from moecompose.spec import dump_data
+
+    data = recipe.to_data()
+    data["artifact"] = str(recipe.path(recipe.artifact))
+    return dump_data(data)
+
+
+# ------------------------------------------------------------------ the trained plan
+
+
+def trained_plan(run: _Run, checkpoint: Path, *, final_eval: dict[str, float],
+                 initial_eval: dict[str, float]) -> Plan:
+    """The starting artifact's plan with every trained tensor copied from ``checkpoint``
+    (native names; per-expert tensors of an export are slices of the stacked ones) and
+    every other tensor from the artifact; the run recorded as a ``train`` derivation."""
+    base, artifact = run.base_plan, run.artifact
+    trained = set(run.trainable)
+    origin: dict[str, tuple[str, int | None]] = {}  # stored name -> (native name, expert)
+    for native, stored in stored_names(run.fmt.layout, run.config.layers).items():
+        if isinstance(stored, tuple):
+            origin.update({name: (native, j) for j, name in enumerate(stored)})
+        else:
+            origin[stored] = (native, None)
+
+    def rewrite(t: PlannedTensor) -> PlannedTensor:
+        native, index = origin.get(t.name, (t.name, None))
+        if native in trained:
+            args = {} if index is None else {"index": index}
+            return replace(t, recipe=Recipe("copy", (TensorRef(TRAINED, native),), args))
+        return replace(t, recipe=Recipe("copy", (TensorRef(BASE, t.name),)))
+
+    index = open_tensors("the artifact", artifact)
+    ckpt_index = open_tensors("the checkpoint", checkpoint)
+    recipe = run.recipe
+    derivation = {
+        "operation": "train",
+        "from": str(artifact),
+        "from_plan_digest": base.digest(),
+        "from_manifest_sha256": sha256_file(artifact / "manifest.json")
+        if (artifact / "manifest.json").is_file() else None,
+        "checkpoint": str(checkpoint),
+        "steps": recipe.total_steps,
+        "tokens": recipe.total_steps * recipe.batch_tokens,
+        "trained": sorted(trained),
+        "recipe": {**recipe.to_data(), "artifact": str(artifact)},
+        "recipe_digest": recipe.digest(),
+        "data": {d: {"fingerprint": run.corpus.fingerprints[d],
+                     "documents": list(run.corpus.documents[d])} for d in recipe.data},
+        "eval_loss_before": initial_eval,
+        "eval_loss_after": final_eval,
+    }
+    has_tokenizer = any((artifact / f).is_file() for f in TOKENIZER_FILES)
+    domains = {}
+    if base.domains:
+        vectors = artifact / DOMAINS_FILE
+        fingerprint = files_fingerprint([vectors])
+        domains = {name: {"kind": "embedding", "path": str(vectors), "key": name,
+                          "fingerprint": fingerprint, "from": d}
+                   for name, d in base.domains.items()}
+    return replace(
+        base,
+        tensors=tuple(rewrite(t) for t in base.tensors),
+        sources={**base.sources,
+                 BASE: {"path": str(artifact), "kind": "artifact",
+                        "fingerprint": tensors_fingerprint(index)},
+                 TRAINED: {"path": str(checkpoint), "kind": "checkpoint",
+                           "fingerprint": tensors_fingerprint(ckpt_index)}},
+        tokenizer_source=BASE if has_tokenizer else None,
+        domains=domains,
+        derivations=(*base.derivations, derivation),
+    )
