@@ -41,3 +41,14 @@ def test_load_benchmark_reports_time_and_memory_ratios(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("ratios (lower is better): load / read time") == 2
     assert "above idle" in result.stdout and "x model" in result.stdout
+
+
+def test_train_benchmark_compares_with_the_transformers_trainer(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "train.py"), "--quick", "--eager-only",
+         "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "moecompose tok/s" in result.stdout and "RSS ours / theirs" in result.stdout
+    assert "eager" in result.stdout

@@ -309,7 +309,7 @@ def test_render_shows_artifacts_side_by_side_and_names_verbatim() -> None:
 
 
 def test_usage_heatmap_and_curves_are_pngs(mixed: MoECausalLM, tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
+    # matplotlib is in the test extra: a missing one fails here rather than skipping
     result = evaluate(mixed, {"code": blocks(2), "law": blocks(2, seed=1)}, artifact="mixed")
     out = plot_usage(result, tmp_path / "plots" / "usage.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

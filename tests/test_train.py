@@ -408,3 +408,57 @@ def test_docs_list_every_recipe_key() -> None:
             keys.append(name)
     missing = [k for k in keys if f"`{k}`" not in doc]
     assert missing == []
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def test_cli_eval_prints_json_and_writes_plots(built: dict[str, Path], tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from moecompose.cli import main
+
+    base = built["sparse_upcycling"]
+    recipe = write_recipe(tmp_path, base, steps=2)
+    trained = moecompose.train(recipe, tmp_path / "trained")
+    runner = CliRunner()
+    result = runner.invoke(main, ["eval", str(base), str(trained.artifact.path),
+                                  "--recipe", str(recipe), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert [Path(r["artifact"]).name for r in data] == ["sparse_upcycling", "trained"]
+    after = {d: v["loss"] for d, v in data[1]["domains"].items()}
+    assert after == pytest.approx(trained.final_eval, rel=1e-5)  # the recipe's held-out split
+    plots = tmp_path / "plots"
+    result = runner.invoke(main, ["eval", str(trained.artifact.path), "--data",
+                                  f"code={CORPUS}/code/heapq.py.txt", "--plot", str(plots),
+                                  "--log", str(trained.run_dir / "metrics.jsonl")])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in plots.iterdir()) == ["loss-curves.png", "usage-1-trained.png"]
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "give --data NAME=GLOB"),
+    (["--data", "code"], "expected NAME=GLOB"),
+    (["--data", "code=nothing/*.txt"], "nothing/*.txt"),
+])
+def test_cli_eval_bad_data_is_one_line(args: list[str], message: str, built: dict[str, Path]) -> None:
+    from click.testing import CliRunner
+
+    from moecompose.cli import main
+
+    result = CliRunner().invoke(main, ["eval", str(built["sparse_upcycling"]), *args])
+    assert result.exit_code == 2
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_compiled_training_follows_eager(built: dict[str, Path], tmp_path: Path) -> None:
+    base = built["sparse_upcycling"]
+    runs = {}
+    for mode in ("false", "true"):
+        result = moecompose.train(write_recipe(tmp_path, base, f"compile: {mode}\n", steps=3,
+                                               name=f"{mode}.yaml"), tmp_path / mode)
+        log = (result.run_dir / "metrics.jsonl").read_text().splitlines()
+        runs[mode] = [json.loads(line)["loss"] for line in log if '"train"' in line]
+    assert runs["true"] == pytest.approx(runs["false"], rel=1e-4)

@@ -259,7 +259,7 @@ def make_optimizer(model: MoECausalLM, recipe: TrainRecipe, groups: dict[str, st
         {"params": no_decay, "weight_decay": 0.0},
     ) if g["params"]]
     return torch.optim.AdamW(param_groups, lr=float(o.lr), betas=tuple(map(float, o.betas)),
-                             eps=float(o.eps), foreach=True)
+                             eps=float(o.eps), fused=True)
 
 
 # ----------------------------------------------------------------------- checkpoints
