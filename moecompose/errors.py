@@ -35,14 +35,8 @@ class MoeComposeError(Exception):
     kind = "error"
     exit_code = 2  # the CLI's exit status: a mistake in the input
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        location: Location | None = None,
-        hint: str | None = None,
-        snippet: str | None = None,
-    ) -> None:
+    def __init__(self, message: str, *, location: Location | None = None,
+                 hint: str | None = None, snippet: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.location = location

@@ -151,15 +151,10 @@ def test_blocker_texts_are_the_ones_users_see(name: str, reasons: list[str]) -> 
 
 TOY = '''
 """A format that exists only in this test: Mixtral's rules under other names."""
-from moecompose.formats import Format, Layout, embedded_native, hf_config, mixtral, moe_ffns, native
+from moecompose.formats import Format, Layout, embedded_native, hf_config, mixtral, moe_ffns
 
-LAYOUT = Layout(
-    stacked=False,
-    router="model.layers.{i}.toy.router.weight",
-    expert={p: "model.layers.{i}.toy.experts.{j}.%s.weight" % p for p in ("gate", "up", "down")},
-    shared={},
-    shared_expert_gate=None,
-)
+LAYOUT = Layout.of("model.layers.{i}.toy", router="router.weight",
+                   experts="experts.{j}.{name}.weight", projections=("gate", "up", "down"))
 
 
 def write_config(native_config, initializer_range):
@@ -171,7 +166,6 @@ def write_config(native_config, initializer_range):
 FORMAT = Format(
     name="toy", model_type="toy_moe", auto=0, gates_shared_expert=False, layout=LAYOUT,
     blockers=mixtral.blockers, write_config=write_config, read_config=embedded_native,
-    read_tensors=lambda config, tensors: native.from_layout(LAYOUT, config, tensors),
 )
 '''
 

@@ -13,7 +13,7 @@ import functools
 import importlib
 import pkgutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from moecompose.model.config import ModelConfig, MoEFFNConfig, TopKRouterConfig
@@ -37,6 +37,26 @@ class Layout:
     expert: dict[str, str]  # gate / up / down -> name
     shared: dict[str, str]  # gate / up / down -> name; empty: no shared expert
     shared_expert_gate: str | None  # g of a shared expert scaled by sigmoid(x . g)
+
+    @classmethod
+    def of(cls, block: str, *, router: str, experts: str, projections: tuple[str, str, str],
+           shared: str | None = None, shared_gate: str | None = None) -> Layout:
+        """The layout of an MoE block named ``block`` (``{i}``: the layer): the router,
+        ``experts`` (with ``{name}``, a projection's name in ``projections`` for gate, up
+        and down; with ``{j}`` when stored one tensor per expert), and the shared expert
+        (``{name}`` too) and its gate, all under ``block``."""
+
+        def names(pattern: str) -> dict[str, str]:
+            return {role: f"{block}.{pattern}".replace("{name}", name)
+                    for role, name in zip(("gate", "up", "down"), projections)}
+
+        return cls(
+            stacked="{j}" not in experts,
+            router=f"{block}.{router}",
+            expert=names(experts),
+            shared={} if shared is None else names(shared),
+            shared_expert_gate=None if shared_gate is None else f"{block}.{shared_gate}",
+        )
 
 
 @dataclass(frozen=True)
@@ -67,10 +87,9 @@ class Format:
 
     ``write_config`` gives ``config.json`` from the native config (and the sources'
     ``initializer_range``); ``read_config`` gives back the native config from that
-    ``config.json`` (``None`` when it lacks one); ``read_tensors`` renames (and stacks)
-    the format's tensors, held in memory, into native names for the native config. Both
-    it and ``moecompose.load`` (which reads the files straight into the stacked tensors)
-    follow one table, ``native.stored_names`` of ``layout``.
+    ``config.json`` (``None`` when it lacks one). :meth:`read_tensors` and
+    ``moecompose.load`` (which reads the files straight into the stacked tensors) follow
+    one table, ``native.stored_names`` of ``layout``.
     """
 
     name: str
@@ -80,8 +99,15 @@ class Format:
     layout: Layout
     blockers: Blockers
     write_config: Callable[[ModelConfig, float], dict[str, Any]]
-    read_config: Callable[[dict[str, Any]], dict[str, Any] | None]
-    read_tensors: Callable[[ModelConfig, dict[str, Tensor]], dict[str, Tensor]]
+    read_config: Callable[[dict[str, Any]], dict[str, Any] | None] = field(
+        default=lambda data: embedded_native(data))
+
+    def read_tensors(self, native_config: ModelConfig, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The format's tensors, held in memory, renamed (and per-expert ones stacked)
+        into native names for ``native_config``."""
+        from moecompose.formats.native import from_layout
+
+        return from_layout(self.layout, native_config, tensors)
 
 
 @functools.cache

@@ -3,38 +3,19 @@ routing that renormalises the k weights, no shared expert, no attention biases."
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from moecompose.formats import (
-    Format,
-    Layout,
-    MoEShape,
-    embedded_native,
-    hf_blockers,
-    hf_config,
-    moe_ffns,
-    native,
-)
+from moecompose import formats as f
 from moecompose.model.config import ModelConfig
 from moecompose.sources.checkpoint import ArchFacts
 from moecompose.text import ranges
 
-if TYPE_CHECKING:
-    from torch import Tensor
-
-LAYOUT = Layout(
-    stacked=False,
-    router="model.layers.{i}.block_sparse_moe.gate.weight",
-    expert={"gate": "model.layers.{i}.block_sparse_moe.experts.{j}.w1.weight",
-            "up": "model.layers.{i}.block_sparse_moe.experts.{j}.w3.weight",
-            "down": "model.layers.{i}.block_sparse_moe.experts.{j}.w2.weight"},
-    shared={},
-    shared_expert_gate=None,
-)
+LAYOUT = f.Layout.of("model.layers.{i}.block_sparse_moe", router="gate.weight",
+                     experts="experts.{j}.{name}.weight", projections=("w1", "w3", "w2"))
 
 
-def blockers(arch: ArchFacts, moe: MoEShape, *, asked: bool) -> list[str]:
-    out = hf_blockers(moe, bakes_nexus=False)
+def blockers(arch: ArchFacts, moe: f.MoEShape, *, asked: bool) -> list[str]:
+    out = f.hf_blockers(moe, bakes_nexus=False)
     if moe.dense_layers:
         out.append(f"layers {ranges(moe.dense_layers)} stay dense (Mixtral makes every layer MoE)")
     if True in moe.shared:
@@ -47,8 +28,8 @@ def blockers(arch: ArchFacts, moe: MoEShape, *, asked: bool) -> list[str]:
 
 
 def write_config(native_config: ModelConfig, initializer_range: float) -> dict[str, Any]:
-    moe, router = moe_ffns(native_config)
-    return hf_config(
+    moe, router = f.moe_ffns(native_config)
+    return f.hf_config(
         native_config, initializer_range,
         architecture="MixtralForCausalLM",
         model_type="mixtral",
@@ -58,18 +39,5 @@ def write_config(native_config: ModelConfig, initializer_range: float) -> dict[s
     )
 
 
-def read_tensors(native_config: ModelConfig, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    return native.from_layout(LAYOUT, native_config, tensors)
-
-
-FORMAT = Format(
-    name="mixtral",
-    model_type="mixtral",
-    auto=1,
-    gates_shared_expert=False,
-    layout=LAYOUT,
-    blockers=blockers,
-    write_config=write_config,
-    read_config=embedded_native,
-    read_tensors=read_tensors,
-)
+FORMAT = f.Format(name="mixtral", model_type="mixtral", auto=1, gates_shared_expert=False,
+                  layout=LAYOUT, blockers=blockers, write_config=write_config)

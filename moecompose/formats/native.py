@@ -9,24 +9,22 @@ from typing import TYPE_CHECKING, Any
 
 from moecompose.errors import SourceError
 from moecompose.formats import Format, Layout, MoEShape
-from moecompose.model.config import ConfigError, LayerConfig, ModelConfig, MoEFFNConfig
+from moecompose.model.config import (
+    ConfigError,
+    LayerConfig,
+    ModelConfig,
+    MoEFFNConfig,
+    NexusRouterConfig,
+)
 from moecompose.sources.checkpoint import ArchFacts
 
 if TYPE_CHECKING:
     from torch import Tensor
 
 # The few native names that differ from the sources' Llama names.
-LAYOUT = Layout(
-    stacked=True,
-    router="model.layers.{i}.mlp.router.weight",
-    expert={"gate": "model.layers.{i}.mlp.experts.gate_proj",
-            "up": "model.layers.{i}.mlp.experts.up_proj",
-            "down": "model.layers.{i}.mlp.experts.down_proj"},
-    shared={"gate": "model.layers.{i}.mlp.shared_expert.gate_proj.weight",
-            "up": "model.layers.{i}.mlp.shared_expert.up_proj.weight",
-            "down": "model.layers.{i}.mlp.shared_expert.down_proj.weight"},
-    shared_expert_gate="model.layers.{i}.mlp.shared_expert_gate.weight",
-)
+LAYOUT = Layout.of("model.layers.{i}.mlp", router="router.weight", experts="experts.{name}",
+                   projections=("gate_proj", "up_proj", "down_proj"),
+                   shared="shared_expert.{name}.weight", shared_gate="shared_expert_gate.weight")
 
 
 def blockers(arch: ArchFacts, moe: MoEShape, *, asked: bool) -> list[str]:
@@ -41,10 +39,6 @@ def read_config(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def read_tensors(native_config: ModelConfig, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    return tensors
-
-
 def stored_names(layout: Layout, layers: Sequence[LayerConfig]) -> dict[str, str | tuple[str, ...]]:
     """Native name -> the name ``layout`` stores the tensor under, or, for experts stored
     one tensor each, the tuple of their names in expert order (stacked into the native
@@ -55,7 +49,8 @@ def stored_names(layout: Layout, layers: Sequence[LayerConfig]) -> dict[str, str
         ffn = layer.ffn
         if not isinstance(ffn, MoEFFNConfig):
             continue
-        out[LAYOUT.router.format(i=i)] = layout.router.format(i=i)
+        if not isinstance(ffn.router, NexusRouterConfig):  # a Nexus router has no weight matrix
+            out[LAYOUT.router.format(i=i)] = layout.router.format(i=i)
         for proj, name in layout.expert.items():
             out[LAYOUT.expert[proj].format(i=i)] = (
                 name.format(i=i) if layout.stacked
@@ -147,5 +142,4 @@ FORMAT = Format(
     blockers=blockers,
     write_config=write_config,
     read_config=read_config,
-    read_tensors=read_tensors,
 )

@@ -4,43 +4,24 @@ MoE layer scaled by ``sigmoid(x . g)`` (its gate), dense layers listed in
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from moecompose.formats import (
-    Format,
-    Layout,
-    MoEShape,
-    embedded_native,
-    hf_blockers,
-    hf_config,
-    moe_ffns,
-    native,
-)
+from moecompose import formats as f
 from moecompose.model.config import DenseFFNConfig, ModelConfig
 from moecompose.sources.checkpoint import ArchFacts
 
-if TYPE_CHECKING:
-    from torch import Tensor
-
-LAYOUT = Layout(
-    stacked=False,
-    router="model.layers.{i}.mlp.gate.weight",
-    expert={"gate": "model.layers.{i}.mlp.experts.{j}.gate_proj.weight",
-            "up": "model.layers.{i}.mlp.experts.{j}.up_proj.weight",
-            "down": "model.layers.{i}.mlp.experts.{j}.down_proj.weight"},
-    shared={"gate": "model.layers.{i}.mlp.shared_expert.gate_proj.weight",
-            "up": "model.layers.{i}.mlp.shared_expert.up_proj.weight",
-            "down": "model.layers.{i}.mlp.shared_expert.down_proj.weight"},
-    shared_expert_gate="model.layers.{i}.mlp.shared_expert_gate.weight",
-)
+LAYOUT = f.Layout.of("model.layers.{i}.mlp", router="gate.weight",
+                     experts="experts.{j}.{name}.weight",
+                     projections=("gate_proj", "up_proj", "down_proj"),
+                     shared="shared_expert.{name}.weight", shared_gate="shared_expert_gate.weight")
 
 
-def blockers(arch: ArchFacts, moe: MoEShape, *, asked: bool) -> list[str]:
+def blockers(arch: ArchFacts, moe: f.MoEShape, *, asked: bool) -> list[str]:
     """A Nexus router's expert embeddings do not depend on the input, so at build time it
     is a linear gate: Qwen2-MoE expresses it when ``asked`` for by name (the projection
     that training and ``moecompose extend`` need is then baked in; ``auto`` keeps it
     native)."""
-    out = hf_blockers(moe, bakes_nexus=asked)
+    out = f.hf_blockers(moe, bakes_nexus=asked)
     if arch.sliding_window is not None:
         out.append(
             f"sliding-window attention (window {arch.sliding_window}; Qwen2-MoE windows "
@@ -54,10 +35,10 @@ def blockers(arch: ArchFacts, moe: MoEShape, *, asked: bool) -> list[str]:
 
 
 def write_config(native_config: ModelConfig, initializer_range: float) -> dict[str, Any]:
-    moe, router = moe_ffns(native_config)
+    moe, router = f.moe_ffns(native_config)
     shared = moe[0].shared_expert
     assert shared is not None  # blockers() refuses MoE layers without one
-    return hf_config(
+    return f.hf_config(
         native_config, initializer_range,
         architecture="Qwen2MoeForCausalLM",
         model_type="qwen2_moe",
@@ -75,20 +56,5 @@ def write_config(native_config: ModelConfig, initializer_range: float) -> dict[s
     )
 
 
-def read_tensors(native_config: ModelConfig, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Experts stacked, the shared expert and its gate renamed (the gate is in the native
-    config: ``shared_expert.gate``)."""
-    return native.from_layout(LAYOUT, native_config, tensors)
-
-
-FORMAT = Format(
-    name="qwen2_moe",
-    model_type="qwen2_moe",
-    auto=2,
-    gates_shared_expert=True,
-    layout=LAYOUT,
-    blockers=blockers,
-    write_config=write_config,
-    read_config=embedded_native,
-    read_tensors=read_tensors,
-)
+FORMAT = f.Format(name="qwen2_moe", model_type="qwen2_moe", auto=2, gates_shared_expert=True,
+                  layout=LAYOUT, blockers=blockers, write_config=write_config)

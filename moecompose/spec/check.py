@@ -6,27 +6,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from moecompose.errors import SpecError, did_you_mean, one_of
+from moecompose.spec import schema
 from moecompose.spec.origin import DataPath
-from moecompose.spec.schema import (
-    AdapterExperts,
-    AttentionMix,
-    CopyExperts,
-    FFNMix,
-    MergeFrom,
-    MergeWeights,
-    NexusRouter,
-    PromptInit,
-    SoftRouter,
-    Spec,
-    TokenMixingRouter,
-    TopKRouter,
-)
 
 Bad = Callable[..., None]
 SourceCheck = Callable[..., None]
 
 
-def check_spec(spec: Spec) -> None:
+def check_spec(spec: schema.Spec) -> None:
     """Raise a located ``SpecError`` for the first problem found, in document order."""
     problems: list[tuple[DataPath, str, str | None, bool]] = []
 
@@ -40,9 +27,9 @@ def check_spec(spec: Spec) -> None:
             )
             bad(path, f"{role} '{name}' is not defined in 'sources'", hint, key)
 
-    if isinstance(spec.merge, MergeFrom):
+    if isinstance(spec.merge, schema.MergeFrom):
         source(("merge", "from"), spec.merge.from_, "merge source")
-    elif isinstance(spec.merge, MergeWeights):
+    elif isinstance(spec.merge, schema.MergeWeights):
         for name in spec.merge.weights:
             source(("merge", "weights", name), name, "merge weight source", key=True)
 
@@ -68,7 +55,7 @@ def check_spec(spec: Spec) -> None:
         raise SpecError(message, location=location, hint=hint)
 
 
-def _check_ffn(ffn: FFNMix, at: DataPath, spec: Spec, source: SourceCheck, bad: Bad) -> None:
+def _check_ffn(ffn: schema.FFNMix, at: DataPath, spec: schema.Spec, source: SourceCheck, bad: Bad) -> None:
     origin = spec.origin
     experts = ffn.experts
     if isinstance(experts, list):
@@ -78,7 +65,7 @@ def _check_ffn(ffn: FFNMix, at: DataPath, spec: Spec, source: SourceCheck, bad: 
         for j, name in enumerate(experts):
             source((*at, "experts", j), name, "expert")
         count = len(experts)
-    elif isinstance(experts, CopyExperts):
+    elif isinstance(experts, schema.CopyExperts):
         source((*at, "experts", "copy"), experts.copy_, "copy source")
         count = experts.count
     else:
@@ -88,8 +75,8 @@ def _check_ffn(ffn: FFNMix, at: DataPath, spec: Spec, source: SourceCheck, bad: 
         source((*at, "shared"), ffn.shared, "shared expert")
 
     router = ffn.router
-    if isinstance(router, TokenMixingRouter):
-        if isinstance(experts, AdapterExperts):
+    if isinstance(router, schema.TokenMixingRouter):
+        if isinstance(experts, schema.AdapterExperts):
             bad((*at, "router", "kind"), "token mixing needs FFN experts, not adapters",
                 "use experts: {copy: SOURCE, count: N} or a list of sources")
         if ffn.shared is not None:
@@ -104,13 +91,13 @@ def _check_ffn(ffn: FFNMix, at: DataPath, spec: Spec, source: SourceCheck, bad: 
                 f"group_size = {router.group_size} is larger than batch_size = {router.batch_size}",
                 "groups are formed across the sequences of one batch; use group_size <= batch_size")
         return
-    if isinstance(router, SoftRouter):
+    if isinstance(router, schema.SoftRouter):
         bad((*at, "router", "kind"), "soft routing is for attention experts",
             "use kind: topk, nexus or token_mixing for FFN experts")
         return
-    if isinstance(router, NexusRouter):
+    if isinstance(router, schema.NexusRouter):
         _check_nexus(ffn, at, spec, bad)
-    elif isinstance(router.init, PromptInit):
+    elif isinstance(router.init, schema.PromptInit):
         _check_prompt_init(router.init, ffn, (*at, "router", "init"), source, bad)
     if router.k > count:
         plural = "s" if count > 1 else ""
@@ -126,7 +113,7 @@ def _check_ffn(ffn: FFNMix, at: DataPath, spec: Spec, source: SourceCheck, bad: 
                 f"add router: {{kind: topk, k: {count}}} or list more experts")
 
 
-def _distinct_experts(ffn: FFNMix, at: DataPath, what: str, bad: Bad) -> list[str] | None:
+def _distinct_experts(ffn: schema.FFNMix, at: DataPath, what: str, bad: Bad) -> list[str] | None:
     """The layer's experts when they are a list of distinct sources; else report why not."""
     if not isinstance(ffn.experts, list):
         bad((*at, "experts"), f"{what} needs a list of distinct expert sources",
@@ -142,7 +129,7 @@ def _distinct_experts(ffn: FFNMix, at: DataPath, what: str, bad: Bad) -> list[st
     return list(ffn.experts)
 
 
-def _check_nexus(ffn: FFNMix, at: DataPath, spec: Spec, bad: Bad) -> None:
+def _check_nexus(ffn: schema.FFNMix, at: DataPath, spec: schema.Spec, bad: Bad) -> None:
     experts = _distinct_experts(ffn, at, "the nexus router", bad)
     if experts is None:
         return
@@ -155,7 +142,7 @@ def _check_nexus(ffn: FFNMix, at: DataPath, spec: Spec, bad: Bad) -> None:
             f"add domains: {{{example}}} (or {{embedding: FILE}})")
 
 
-def _check_prompt_init(init: PromptInit, ffn: FFNMix, at: DataPath, source: SourceCheck,
+def _check_prompt_init(init: schema.PromptInit, ffn: schema.FFNMix, at: DataPath, source: SourceCheck,
                        bad: Bad) -> None:
     if init.source is not None:
         source((*at, "source"), init.source, "prompt source")
@@ -177,13 +164,13 @@ def _check_prompt_init(init: PromptInit, ffn: FFNMix, at: DataPath, source: Sour
             "every expert's router row comes from its prompts; add them")
 
 
-def _check_domains(spec: Spec, source: SourceCheck, bad: Bad) -> None:
+def _check_domains(spec: schema.Spec, source: SourceCheck, bad: Bad) -> None:
     if spec.domains is None:
         return
     routed = [
         name
         for rule in spec.layers
-        if rule.ffn is not None and isinstance(rule.ffn.router, NexusRouter)
+        if rule.ffn is not None and isinstance(rule.ffn.router, schema.NexusRouter)
         and isinstance(rule.ffn.experts, list)
         for name in rule.ffn.experts
     ]
@@ -201,7 +188,7 @@ def _check_domains(spec: Spec, source: SourceCheck, bad: Bad) -> None:
                 "add embed_with: SOURCE (e.g. the seed model), or give a stored embedding")
 
 
-def _check_attention(attn: AttentionMix, at: DataPath, source: SourceCheck, bad: Bad) -> None:
+def _check_attention(attn: schema.AttentionMix, at: DataPath, source: SourceCheck, bad: Bad) -> None:
     if not attn.experts:
         bad((*at, "experts"), "attention 'experts' is empty", "list at least one source")
         return
@@ -214,14 +201,14 @@ def _check_attention(attn: AttentionMix, at: DataPath, source: SourceCheck, bad:
         bad((*at, "share"), "share needs at least two attention experts",
             "omit 'share' for a single attention expert")
     router = attn.router
-    if isinstance(router, TopKRouter) and isinstance(router.init, PromptInit):
+    if isinstance(router, schema.TopKRouter) and isinstance(router.init, schema.PromptInit):
         bad((*at, "router", "init"), "prompt-initialised rows are for FFN routers",
             "use init: random or zeros for the attention router")
-    if not isinstance(router, (SoftRouter, TopKRouter)):
+    if not isinstance(router, (schema.SoftRouter, schema.TopKRouter)):
         bad((*at, "router", "kind"),
             f"router kind '{router.kind}' cannot route attention experts",
             "use kind: soft (BAM's choice) or kind: topk")
-    elif isinstance(router, TopKRouter) and router.k > len(attn.experts):
+    elif isinstance(router, schema.TopKRouter) and router.k > len(attn.experts):
         bad((*at, "router", "k"),
             f"k = {router.k} but the layer has only {len(attn.experts)} attention experts",
             f"use k <= {len(attn.experts)}")

@@ -8,6 +8,7 @@ JSON, derive variants with :meth:`Spec.with_`.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -91,14 +92,24 @@ class LayerRange(Node):
         return self
 
 
-def _select_tag(value: Any) -> str | None:
-    if value == "all":
-        return "select-all"
-    if isinstance(value, list):
-        return "select-list"
-    if isinstance(value, (dict, LayerRange)):
-        return "select-range"
-    return None
+def _tagger(*rules: tuple[str, Callable[[Any], bool]]) -> Callable[[Any], str | None]:
+    """A union's discriminator: the tag of the first rule whose test accepts the value
+    (None: no form fits, which pydantic reports with the union's own message)."""
+
+    def tag(value: Any) -> str | None:
+        return next((name for name, test in rules if test(value)), None)
+
+    return tag
+
+
+def _mapping(model: type[BaseModel], key: str | None = None) -> Callable[[Any], bool]:
+    """Accepts an instance of ``model``, or a mapping (holding ``key``, when given)."""
+    return lambda v: isinstance(v, model) or (isinstance(v, dict) and (key is None or key in v))
+
+
+_select_tag = _tagger(("select-all", lambda v: v == "all"),
+                      ("select-list", lambda v: isinstance(v, list)),
+                      ("select-range", _mapping(LayerRange)))
 
 
 Select = Annotated[
@@ -140,14 +151,9 @@ class AdapterExperts(Node):
     )
 
 
-def _experts_tag(value: Any) -> str | None:
-    if isinstance(value, list):
-        return "experts-list"
-    if isinstance(value, AdapterExperts) or (isinstance(value, dict) and "adapters" in value):
-        return "experts-adapters"
-    if isinstance(value, (dict, CopyExperts)):
-        return "experts-copy"
-    return None
+_experts_tag = _tagger(("experts-list", lambda v: isinstance(v, list)),
+                       ("experts-adapters", _mapping(AdapterExperts, "adapters")),
+                       ("experts-copy", _mapping(CopyExperts)))
 
 
 Experts = Annotated[
@@ -338,14 +344,9 @@ class MergeWeights(Node):
         return self
 
 
-def _merge_tag(value: Any) -> str | None:
-    if value == "average":
-        return "merge-average"
-    if isinstance(value, MergeWeights) or (isinstance(value, dict) and "weights" in value):
-        return "merge-weights"
-    if isinstance(value, (dict, MergeFrom)):
-        return "merge-from"
-    return None
+_merge_tag = _tagger(("merge-average", lambda v: v == "average"),
+                     ("merge-weights", _mapping(MergeWeights, "weights")),
+                     ("merge-from", _mapping(MergeFrom)))
 
 
 Merge = Annotated[

@@ -119,8 +119,6 @@ def _native_groups(plan: Plan, fmt: Format, config: ModelConfig) -> dict[str, st
     out = dict(group)
     for native, stored in stored_names(fmt.layout, config.layers).items():
         names = stored if isinstance(stored, tuple) else (stored,)
-        if names[0] not in group:  # a tensor this layer's router kind does not have
-            continue
         for name in names:
             out.pop(name, None)
         out[native] = group[names[0]]
