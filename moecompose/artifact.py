@@ -383,3 +383,18 @@ def verify_files(artifact: Path) -> list[str]:
         elif sha256_file(artifact / name) != digest:
             bad.append(f"{name} (changed)")
     return bad
+
+
+def stored_domains(plan: Plan, artifact: Path) -> dict[str, dict[str, Any]]:
+    """``plan.domains`` read back from ``artifact``'s domains.safetensors (each domain's
+    first provenance kept under ``from``): what a plan derived from an artifact embeds
+    with, since the texts may be gone."""
+    if not plan.domains:
+        return {}
+    from moecompose.sources.vectors import files_fingerprint
+
+    vectors = artifact / DOMAINS_FILE
+    fingerprint = files_fingerprint([vectors])
+    return {name: {"kind": "embedding", "path": str(vectors), "key": name,
+                   "fingerprint": fingerprint, "from": d}
+            for name, d in plan.domains.items()}

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from safetensors.torch import save_file
 
+from moecompose import formats
 from moecompose.artifact import (
     DOMAINS_FILE,
     BuildResult,
@@ -166,6 +167,8 @@ def _write_artifact(
             if (source_dir / file).is_file():
                 shutil.copyfile(source_dir / file, tmp / file)
                 files[file] = sha256_file(tmp / file)
+    for name, text in formats.get(plan.format).files().items():
+        files[name] = write_text(tmp / name, text)
     files["README.md"] = write_text(tmp / "README.md", model_card(plan))
     write_text(tmp / "manifest.json", json.dumps(manifest(plan, files), indent=2) + "\n")
     return files

@@ -87,7 +87,9 @@ class Format:
 
     ``write_config`` gives ``config.json`` from the native config (and the sources'
     ``initializer_range``); ``read_config`` gives back the native config from that
-    ``config.json`` (``None`` when it lacks one). :meth:`read_tensors` and
+    ``config.json`` (``None`` when it lacks one), by default the native config a Hugging
+    Face export embeds; ``files`` gives more files the artifact holds (name -> text: the
+    native format's remote code for transformers). :meth:`read_tensors` and
     ``moecompose.load`` (which reads the files straight into the stacked tensors) follow
     one table, ``native.stored_names`` of ``layout``.
     """
@@ -101,6 +103,7 @@ class Format:
     write_config: Callable[[ModelConfig, float], dict[str, Any]]
     read_config: Callable[[dict[str, Any]], dict[str, Any] | None] = field(
         default=lambda data: embedded_native(data))
+    files: Callable[[], dict[str, str]] = field(default=lambda: {})  # more files to write
 
     def read_tensors(self, native_config: ModelConfig, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
         """The format's tensors, held in memory, renamed (and per-expert ones stacked)
@@ -199,8 +202,11 @@ def hf_config(native_config: ModelConfig, initializer_range: float, *, architect
         "initializer_range": initializer_range,
         "dtype": native_config.dtype,
         **fields,
+        # transformers adds coef * its load-balancing loss to the loss when it outputs the
+        # router logits: on whenever the spec balances (its loss differs from ours:
+        # docs/training.md, "Aux losses in transformers").
         "router_aux_loss_coef": max(ffn.aux_loss.load_balance for ffn in moe),
-        "output_router_logits": False,
+        "output_router_logits": any(ffn.aux_loss.load_balance > 0 for ffn in moe),
         "moecompose": data,
     }
 

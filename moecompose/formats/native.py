@@ -31,8 +31,43 @@ def blockers(arch: ArchFacts, moe: MoEShape, *, asked: bool) -> list[str]:
     return []
 
 
+# transformers' Auto classes find the model here with trust_remote_code=True (moecompose.hf;
+# `import moecompose` registers the model type, so plain from_pretrained works as well).
+AUTO_MAP = {"AutoConfig": "configuration_moecompose.MoeComposeConfig",
+            "AutoModelForCausalLM": "modeling_moecompose.MoeComposeForCausalLM"}
+REMOTE_CODE = '''"""{what} of a moecompose artifact, for transformers' trust_remote_code=True: the
+class is moecompose's own (moecompose.hf), which must be installed."""
+
+try:
+    from moecompose.hf import {name}
+except ImportError as exc:
+    if not (exc.name or "").startswith("moecompose"):
+        raise
+    raise ImportError("this model needs the moecompose package: pip install '{requirement}'") from None
+
+__all__ = ["{name}"]
+'''
+
+
 def write_config(native_config: ModelConfig, initializer_range: float) -> dict[str, Any]:
-    return native_config.to_dict()
+    return {**native_config.to_dict(), "auto_map": AUTO_MAP}
+
+
+def remote_code() -> dict[str, str]:
+    """The files ``auto_map`` names (file name -> text): each imports its class from
+    moecompose, or says in one line how to install it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        major, minor = version("moecompose").split(".")[:2]
+        requirement = f"moecompose>={major}.{minor},<{major}.{int(minor) + 1}"
+    except (PackageNotFoundError, ValueError):
+        requirement = "moecompose"
+    out = {}
+    for what, target in zip(("The config", "The model"), AUTO_MAP.values()):
+        module, name = target.split(".")
+        out[f"{module}.py"] = REMOTE_CODE.format(what=what, name=name, requirement=requirement)
+    return out
 
 
 def read_config(data: dict[str, Any]) -> dict[str, Any]:
@@ -142,4 +177,5 @@ FORMAT = Format(
     blockers=blockers,
     write_config=write_config,
     read_config=read_config,
+    files=remote_code,
 )

@@ -32,12 +32,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from moecompose.artifact import (
-    DOMAINS_FILE,
     BuildResult,
     check_output,
     output_lock,
     read_plan,
     sha256_file,
+    stored_domains,
     write_error,
 )
 from moecompose.errors import BuildError, DataError, SpecError
@@ -47,7 +47,6 @@ from moecompose.formats.native import stored_names
 from moecompose.plan.planner import FROZEN_GROUPS
 from moecompose.plan.recipe import Plan, PlannedTensor, Recipe, TensorRef
 from moecompose.sources.checkpoint import TOKENIZER_FILES, open_tensors, tensors_fingerprint
-from moecompose.sources.vectors import files_fingerprint
 from moecompose.training.data import BatchStream, Corpus, DomainFiles, TextTokenizer, find_files
 from moecompose.training.recipe import Recipe as TrainRecipe
 
@@ -570,13 +569,6 @@ def trained_plan(run: _Run, checkpoint: Path, *, final_eval: dict[str, float],
         "eval_loss_after": final_eval,
     }
     has_tokenizer = any((artifact / f).is_file() for f in TOKENIZER_FILES)
-    domains = {}
-    if base.domains:
-        vectors = artifact / DOMAINS_FILE
-        fingerprint = files_fingerprint([vectors])
-        domains = {name: {"kind": "embedding", "path": str(vectors), "key": name,
-                          "fingerprint": fingerprint, "from": d}
-                   for name, d in base.domains.items()}
     return replace(
         base,
         tensors=tuple(rewrite(t) for t in base.tensors),
@@ -586,6 +578,6 @@ def trained_plan(run: _Run, checkpoint: Path, *, final_eval: dict[str, float],
                  TRAINED: {"path": str(checkpoint), "kind": "checkpoint",
                            "fingerprint": tensors_fingerprint(ckpt_index)}},
         tokenizer_source=BASE if has_tokenizer else None,
-        domains=domains,
+        domains=stored_domains(base, artifact),
         derivations=(*base.derivations, derivation),
     )
