@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -304,6 +305,7 @@ def train(recipe: Path, output: Path, resume: bool, force: bool, run_dir: Path |
     from moecompose.training.report import TrainProgress, print_run_plan
 
     the_recipe = load_recipe(recipe)
+    quiet = quiet or os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 prints
     if dry_run:
         print_run_plan(prepare(the_recipe).plan, out)
         return
@@ -315,6 +317,8 @@ def train(recipe: Path, output: Path, resume: bool, force: bool, run_dir: Path |
     with TrainProgress(err, the_recipe.total_steps, disable=quiet) as progress:
         result = run_training(the_recipe, output, resume=resume, force=force, run_dir=run_dir,
                               on_event=progress.update, on_plan=on_plan)
+    if os.environ.get("RANK", "0") != "0":
+        return
     losses = ", ".join(f"{d} {result.initial_eval.get(d, float('nan')):.3f} -> {loss:.3f}"
                        for d, loss in result.final_eval.items())
     out.print(_label("trained", "green", f"{result.artifact.path} ({result.steps} steps, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,9 @@ from torch._dynamo.utils import counters
 import moecompose
 from moecompose.model import compile_model
 
+REPO = Path(__file__).resolve().parent.parent
+SPECS = REPO / "specs"
+CORPUS = SPECS / "data" / "train"  # the bundled two-domain training corpus
 IDS = torch.tensor([[5, 9, 23, 7, 41, 3, 60, 17, 8], [1, 44, 12, 90, 2, 33, 71, 6, 19]])
 
 
@@ -79,3 +83,38 @@ def assert_compiled_training_matches_eager(
         assert fast.keys() == slow.keys()
         for name in slow:
             torch.testing.assert_close(fast[name], slow[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def write_recipe(folder: Path, artifact: Path, extra: str = "", *, steps: int = 12,
+                 name: str = "recipe.yaml") -> Path:
+    """A small recipe over the bundled corpus: 64-token sequences, 8 per step."""
+    text = textwrap.dedent(f"""\
+        moecompose_recipe: 1
+        artifact: {artifact}
+        data:
+          code: {{files: ['{CORPUS}/code/*.txt']}}
+          legal: {{files: ['{CORPUS}/legal/*.txt']}}
+        held_out: 0.15
+        sequence_length: 64
+        batch_tokens: 512
+        steps: {steps}
+        optimizer: {{lr: 3e-3}}
+        schedule: {{warmup_steps: 2}}
+        eval: {{max_tokens: 2048}}
+        """)
+    extra = textwrap.dedent(extra)
+    replaced = {line.split(":")[0] for line in extra.splitlines() if line and line[0] != " "}
+    kept, skipping = [], False
+    for line in text.splitlines():
+        if not line.startswith(" "):
+            skipping = line.split(":")[0] in replaced
+        if not skipping:
+            kept.append(line)
+    path = folder / name
+    path.write_text("\n".join(kept) + "\n" + extra)
+    return path
+
+
+def changed(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> set[str]:
+    assert a.keys() == b.keys()
+    return {name for name in a if not torch.equal(a[name], b[name])}

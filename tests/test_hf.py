@@ -212,3 +212,27 @@ def test_exports_carry_the_spec_aux_loss_and_transformers_pools_it_over_layers(
     torch.testing.assert_close(ours.aux_loss, 0.02 * sum(balance([g]) for g in logits) + 0.001 * z)
     ce = out.loss - 0.02 * out.aux_loss
     torch.testing.assert_close(ours.loss - ours.aux_loss, ce, rtol=1e-5, atol=1e-5)
+
+
+def test_lm_eval_harness_log_likelihoods_equal_ours(native: dict[str, Path]) -> None:
+    """Optional: lm-evaluation-harness's HF model class on a native artifact (runs when
+    lm_eval is installed)."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    path = native["nexus"]
+    harness = HFLM(pretrained=str(path), device="cpu", batch_size=2)
+    requests = [("def f(x):", " return x"), ("The licence", " grants"), ("a = 1\n", "b = 2")]
+    got = harness.loglikelihood([Instance("loglikelihood", {}, r, i) for i, r in enumerate(requests)],
+                                disable_tqdm=True)
+    from moecompose.training.data import TextTokenizer
+
+    model = moecompose.load(path)
+    tokenizer = TextTokenizer.from_artifact(path, None)
+    for (context, continuation), (logprob, _) in zip(requests, got):
+        a, b = tokenizer.encode(context), tokenizer.encode(continuation)
+        x = torch.tensor([a + b])
+        logits = model(x).logits.log_softmax(-1)[0]
+        ours = sum(logits[len(a) - 1 + j, t] for j, t in enumerate(b))
+        assert logprob == pytest.approx(float(ours), abs=1e-4), lm_eval.__version__

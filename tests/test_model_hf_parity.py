@@ -46,7 +46,9 @@ def hf_model(family: str = "llama", **overrides: Any) -> Any:
 
 def native_config(hf: Any, layers: list[dict] | None = None) -> dict[str, Any]:
     c = hf.config
-    rope = dict(c.rope_parameters)
+    rope = dict(getattr(c, "rope_parameters", None)  # transformers 5; 4.x: theta + scaling
+                or {"rope_theta": c.rope_theta,
+                    **(getattr(c, "rope_scaling", None) or {"rope_type": "default"})})
     theta = rope.pop("rope_theta")
     return {
         "model_type": "moecompose",

@@ -18,15 +18,16 @@ def _python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
 
 
-def test_readme_has_a_python_example() -> None:
-    assert len(_python_blocks()) == 1
+def test_readme_has_python_examples() -> None:
+    assert len(_python_blocks()) == 2
 
 
 @pytest.mark.slow
-def test_readme_python_example_runs_and_prints_what_it_says(tmp_path: Path) -> None:
+@pytest.mark.parametrize("index", range(2))
+def test_readme_python_example_runs_and_prints_what_it_says(index: int, tmp_path: Path) -> None:
     """Run in a copy of the repository's specs folder; a comment line right after a
     ``print`` is the output it promises."""
-    block = _python_blocks()[0]
+    block = _python_blocks()[index]
     shutil.copytree(ROOT / "specs", tmp_path / "specs")
     (tmp_path / "example.py").write_text(block)
     result = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True,
@@ -38,4 +39,5 @@ def test_readme_python_example_runs_and_prints_what_it_says(tmp_path: Path) -> N
     assert promised, "the example promises no output"
     for text in promised:
         assert text in result.stdout.splitlines(), (text, result.stdout)
-    assert (tmp_path / "out" / "demo" / "model.safetensors").is_file()
+    built = tmp_path / "out" / ("demo" if index == 0 else "pesc")
+    assert (built / "model.safetensors").is_file()

@@ -9,12 +9,12 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import CORPUS, REPO, SPECS, changed, weights, write_recipe
 from safetensors.torch import load_file
 
 import moecompose
@@ -22,10 +22,6 @@ from moecompose.artifact import read_plan, sha256_file, verify_files
 from moecompose.errors import DataError, MoeComposeError, ResourceError, SpecError
 from moecompose.training import loop
 from moecompose.training.recipe import load_recipe
-
-REPO = Path(__file__).resolve().parent.parent
-SPECS = REPO / "specs"
-CORPUS = SPECS / "data" / "train"
 
 
 @pytest.fixture(scope="module")
@@ -42,49 +38,6 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             return path
 
     return Built(cache)
-
-
-def write_recipe(folder: Path, artifact: Path, extra: str = "", *, steps: int = 12,
-                 name: str = "recipe.yaml") -> Path:
-    """A small recipe over the bundled corpus: 64-token sequences, 8 per step."""
-    text = textwrap.dedent(f"""\
-        moecompose_recipe: 1
-        artifact: {artifact}
-        data:
-          code: {{files: ['{CORPUS}/code/*.txt']}}
-          legal: {{files: ['{CORPUS}/legal/*.txt']}}
-        held_out: 0.15
-        sequence_length: 64
-        batch_tokens: 512
-        steps: {steps}
-        optimizer: {{lr: 3e-3}}
-        schedule: {{warmup_steps: 2}}
-        eval: {{max_tokens: 2048}}
-        """)
-    extra = textwrap.dedent(extra)
-    replaced = {line.split(":")[0] for line in extra.splitlines() if line and line[0] != " "}
-    kept, skipping = [], False
-    for line in text.splitlines():
-        if not line.startswith(" "):
-            skipping = line.split(":")[0] in replaced
-        if not skipping:
-            kept.append(line)
-    path = folder / name
-    path.write_text("\n".join(kept) + "\n" + extra)
-    return path
-
-
-def weights(artifact: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for file in sorted(artifact.glob("*.safetensors")):
-        if file.name != "domains.safetensors":
-            out.update(load_file(file))
-    return out
-
-
-def changed(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> set[str]:
-    assert a.keys() == b.keys()
-    return {name for name in a if not torch.equal(a[name], b[name])}
 
 
 # ------------------------------------------------------------------------- the run
@@ -249,21 +202,21 @@ def test_bf16_training_keeps_fp32_master_weights(built: dict[str, Path], tmp_pat
     log = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(e["loss"])) for e in log if e["event"] == "train")
     checkpoint = load_file(next((result.run_dir / "checkpoints").iterdir()) / "model.safetensors")
-    assert {t.dtype for t in checkpoint.values()} == {torch.float32}
+    assert checkpoint and {t.dtype for t in checkpoint.values()} == {torch.float32}
 
 
 def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(
         built: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     base = built["sparse_upcycling"]
     recipe = load_recipe(write_recipe(tmp_path, base, "checkpoint: {every: 1}\n", steps=3))
-    real = torch.save
+    real = loop.save_state
 
-    def full_on_step_2(obj: object, path: Path, *args: object, **kwargs: object) -> None:
-        if ".step-000002" in str(path):
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        real(obj, path, *args, **kwargs)
+    def full_on_step_2(folder: Path, *args: object) -> None:
+        real(folder, *args)
+        if ".step-000002" in str(folder):
+            raise OSError(errno.ENOSPC, "No space left on device", str(folder))
 
-    monkeypatch.setattr(torch, "save", full_on_step_2)
+    monkeypatch.setattr(loop, "save_state", full_on_step_2)
     with pytest.raises(ResourceError, match="No space left"):
         loop.train(recipe, tmp_path / "trained")
     checkpoints = tmp_path / "trained.run" / "checkpoints"

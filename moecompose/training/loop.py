@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -48,6 +47,15 @@ from moecompose.plan.planner import FROZEN_GROUPS
 from moecompose.plan.recipe import Plan, PlannedTensor, Recipe, TensorRef
 from moecompose.sources.checkpoint import TOKENIZER_FILES, open_tensors, tensors_fingerprint
 from moecompose.training.data import BatchStream, Corpus, DomainFiles, TextTokenizer, find_files
+from moecompose.training.distributed import (
+    World,
+    full_trainable,
+    load_state,
+    local_bytes,
+    save_state,
+    shard,
+    sync_gradients,
+)
 from moecompose.training.recipe import Recipe as TrainRecipe
 
 if TYPE_CHECKING:
@@ -270,63 +278,78 @@ def _checkpoint_dirs(run_dir: Path) -> list[Path]:
                   if p.is_dir() and p.name.startswith("step-") and (p / "state.json").is_file())
 
 
-def save_checkpoint(run_dir: Path, step: int, model: MoECausalLM, optimizer: torch.optim.Optimizer,
-                    state: dict[str, Any], keep: int) -> Path:
-    """Write checkpoint ``step`` into a hidden folder, then rename it into place; only then
-    remove checkpoints beyond the newest ``keep``. A failed write (a full disk) removes the
-    hidden folder and leaves every earlier checkpoint as it was."""
-    from safetensors.torch import save_file
-
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, state: dict[str, Any], keep: int,
+                    world: World, final: dict[str, torch.Tensor] | None = None) -> Path:
+    """Checkpoint ``step`` (a collective: every rank writes its shards): the trainable
+    parameters and optimizer state as a Distributed Checkpoint (``dcp/``), ``state.json``
+    (the step, the data position, the RNG), and with ``final`` the trained tensors whole
+    (``model.safetensors``, what the trained artifact copies). Written into a hidden folder
+    renamed into place, and only then are checkpoints beyond the newest ``keep`` removed:
+    a failed write (a full disk) leaves every earlier checkpoint as it was."""
     folder = run_dir / CHECKPOINTS
-    final = folder / f"step-{step:06d}"
-    tmp = folder / f".step-{step:06d}.partial-{os.getpid()}"
-    try:
+    target = folder / f"step-{step:06d}"
+    tmp = folder / f".step-{step:06d}.partial"
+
+    def make() -> None:
         folder.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        tensors = {n: p.detach().float().contiguous() for n, p in model.named_parameters()
-                   if p.requires_grad}
-        save_file(tensors, tmp / "model.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+
+    def finish() -> None:
+        if final is not None:
+            from safetensors.torch import save_file
+
+            save_file(final, tmp / "model.safetensors")
         (tmp / "state.json").write_text(json.dumps(state) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise write_error(exc, final) from None
-        raise
-    for old in _checkpoint_dirs(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _rng_state() -> list[int]:
-    return torch.get_rng_state().tolist()
-
-
-def _load_checkpoint(path: Path, model: MoECausalLM, optimizer: torch.optim.Optimizer
-                     ) -> dict[str, Any]:
-    from safetensors.torch import load_file
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+        for old in _checkpoint_dirs(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
 
     try:
+        world.on_main(_writing(make, target))
+        world.barrier()
+        try:
+            save_state(tmp / "dcp", model, optimizer)
+        except OSError as exc:
+            raise write_error(exc, target) from None
+        world.barrier()
+        world.on_main(_writing(finish, target))
+    except BaseException:
+        if world.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _writing(work: Callable[[], None], target: Path) -> Callable[[], None]:
+    """``work``, with a failed write reported as one line naming ``target``."""
+
+    def run() -> None:
+        try:
+            work()
+        except OSError as exc:
+            raise write_error(exc, target) from None
+
+    return run
+
+
+def _load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     world: World) -> dict[str, Any]:
+    try:
         state = json.loads((path / "state.json").read_text())
-        tensors = load_file(path / "model.safetensors")
-        opt_state = torch.load(path / "optimizer.pt", weights_only=True)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise BuildError(f"cannot read checkpoint {path}: {exc}",
-                         hint="remove it to resume from the one before") from None
-    params = dict(model.named_parameters())
-    if set(tensors) != {n for n, p in params.items() if p.requires_grad}:
-        raise BuildError(f"checkpoint {path} trains other tensors than this recipe",
-                         hint="resume with the recipe the run started with")
-    with torch.no_grad():
-        for name, value in tensors.items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(opt_state)
-    torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
+        load_state(path / "dcp", model, optimizer)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise BuildError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}",
+                         hint="resume with the recipe the run started with, or remove the "
+                         "checkpoint to resume from the one before") from None
+    if world.size == state.get("world_size", 1):
+        torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
+    else:  # another number of ranks: each rank's draws start anew, from the seed and step
+        torch.manual_seed(hash((state["step"], world.rank)) & 0x7FFFFFFF)
     return state
 
 
@@ -334,6 +357,9 @@ def _load_checkpoint(path: Path, model: MoECausalLM, optimizer: torch.optim.Opti
 
 
 def _log(handle: Any, on_event: OnEvent | None, event: Event) -> None:
+    """One log line (rank 0 only: other ranks have no handle)."""
+    if handle is None:
+        return
     handle.write(json.dumps(event) + "\n")
     handle.flush()
     if on_event is not None:
@@ -393,26 +419,36 @@ def train(
 ) -> TrainResult:
     """Run ``recipe`` and write the trained artifact to ``out`` (see the module docstring).
 
-    ``on_plan`` sees the run's plan before the first step; ``on_event`` every log event
-    (``{"event": "train" | "eval" | "checkpoint", "step": ...}``)."""
+    Under ``torchrun`` every process calls this: the model is sharded over them, rank 0
+    alone prints (``on_plan``, ``on_event``), logs and writes the artifact, and every rank
+    returns the same result. ``on_plan`` sees the run's plan before the first step;
+    ``on_event`` every log event (``{"event": "train" | "eval" | "checkpoint", ...}``)."""
     out = Path(out).resolve()
     run = prepare(recipe)
+    device = torch.device(recipe.device if recipe.device != "auto"
+                          else "cuda" if torch.cuda.is_available() else "cpu")
+    world = World.from_env(device)
+    if recipe.grad_accumulation % world.size:
+        raise SpecError(
+            f"grad_accumulation {recipe.grad_accumulation} is not a multiple of the "
+            f"{world.size} processes", location=recipe.locate("grad_accumulation"),
+            hint="each process runs an equal share of the step's micro-batches; set "
+            f"grad_accumulation: {world.size * max(1, recipe.grad_accumulation // world.size)} "
+            "(batch_tokens stays the global batch)")
     run_dir = Path(run_dir).resolve() if run_dir is not None else default_run_dir(out)
     check_output(out, force, {"the artifact it trains": run.artifact, "the run folder": run_dir})
-    if on_plan is not None:
+    if on_plan is not None and world.main:
         on_plan(run.plan)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    with output_lock(run_dir):
-        return _train_locked(run, out, run_dir, resume=resume, force=force, on_event=on_event)
+    lock = output_lock(run_dir) if world.main else contextlib.nullcontext()
+    with lock:
+        return _train_locked(run, out, run_dir, world, device, resume=resume, force=force,
+                             on_event=on_event if world.main else None)
 
 
-def _train_locked(run: _Run, out: Path, run_dir: Path, *, resume: bool, force: bool,
-                  on_event: OnEvent | None) -> TrainResult:
-    from moecompose.loader import load_artifact
-    from moecompose.model.compile import compile_model
-
-    recipe = run.recipe
-    digest = recipe.digest()
+def _start(run_dir: Path, recipe: TrainRecipe, *, resume: bool, force: bool) -> Path | None:
+    """The checkpoint to resume from (None: start at step 0), after the run folder is
+    checked and prepared."""
     existing = _checkpoint_dirs(run_dir)
     if resume and not existing:
         raise BuildError(f"nothing to resume: {run_dir} has no checkpoint",
@@ -424,12 +460,31 @@ def _train_locked(run: _Run, out: Path, run_dir: Path, *, resume: bool, force: b
         shutil.rmtree(run_dir / CHECKPOINTS)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(_recipe_yaml(recipe))
+    if resume:
+        digest = json.loads((existing[-1] / "state.json").read_text()).get("recipe_digest")
+        if digest != recipe.digest():
+            raise BuildError(f"{existing[-1]} belongs to another recipe",
+                             hint="resume with the recipe the run started with, or --force")
+        return existing[-1]
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    return None
 
+
+def _train_locked(run: _Run, out: Path, run_dir: Path, world: World, device: torch.device, *,
+                  resume: bool, force: bool, on_event: OnEvent | None) -> TrainResult:
+    from moecompose.loader import load_artifact
+    from moecompose.model.compile import compile_model
+
+    recipe = run.recipe
+    checkpoint = world.on_main(lambda: _start(run_dir, recipe, resume=resume, force=force))
+    world.barrier()
+    if resume and checkpoint is None:  # the other ranks: rank 0 checked it
+        checkpoint = _checkpoint_dirs(run_dir)[-1]
     torch.manual_seed(recipe.seed)
-    device = torch.device(recipe.device if recipe.device != "auto"
-                          else "cuda" if torch.cuda.is_available() else "cpu")
     model = load_artifact(run.artifact, dtype=torch.float32, device=device)
     model.set_trainable(run.trainable)
+    if world.sharded:
+        shard(model, recipe.precision)
     optimizer = make_optimizer(model, recipe, run.groups)
     stream = BatchStream(run.corpus, {d: float(v.weight) for d, v in recipe.data.items()},
                          seq_len=recipe.sequence_length,
@@ -437,76 +492,110 @@ def _train_locked(run: _Run, out: Path, run_dir: Path, *, resume: bool, force: b
     start = 0
     log_path = run_dir / "metrics.jsonl"
     initial: dict[str, float] = {}
-    if resume:
-        state = _load_checkpoint(existing[-1], model, optimizer)
-        if state.get("recipe_digest") != digest:
-            raise BuildError(f"{existing[-1]} belongs to another recipe",
-                             hint="resume with the recipe the run started with, or --force")
+    if checkpoint is not None:
+        state = _load_checkpoint(checkpoint, model, optimizer, world)
         stream.load_state_dict(state["data"])
         start = int(state["step"])
         initial = state.get("initial_eval", {})
-        _truncate_log(log_path, start)
-    elif log_path.exists():
-        log_path.unlink()
+        if world.main:
+            _truncate_log(log_path, start)
     forward = compile_model(model) if recipe.compile else model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16,
                               enabled=recipe.precision == "bf16")
-    total = recipe.total_steps
+    total, n = recipe.total_steps, recipe.grad_accumulation
     params = [p for p in model.parameters() if p.requires_grad]
-    with open(log_path, "a") as log, _train_mode(model):
-        if start == 0:
-            event = _evaluate(model, run, 0)
-            initial = {d: v["loss"] for d, v in event["domains"].items()}
-            _log(log, on_event, event)
-        last_eval = event if start == 0 else None
-        for step in range(start, total):
-            began = time.perf_counter()
-            lr = lr_at(step, recipe)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = aux_sum = 0.0
-            for _ in range(recipe.grad_accumulation):
-                ids, _domains = stream.next_batch()
-                ids = ids.to(device)
-                with autocast:
-                    output = forward(ids, labels=ids)
-                assert output.loss is not None
-                (output.loss / recipe.grad_accumulation).backward()
-                loss_sum += float(output.loss.detach())
-                aux_sum += float(output.aux_loss.detach())
-            grad_norm = (torch.nn.utils.clip_grad_norm_(params, float(recipe.grad_clip))
-                         if recipe.grad_clip is not None else _grad_norm(params))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            seconds = time.perf_counter() - began
-            n = recipe.grad_accumulation
-            done = step + 1
-            _log(log, on_event, {
-                "event": "train", "step": done, "loss": (loss_sum - aux_sum) / n,
-                "aux_loss": aux_sum / n, "lr": lr, "grad_norm": float(grad_norm),
-                "tokens": done * recipe.batch_tokens,
-                "tokens_per_s": recipe.batch_tokens / max(seconds, 1e-9),
-            })
-            every = recipe.eval.every
-            if done == total or (every is not None and done % every == 0):
-                last_eval = _evaluate(model, run, done)
+    last_eval: Event | None = None
+    log = open(log_path, "a") if world.main else None  # noqa: SIM115
+    try:
+        with _train_mode(model):
+            if start == 0:
+                last_eval = _evaluate(model, run, 0)
+                initial = {d: v["loss"] for d, v in last_eval["domains"].items()}
                 _log(log, on_event, last_eval)
-            ckpt_every = recipe.checkpoint.every
-            if done == total or (ckpt_every is not None and done % ckpt_every == 0):
-                state = {"step": done, "recipe_digest": digest, "data": stream.state_dict(),
-                         "rng": _rng_state(), "initial_eval": initial}
-                path = save_checkpoint(run_dir, done, model, optimizer, state,
-                                       recipe.checkpoint.keep)
-                _log(log, on_event, {"event": "checkpoint", "step": done, "path": str(path)})
-    if last_eval is None or last_eval["step"] != total:
-        last_eval = _evaluate(model, run, total)
-    final = {d: v["loss"] for d, v in last_eval["domains"].items()}
-    checkpoint = _checkpoint_dirs(run_dir)[-1]
-    plan = trained_plan(run, checkpoint, final_eval=final, initial_eval=initial)
-    from moecompose.build.executor import build
+            for step in range(start, total):
+                began = time.perf_counter()
+                lr = lr_at(step, recipe)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                sums = [0.0, 0.0]
+                mine = range(world.rank, n, world.size)
+                for micro in range(n):
+                    ids, _domains = stream.next_batch()  # every rank draws every micro-batch
+                    if micro not in mine:
+                        continue
+                    sync_gradients(model, micro == mine[-1])
+                    ids = ids.to(device)
+                    with autocast:
+                        output = forward(ids, labels=ids)
+                    assert output.loss is not None
+                    (output.loss * (world.size / n)).backward()
+                    sums[0] += float(output.loss.detach())
+                    sums[1] += float(output.aux_loss.detach())
+                grad_norm = _clip(params, recipe.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum, aux_sum = world.sum(sums)
+                seconds = time.perf_counter() - began
+                done = step + 1
+                event = {"event": "train", "step": done, "loss": (loss_sum - aux_sum) / n,
+                         "aux_loss": aux_sum / n, "lr": lr, "grad_norm": grad_norm,
+                         "tokens": done * recipe.batch_tokens,
+                         "tokens_per_s": recipe.batch_tokens / max(seconds, 1e-9)}
+                if step == start:  # what this rank holds, now that the optimizer has state
+                    event["state_bytes_per_rank"] = local_bytes(model, optimizer)
+                _log(log, on_event, event)
+                every = recipe.eval.every
+                if done == total or (every is not None and done % every == 0):
+                    last_eval = _evaluate(model, run, done)
+                    _log(log, on_event, last_eval)
+                ckpt_every = recipe.checkpoint.every
+                if done == total or (ckpt_every is not None and done % ckpt_every == 0):
+                    state = {"step": done, "recipe_digest": recipe.digest(),
+                             "data": stream.state_dict(), "rng": torch.get_rng_state().tolist(),
+                             "world_size": world.size, "initial_eval": initial}
+                    final = full_trainable(model, world) if done == total else None
+                    path = save_checkpoint(run_dir, done, model, optimizer, state,
+                                           recipe.checkpoint.keep, world, final)
+                    _log(log, on_event, {"event": "checkpoint", "step": done, "path": str(path)})
+            if last_eval is None or last_eval["step"] != total:
+                last_eval = _evaluate(model, run, total)
+            last = _checkpoint_dirs(run_dir)[-1]
+            if not (last / "model.safetensors").is_file():  # resumed from the final checkpoint
+                final = full_trainable(model, world)
+                world.on_main(lambda: _write_final(last, final))
+    finally:
+        if log is not None:
+            log.close()
+    final_eval = {d: v["loss"] for d, v in last_eval["domains"].items()}
 
-    result = build(plan, out, force=force)
-    return TrainResult(result, run_dir, total, total * recipe.batch_tokens, initial, final)
+    def write() -> BuildResult:
+        from moecompose.build.executor import build
+
+        plan = trained_plan(run, last, final_eval=final_eval, initial_eval=initial)
+        return build(plan, out, force=force)
+
+    result = world.on_main(write)
+    world.barrier()
+    if result is None:  # another rank: rank 0 wrote it
+        result = BuildResult(out, {}, 0)
+    return TrainResult(result, run_dir, total, total * recipe.batch_tokens, initial, final_eval)
+
+
+def _write_final(checkpoint: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, checkpoint / "model.safetensors")
+
+
+def _clip(params: list[torch.nn.Parameter], limit: float | None) -> float:
+    """Clip the global gradient norm to ``limit`` (none: only measure it); the norm."""
+    if limit is not None:
+        norm = torch.nn.utils.clip_grad_norm_(params, float(limit))
+    else:
+        norm = _grad_norm(params)
+    if hasattr(norm, "full_tensor"):  # sharded parameters give a DTensor norm
+        norm = norm.full_tensor()
+    return float(norm)
 
 
 def _grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:

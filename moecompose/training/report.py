@@ -47,6 +47,7 @@ class TrainProgress:
             console=console, transient=True, disable=disable,
         )
         self.task = self.bar.add_task("", total=total)
+        self.disable = disable
 
     def __enter__(self) -> TrainProgress:
         self.bar.__enter__()
@@ -61,6 +62,6 @@ class TrainProgress:
             self.bar.update(self.task, completed=event["step"], description=(
                 f"loss {event['loss']:.4f}  aux {event['aux_loss']:.4f}  lr {event['lr']:.2e}  "
                 f"{human(event['tokens_per_s'])} tok/s"))
-        elif event["event"] == "eval":
+        elif event["event"] == "eval" and not self.disable:
             losses = "  ".join(f"{d} {v['loss']:.4f}" for d, v in event["domains"].items())
             self.bar.console.print(f"step {event['step']}: held-out loss {losses}", soft_wrap=True)
