@@ -150,6 +150,13 @@ def _check_expert(expert: NewExpert, spec: dict[str, Any], artifact: Path) -> No
                         hint="give the new expert another name")
     if expert.domain_texts is not None and expert.domain_embedding is not None:
         raise SpecError("give --domain-texts or --domain-embedding, not both")
+    granular = [i for i, rule in enumerate(spec.get("layers", []))
+                if ((rule.get("ffn") or {}).get("granularity") or 1) > 1]
+    if granular:
+        raise SpecError(
+            f"{artifact} splits its experts into shards (granularity > 1 in layer rule "
+            f"{granular[0]}): extend cannot add an expert to it yet",
+            hint="extend the coarse model (granularity 1), then build the granular one")
 
 
 def _merge_weights(spec: dict[str, Any]) -> dict[str, float]:

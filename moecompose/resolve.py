@@ -150,6 +150,15 @@ def resolve(spec: Spec, opened: dict[str, Checkpoint] | None = None) -> Resolved
     arch = first.arch
     dtype = _output_dtype(spec, sources)
     layers = _layers(spec, arch.num_hidden_layers)
+    if arch.qk_norm:
+        for r, rule in enumerate(spec.layers):
+            if rule.attention is not None:
+                raise SourceError(
+                    f"attention experts over {first.family.name} sources are not supported: their "
+                    "per-head q/k norms have no place in the mixture of attention yet",
+                    location=spec.origin.locate(("layers", r, "attention"), key=True),
+                    hint="mix FFNs only for these sources",
+                )
     block = spec.block or "sequential"  # every supported family has sequential blocks
     if block == "parallel":
         warnings.append(
@@ -204,6 +213,7 @@ def recorded_checkpoint(
     arch = ArchFacts(**{
         **{key: value for key, value in config.items() if key in known},
         "model_type": family.model_types[0],
+        "qk_norm": bool(config.get("qk_norm", False)),
         "initializer_range": 0.02,  # not recorded; only Hugging Face configs carry it
     })
     code = CODES[config["dtype"]]
@@ -225,7 +235,8 @@ def dense_tensors(arch: ArchFacts, family: Family) -> dict[str, tuple[int, ...]]
         "embed": (v, d), "final_norm": (d,), "lm_head": (v, d),
         "attn_norm": (d,), "ffn_norm": (d,), "q": (q_out, d), "k": (kv_out, d),
         "v": (kv_out, d), "o": (d, q_out), "q_bias": (q_out,), "k_bias": (kv_out,),
-        "v_bias": (kv_out,), "ffn_gate": (f, d), "ffn_up": (f, d), "ffn_down": (d, f),
+        "v_bias": (kv_out,), "q_norm": (arch.head_dim,), "k_norm": (arch.head_dim,),
+        "ffn_gate": (f, d), "ffn_up": (f, d), "ffn_down": (d, f),
     }
     out: dict[str, tuple[int, ...]] = {}
     for role in GLOBAL_ROLES:
@@ -234,9 +245,8 @@ def dense_tensors(arch: ArchFacts, family: Family) -> dict[str, tuple[int, ...]]
         out[family.tensor(role)] = shapes[role]
     for i in range(arch.num_hidden_layers):
         for role in LAYER_ROLES:
-            if role.endswith("_bias") and not arch.attention_bias:
-                continue
-            out[family.tensor(role, i)] = shapes[role]
+            if arch.has_role(role):
+                out[family.tensor(role, i)] = shapes[role]
     return out
 
 

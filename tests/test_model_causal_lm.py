@@ -46,6 +46,7 @@ def config_dict(**overrides: Any) -> dict[str, Any]:
         "sliding_window": None,
         "tie_word_embeddings": False,
         "attention_bias": False,
+        "qk_norm": False,
         "block": "sequential",
         "dtype": "float32",
         "bos_token_id": 1,

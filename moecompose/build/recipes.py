@@ -2,13 +2,16 @@
 
 Elementwise recipes (copy, mean, weighted) work on row ranges of their inputs, so even
 the embedding matrix never sits in memory whole; expert parts of a ``stack`` are
-produced one expert at a time. Arithmetic is float32; the result is cast to the output
-dtype. A copy whose dtype does not change is bit-exact.
+produced one expert at a time, and a ``slice`` of a copied tensor (a fine-grained expert's
+shard) a chunk of rows at a time. Arithmetic is float32; the result is cast to the output
+dtype. A copy whose dtype does not change is bit-exact, and so is a slice unless scaled
+(scaling by a power of two is exact too).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import torch
 
@@ -39,6 +42,12 @@ def _produce(
     recipe: Recipe, shape: tuple[int, ...], dtype: torch.dtype, lookup: Lookup,
     computed: Computed,
 ) -> Iterator[torch.Tensor]:
+    if "repeat" in recipe.args:
+        yield _repeat(recipe, shape, dtype, lookup, computed)
+        return
+    if recipe.op == "slice":
+        yield from _slice(recipe, shape, dtype, lookup, computed)
+        return
     if recipe.op == "stack":
         for part in recipe.parts:
             yield from _produce(part, shape[1:], dtype, lookup, computed)
@@ -76,6 +85,62 @@ def _produce(
     for a in range(0, rows, step):
         span = (a, min(rows, a + step)) if shape else None
         yield _elementwise(recipe, entries, span, dtype)
+
+
+def _whole(
+    recipe: Recipe, shape: tuple[int, ...], dtype: torch.dtype, lookup: Lookup,
+    computed: Computed,
+) -> torch.Tensor:
+    """The tensor ``recipe`` makes, in memory at once."""
+    chunks = [c.reshape(-1) for c in _produce(recipe, shape, dtype, lookup, computed)]
+    return torch.cat(chunks).reshape(shape)
+
+
+def _repeat(
+    recipe: Recipe, shape: tuple[int, ...], dtype: torch.dtype, lookup: Lookup,
+    computed: Computed,
+) -> torch.Tensor:
+    """``repeat: G``: the recipe's ``shape[0] / G`` rows, each written G times in a row."""
+    times = recipe.args["repeat"]
+    if not shape or shape[0] % times:
+        raise ValueError(f"{recipe.summary()}: shape {shape} has no whole rows x{times}")
+    once = replace(recipe, args={k: v for k, v in recipe.args.items() if k != "repeat"})
+    rows = _whole(once, (shape[0] // times, *shape[1:]), dtype, lookup, computed)
+    return rows.repeat_interleave(times, dim=0)
+
+
+def _slice(
+    recipe: Recipe, shape: tuple[int, ...], dtype: torch.dtype, lookup: Lookup,
+    computed: Computed,
+) -> Iterator[torch.Tensor]:
+    """``start:end`` along ``dim`` of the part's tensor, times ``scale``. A copied tensor
+    is read a chunk of rows at a time; another part (``drop``) is made whole first."""
+    inner = recipe.parts[0]
+    dim, start, end = recipe.args["dim"], recipe.args["start"], recipe.args["end"]
+    scale = recipe.args.get("scale", 1.0)
+    if not inner.inputs:
+        raise ValueError(f"{recipe.summary()}: a slice needs a part that reads a tensor")
+    entry = lookup(inner.inputs[0])
+    full = entry.shape[1:] if "index" in inner.args else entry.shape
+    expected = (*full[:dim], end - start, *full[dim + 1:])
+    if not 0 <= start < end <= full[dim] or expected != shape:
+        raise ValueError(f"{entry.file}: tensor has shape {entry.shape}, plan expects "
+                         f"{list(shape)} at {start}:{end} of dimension {dim}")
+    if inner.op == "copy" and not inner.args:
+        rows = (start, end) if dim == 0 else (0, full[0])
+        step = max(1, CHUNK_BYTES // max(1, 4 * (entry.numel // max(full[0], 1))))
+        for a in range(rows[0], rows[1], step):
+            x = read_tensor(entry, (a, min(rows[1], a + step)))
+            yield _scaled(x if dim == 0 else x.narrow(dim, start, end - start), scale, dtype)
+        return
+    x = _whole(inner, full, torch.float32, lookup, computed)
+    yield _scaled(x.narrow(dim, start, end - start), scale, dtype)
+
+
+def _scaled(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    if scale != 1.0:
+        return (x.to(torch.float32) * scale).to(dtype)
+    return x.to(dtype).contiguous()
 
 
 def _elementwise(

@@ -211,6 +211,23 @@ def hf_config(native_config: ModelConfig, initializer_range: float, *, architect
     }
 
 
+def qwen_moe_fields(native_config: ModelConfig) -> dict[str, Any]:
+    """The MoE fields Qwen2-MoE and Qwen3-MoE configs share: expert widths and counts, k,
+    renormalisation, and the dense layers (``mlp_only_layers``); every layer may be MoE."""
+    moe, router = moe_ffns(native_config)
+    return {
+        "intermediate_size": native_config.intermediate_size,
+        "moe_intermediate_size": moe[0].intermediate_size,
+        "num_experts": moe[0].num_experts,
+        "num_experts_per_tok": router.k,
+        "norm_topk_prob": router.normalize,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [i for i, layer in enumerate(native_config.layers)
+                            if not isinstance(layer.ffn, MoEFFNConfig)],
+        "use_sliding_window": False,
+    }
+
+
 def embedded_native(data: dict[str, Any]) -> dict[str, Any] | None:
     """The native config a Hugging Face export carries under ``moecompose``."""
     native = data.get("moecompose")

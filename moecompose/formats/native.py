@@ -159,6 +159,7 @@ def model_config(
             "pad_token_id": arch.pad_token_id,
             "intermediate_size": arch.intermediate_size,
             "attention_bias": arch.attention_bias,
+            "qk_norm": arch.qk_norm,
             "block": block,
             "dtype": dtype,
             "layers": tuple(layers),

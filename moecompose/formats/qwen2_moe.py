@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from moecompose import formats as f
-from moecompose.model.config import DenseFFNConfig, ModelConfig
+from moecompose.model.config import ModelConfig
 from moecompose.sources.checkpoint import ArchFacts
 
 LAYOUT = f.Layout.of("model.layers.{i}.mlp", router="gate.weight",
@@ -27,6 +27,8 @@ def blockers(arch: ArchFacts, moe: f.MoEShape, *, asked: bool) -> list[str]:
             f"sliding-window attention (window {arch.sliding_window}; Qwen2-MoE windows "
             "only some layers)"
         )
+    if arch.qk_norm:
+        out.append("per-head q/k norms (Qwen3 attention: format qwen3_moe has them)")
     if False in moe.shared:
         out.append("MoE layers without a shared expert (Qwen2-MoE always has one)")
     if len(moe.normalize) > 1:
@@ -35,24 +37,16 @@ def blockers(arch: ArchFacts, moe: f.MoEShape, *, asked: bool) -> list[str]:
 
 
 def write_config(native_config: ModelConfig, initializer_range: float) -> dict[str, Any]:
-    moe, router = f.moe_ffns(native_config)
+    moe, _ = f.moe_ffns(native_config)
     shared = moe[0].shared_expert
     assert shared is not None  # blockers() refuses MoE layers without one
     return f.hf_config(
         native_config, initializer_range,
         architecture="Qwen2MoeForCausalLM",
         model_type="qwen2_moe",
-        intermediate_size=native_config.intermediate_size,
-        moe_intermediate_size=moe[0].intermediate_size,
+        **f.qwen_moe_fields(native_config),
         shared_expert_intermediate_size=shared.intermediate_size,
-        num_experts=moe[0].num_experts,
-        num_experts_per_tok=router.k,
-        norm_topk_prob=router.normalize,
-        decoder_sparse_step=1,
-        mlp_only_layers=[i for i, layer in enumerate(native_config.layers)
-                         if isinstance(layer.ffn, DenseFFNConfig)],
         qkv_bias=native_config.attention_bias,
-        use_sliding_window=False,
     )
 
 

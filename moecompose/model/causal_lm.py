@@ -61,7 +61,8 @@ def build_attention(config: ModelConfig, spec: AttentionConfig) -> nn.Module:
               config.head_dim)
     if isinstance(spec, MoAAttentionConfig):
         return MixtureOfAttention(*widths, spec, bias=config.attention_bias)
-    return Attention(*widths, bias=config.attention_bias)
+    return Attention(*widths, bias=config.attention_bias,
+                     qk_norm_eps=config.rms_norm_eps if config.qk_norm else None)
 
 
 class _SkipInit(TorchFunctionMode):

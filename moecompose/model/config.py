@@ -361,6 +361,7 @@ class ModelConfig(_Node):
     pad_token_id: TokenIds = None
     intermediate_size: PositiveInt
     attention_bias: Bool = False
+    qk_norm: Bool = False  # per-head RMSNorm of queries and keys before rope (Qwen3)
     block: Literal["sequential", "parallel"] = "sequential"
     dtype: Literal[MODEL_DTYPES] = "float32"  # type: ignore[valid-type]
     layers: tuple[LayerConfig, ...]

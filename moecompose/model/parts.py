@@ -101,11 +101,15 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
 
 
 class Attention(nn.Module):
-    """Causal grouped-query self-attention with rotary positions (Llama; Qwen2 adds q/k/v bias)."""
+    """Causal grouped-query self-attention with rotary positions (Llama; Qwen2 adds q/k/v
+    bias, Qwen3 per-head q/k norms)."""
 
     def __init__(
-        self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, bias: bool = False
+        self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, bias: bool = False,
+        qk_norm_eps: float | None = None,
     ) -> None:
+        """``qk_norm_eps``: queries and keys pass a per-head RMSNorm (``q_norm``, ``k_norm``,
+        weights [head_dim]) before rope, as in Qwen3; None: no such norm."""
         super().__init__()
         self.n_heads = n_heads
         self.n_kv_heads = n_kv_heads
@@ -114,6 +118,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
         self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=False)
+        self.q_norm = None if qk_norm_eps is None else RMSNorm(head_dim, qk_norm_eps)
+        self.k_norm = None if qk_norm_eps is None else RMSNorm(head_dim, qk_norm_eps)
 
     @property
     def cached_kv_heads(self) -> int:
@@ -133,6 +139,8 @@ class Attention(nn.Module):
         q = split_heads(self.q_proj(x), self.n_heads)  # [B, h, S, dh]
         k = split_heads(self.k_proj(x), self.n_kv_heads)  # [B, kv, S, dh]
         v = split_heads(self.v_proj(x), self.n_kv_heads)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v)  # [B, kv, L, dh]

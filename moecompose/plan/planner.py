@@ -45,10 +45,11 @@ from moecompose.spec.schema import (
     TokenMixingRouter,
     TopKRouter,
 )
+from moecompose.text import ranges
 
 FLOPS_CONTEXT = 2048
 PROJECTIONS = ("gate", "up", "down")
-ATTENTION_ROLES = ("q", "k", "v", "o", "q_bias", "k_bias", "v_bias")
+ATTENTION_ROLES = ("q", "k", "v", "o", "q_bias", "k_bias", "v_bias", "q_norm", "k_norm")
 ADAPTER_DOWN = "model.layers.{i}.mlp.adapters.down_proj"
 ADAPTER_UP = "model.layers.{i}.mlp.adapters.up_proj"
 TEMPERATURE = "model.layers.{i}.mlp.router.temperature"
@@ -75,17 +76,28 @@ def derive_seed(seed: int, *keys: object) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
 
 
+def granularity(resolved: Resolved, mix: FFNMixture) -> int:
+    """G of the layer rule that made ``mix``: each FFN expert is G fine-grained experts."""
+    ffn = resolved.spec.layers[mix.rule].ffn
+    assert ffn is not None
+    return ffn.granularity
+
+
 def moe_shape(resolved: Resolved) -> MoEShape:
+    """The MoE layers as the model has them: fine-grained experts counted one by one, k x G."""
     moe = [layer for layer in resolved.layers if layer.ffn is not None]
-    mixtures = [layer.ffn for layer in moe if layer.ffn is not None]
+    mixtures = [(m, granularity(resolved, m)) for layer in moe if (m := layer.ffn) is not None]
+    kinds = {_expert_kind(m) for m, _ in mixtures} - {"topk"}
+    if len({g for _, g in mixtures}) > 1:  # the formats' configs have one expert width
+        kinds.add("MoE layers differ in granularity (expert width)")
     return MoEShape(
         moe_layers=tuple(layer.index for layer in moe),
         dense_layers=tuple(layer.index for layer in resolved.layers if layer.ffn is None),
-        num_experts=frozenset(len(m.experts) for m in mixtures),
-        top_k=frozenset(getattr(m.router, "k", 0) for m in mixtures),
-        normalize=frozenset(getattr(m.router, "normalize", True) for m in mixtures),
-        unexpressible=frozenset(_expert_kind(m) for m in mixtures) - {"topk"},
-        shared=frozenset(m.shared is not None for m in mixtures),
+        num_experts=frozenset(len(m.experts) * g for m, g in mixtures),
+        top_k=frozenset(getattr(m.router, "k", 0) * g for m, g in mixtures),
+        normalize=frozenset(getattr(m.router, "normalize", True) for m, _ in mixtures),
+        unexpressible=frozenset(kinds),
+        shared=frozenset(m.shared is not None for m, _ in mixtures),
         attention_layers=tuple(x.index for x in resolved.layers if x.attention is not None),
         block=resolved.block,
     )
@@ -160,7 +172,7 @@ class _Planner:
             self.add_merged("attn_norm", "norms", i)
             if layer.attention is None:
                 for role in ATTENTION_ROLES:
-                    if arch.attention_bias or not role.endswith("_bias"):
+                    if arch.has_role(role):
                         self.add_merged(role, "attention", i)
             else:
                 self.moa(i, layer.attention)
@@ -194,7 +206,7 @@ class _Planner:
         self.add(MOA_ROUTER.format(i=i), (n, d),
                  self.router_recipe(mix.router, "attention-router", i), "router", i)
         for role in ATTENTION_ROLES:
-            if role.endswith("_bias") and not self.r.arch.attention_bias:
+            if not self.r.arch.has_role(role):
                 continue
             if mix.share_kv and role[0] in "kv":
                 self.add_merged(role, "attention", i)
@@ -219,6 +231,21 @@ class _Planner:
                 "value_seed": derive_seed(self.seed, "drop-values", i, j, proj),
             },
         )
+
+    def shards(self, recipe: Recipe, proj: str, g: int) -> list[Recipe]:
+        """The ``g`` fine-grained experts cut from one expert's ``proj`` (He et al. 2024):
+        rows of gate and up, columns of down. Each down shard is scaled by ``g``: the router
+        gives each shard p/g, and the scale folded into the weights makes the layer equal
+        the coarse MoE at build time while the model stays a standard top-k MoE."""
+        if g == 1:
+            return [recipe]
+        dim = 1 if proj == "down" else 0
+        f = self.r.arch.intermediate_size
+        w = f // g
+        scale = {"scale": float(g)} if proj == "down" else {}
+        return [Recipe("slice", parts=(recipe,), args={"dim": dim, "start": s * w,
+                                                       "end": (s + 1) * w, **scale})
+                for s in range(g)]
 
     def domain_recipe(self, name: str) -> Recipe:
         """A domain's embedding; how it is made is recorded once, in ``Plan.domains``."""
@@ -274,6 +301,7 @@ class _Planner:
     def moe(self, i: int, mix: FFNMixture) -> None:
         d = self.r.arch.hidden_size
         n = len(mix.experts)
+        g = granularity(self.r, mix)
         router = mix.router
         if isinstance(router, NexusRouter) and self.format.name == "native":
             self.nexus_router(i, mix)
@@ -283,7 +311,11 @@ class _Planner:
             recipe = (self.prompt_rows(i, mix, router.init)
                       if isinstance(router.init, PromptInit)
                       else self.router_recipe(router, "router", i))
-            self.add(self.layout.router.format(i=i), (n, d), recipe, "router", i)
+            if g > 1 and recipe.args.get("init") != "zeros":  # each expert's row g times
+                # (a zero row repeated is the same zeros)
+                recipe = Recipe(recipe.op, recipe.inputs, {**recipe.args, "repeat": g},
+                                recipe.parts)
+            self.add(self.layout.router.format(i=i), (n * g, d), recipe, "router", i)
         if isinstance(mix.router, TokenMixingRouter):
             # Each expert processes one mixed token per group of G tokens.
             active = min(1.0, n / mix.router.group_size)
@@ -294,18 +326,25 @@ class _Planner:
                          "router", i)
         else:
             active = mix.router.k / n
-            describe = f"{mix.router.kind} k={mix.router.k}" + (
+            k = mix.router.k
+            fine = f" x G={g} (k={k * g} of {n * g})" if g > 1 else ""
+            describe = f"{mix.router.kind} k={k}{fine}" + (
                 "" if mix.router.normalize else " unnormalised")
         if mix.adapters is not None:
             self.adapters(i, mix, active)
         else:
             self.ffn_experts(i, mix, active)
         sources = [e.source for e in mix.experts]
+        experts = _compact(sources)
+        if g > 1:
+            width = self.r.arch.intermediate_size // g
+            # down x G: each shard is routed p/G, so the layer equals the coarse MoE
+            experts += f" in {g} shards ({n * g} experts of width {width}, down x{g})"
         self.rows.append({
             "layer": i,
             "ffn": "moe",
             "experts": (f"{n} adapters on {sources[0]} (r={mix.adapters.bottleneck})"
-                        if mix.adapters is not None else _compact(sources)),
+                        if mix.adapters is not None else experts),
             "drop": max(e.drop for e in mix.experts),
             "router": describe,
             "shared": mix.shared,
@@ -313,13 +352,20 @@ class _Planner:
         })
 
     def ffn_experts(self, i: int, mix: FFNMixture, active: float) -> None:
-        n = len(mix.experts)
+        """The experts' SwiGLU FFNs; with granularity G, G shards of each, in expert order
+        (expert j's shards are experts j*G .. j*G+G-1, matching the repeated router rows)."""
+        n, g = len(mix.experts), granularity(self.r, mix)
         for proj in PROJECTIONS:
-            shape = self.source_shape(self.family.tensor(FFN_ROLE[proj], i))
-            recipes = [self.expert_recipe(mix, i, j, proj) for j in range(n)]
+            full = self.source_shape(self.family.tensor(FFN_ROLE[proj], i))
+            dim = 1 if proj == "down" else 0
+            shape = (*full[:dim], full[dim] // g, *full[dim + 1:])
+            recipes = [shard for j in range(n)
+                       for shard in self.shards(self.expert_recipe(mix, i, j, proj), proj, g)]
+            n_fine = len(recipes)
             if self.layout.stacked:
                 name = self.layout.expert[proj].format(i=i)
-                self.add(name, (n, *shape), Recipe("stack", parts=tuple(recipes)), "experts", i, active)
+                self.add(name, (n_fine, *shape), Recipe("stack", parts=tuple(recipes)), "experts",
+                         i, active)
             else:
                 for j, recipe in enumerate(recipes):
                     self.add(self.layout.expert[proj].format(i=i, j=j), shape, recipe, "experts", i, active)
@@ -395,7 +441,8 @@ class _Planner:
         if mix.shared is not None:
             shared = SharedExpertConfig(intermediate_size=width,
                                         gate=self.format.gates_shared_expert)
-        return MoEFFNConfig(num_experts=len(mix.experts), intermediate_size=width,
+        g = granularity(self.r, mix)  # the shared expert keeps the full width
+        return MoEFFNConfig(num_experts=len(mix.experts) * g, intermediate_size=width // g,
                             router=router, shared_expert=shared, aux_loss=aux)
 
     def router_config(self, mix: FFNMixture) -> MoERouterConfig:
@@ -407,8 +454,9 @@ class _Planner:
         if isinstance(router, NexusRouter) and self.format.name == "native":
             width = self.r.domains[mix.experts[0].source].width
             return NexusRouterConfig(k=router.k, normalize=router.normalize, domain_dim=width)
-        # (a nexus router outside the native format is baked into a linear top-k gate)
-        return TopKRouterConfig(k=router.k, normalize=router.normalize)
+        # (a nexus router outside the native format is baked into a linear top-k gate;
+        # fine-grained experts are routed k x G)
+        return TopKRouterConfig(k=router.k * granularity(self.r, mix), normalize=router.normalize)
 
     def totals(self) -> Totals:
         arch = self.r.arch
@@ -518,8 +566,42 @@ def normalised_spec(resolved: Resolved) -> dict[str, Any]:
     return {key: data[key] for key in order if key in data}
 
 
+def _check_granularity(resolved: Resolved) -> None:
+    """Fine-grained experts split the sources' FFN width into equal shards."""
+    f = resolved.arch.intermediate_size
+    for r, rule in enumerate(resolved.spec.layers):
+        g = rule.ffn.granularity if rule.ffn is not None else 1
+        if f % g:
+            first = next(iter(resolved.sources.values()))
+            divisors = [x for x in range(2, min(f, 1024) + 1) if f % x == 0][:8]
+            raise SpecError(
+                f"granularity {g} does not divide the FFN width of the sources "
+                f"(intermediate_size {f} in source '{first.name}'), so the experts cannot be "
+                f"cut into {g} equal shards",
+                location=resolved.spec.origin.locate(("layers", r, "ffn", "granularity")),
+                hint=(f"use a divisor of {f}: {', '.join(map(str, divisors))}" if divisors
+                      else "remove 'granularity'"),
+            )
+
+
+def _granular_zeros_warnings(resolved: Resolved) -> list[str]:
+    """Zero router rows tie every shard, so top-(k x G) may keep parts of many experts."""
+    layers = tuple(
+        layer.index for layer in resolved.layers
+        if (mix := layer.ffn) is not None and granularity(resolved, mix) > 1
+        and getattr(mix.router, "init", None) == "zeros"
+    )
+    if not layers:
+        return []
+    return [f"layers {ranges(layers)}: granularity with router init: zeros ties every "
+            "expert's shards, so top-(k x G) may keep shards of different experts and the "
+            "layer need not equal the coarse MoE at build time; use init: random (or "
+            "prompts) for an exact start"]
+
+
 def plan(resolved: Resolved) -> Plan:
     """The upcycling plan: every output tensor's recipe, the output config, and totals."""
+    _check_granularity(resolved)
     shape = moe_shape(resolved)
     fmt, why = choose_format(resolved, shape)
     planner = _Planner(resolved, fmt)
@@ -528,7 +610,7 @@ def plan(resolved: Resolved) -> Plan:
     _check_size(resolved, planner.tensors)
     config = planner.format.write_config(planner.native_config(), resolved.arch.initializer_range)
     first = next(iter(resolved.sources.values()))
-    warnings = list(resolved.warnings)
+    warnings = list(resolved.warnings) + _granular_zeros_warnings(resolved)
     if fmt != "native" and "nexus" in shape.unexpressible:
         warnings.append(
             f"format {fmt}: each nexus router is baked into a linear gate (its expert "

@@ -19,6 +19,14 @@ Recipe ops (``Recipe.op``):
 * ``drop``      copy of one input whose neurons ``drop_rows``/``drop_cols`` (chosen by
                 ``neuron_seed``, fraction ``rate``) are redrawn from N(mean, std) of the
                 replaced values (Drop-Upcycling)
+* ``slice``     one part (a recipe reading a tensor: ``copy`` or ``drop``) cut to
+                ``start:end`` along ``dim``, optionally times ``scale``: one shard of a
+                fine-grained expert (rows of gate/up, columns of down, the latter scaled by
+                the granularity)
+
+Any recipe may carry ``repeat: G``: the op makes ``shape[0] / G`` rows, and each row is
+written G times in a row (``repeat_interleave``): the router rows of fine-grained experts,
+drawn or computed once per coarse expert.
 """
 
 from __future__ import annotations
@@ -72,11 +80,17 @@ class Recipe:
 
     def summary(self) -> str:
         """A short human description, e.g. ``mean(seed, code, law)``."""
+        times = self.args.get("repeat")
+        if times is not None:
+            args = {k: v for k, v in self.args.items() if k != "repeat"}
+            return f"{Recipe(self.op, self.inputs, args, self.parts).summary()}, rows x{times}"
         if self.op == "stack":
-            inner = [p.summary() for p in self.parts]
+            inner = _shard_summaries(self.parts)
             if len(set(inner)) == 1:
                 return f"stack({len(inner)} x {inner[0]})"
             return f"stack({', '.join(inner)})"
+        if self.op == "slice":
+            return f"slice({self.parts[0].summary()}, {_span(self.args)}){_times(self.args)}"
         if self.op == "init":
             init = self.args.get("init")
             if init == "zeros":
@@ -106,6 +120,43 @@ class Recipe:
             ws = ", ".join(f"{w:.3g}*{r.source}" for w, r in zip(self.args["weights"], self.inputs))
             return f"weighted({ws})"
         return f"{self.op}({names})"
+
+
+def _span(args: dict[str, Any]) -> str:
+    axis = "rows" if args["dim"] == 0 else "cols"
+    return f"{axis} {args['start']}-{args['end'] - 1}"
+
+
+def _times(args: dict[str, Any]) -> str:
+    scale = args.get("scale")
+    return f" x {scale:g}" if scale not in (None, 1.0) else ""
+
+
+def _next_shard(prev: Recipe, part: Recipe) -> bool:
+    """Whether ``part`` is the slice after ``prev``: the same recipe cut, the next span."""
+    if prev.op != "slice" or part.op != "slice" or part.parts != prev.parts:
+        return False
+    a, b = prev.args["start"], prev.args["end"]
+    return part.args == {**prev.args, "start": b, "end": 2 * b - a}
+
+
+def _shard_summaries(parts: tuple[Recipe, ...]) -> list[str]:
+    """Part summaries, each run of consecutive slices that cut one recipe into equal
+    shards (a fine-grained expert) written once: ``seed in 4 col shards x 4``."""
+    out: list[str] = []
+    j = 0
+    while j < len(parts):
+        run = 1
+        while j + run < len(parts) and _next_shard(parts[j + run - 1], parts[j + run]):
+            run += 1
+        part = parts[j]
+        if run > 1:
+            axis = "row" if part.args["dim"] == 0 else "col"
+            out.append(f"{part.parts[0].summary()} in {run} {axis} shards{_times(part.args)}")
+        else:
+            out.append(part.summary())
+        j += run
+    return out
 
 
 @dataclass(frozen=True)

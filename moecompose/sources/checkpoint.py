@@ -12,7 +12,7 @@ from typing import Any
 from moecompose.dtypes import NAMES
 from moecompose.errors import SourceError
 from moecompose.files import FileKindError, file_problem, read_json_file
-from moecompose.sources.families import FAMILIES, Family, family_for
+from moecompose.sources.families import FAMILIES, QK_NORM_ROLES, Family, family_for
 from moecompose.sources.safetensors_io import TensorEntry, read_header
 
 TOKENIZER_FILES = (
@@ -46,6 +46,7 @@ class ArchFacts:
     max_position_embeddings: int
     tie_word_embeddings: bool
     attention_bias: bool
+    qk_norm: bool
     sliding_window: int | None
     initializer_range: float
     bos_token_id: Any
@@ -57,8 +58,17 @@ class ArchFacts:
         "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
         "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
         "rms_norm_eps", "rope_theta", "rope_scaling", "tie_word_embeddings", "attention_bias",
-        "sliding_window",
+        "qk_norm", "sliding_window",
     )
+
+    def has_role(self, role: str) -> bool:
+        """Whether checkpoints of these facts hold tensors of ``role`` (q/k/v biases and
+        q/k norms exist only in some)."""
+        if role.endswith("_bias"):
+            return self.attention_bias
+        if role in QK_NORM_ROLES:
+            return self.qk_norm
+        return True
 
 
 @dataclass(frozen=True)
@@ -270,14 +280,22 @@ def _arch_facts(config: dict[str, Any], family: Family, where: str) -> ArchFacts
         bias = read.bool(family.qkv_bias_key, family.qkv_bias_default)
     window = config.get("sliding_window")
     max_positions = read.int("max_position_embeddings", 2048)
-    if family.name == "qwen2":
-        if read.bool("use_sliding_window", False) and window:
+    if family.window_switch is not None:
+        if read.bool(family.window_switch, False) and window:
             raise SourceError(
-                f"{where}: Qwen2 sliding-window attention (use_sliding_window: true) is not "
-                "supported: Qwen2 applies the window only to layers from max_window_layers on",
-                hint="set use_sliding_window to false if the model was trained without it",
+                f"{where}: {family.name.capitalize()} sliding-window attention ({family.window_switch}: "
+                f"true) is not supported: {family.name.capitalize()} applies the window only to layers from "
+                "max_window_layers on",
+                hint=f"set {family.window_switch} to false if the model was trained without it",
             )
         window = None
+    layer_types = config.get("layer_types")
+    if isinstance(layer_types, list) and any(t != "full_attention" for t in layer_types):
+        other = next(t for t in layer_types if t != "full_attention")
+        raise SourceError(
+            f"{where}: layer_types holds '{other}' layers: only full attention in every layer is "
+            "supported for this family", hint="use a checkpoint whose layer_types are all "
+            "'full_attention'")
     if window is not None and (
         isinstance(window, bool) or not isinstance(window, int) or window < 1
     ):
@@ -300,6 +318,7 @@ def _arch_facts(config: dict[str, Any], family: Family, where: str) -> ArchFacts
         max_position_embeddings=max_positions,
         tie_word_embeddings=read.bool("tie_word_embeddings", False),
         attention_bias=bias,
+        qk_norm=family.qk_norm,
         sliding_window=window,
         initializer_range=read.float("initializer_range", 0.02, positive=False),
         bos_token_id=config.get("bos_token_id"),

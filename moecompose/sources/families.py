@@ -10,8 +10,9 @@ GLOBAL_ROLES = ("embed", "final_norm", "lm_head")
 # Roles inside decoder layer {i}; "*_bias" roles exist only when the family has qkv biases.
 LAYER_ROLES = (
     "attn_norm", "ffn_norm", "q", "k", "v", "o", "q_bias", "k_bias", "v_bias",
-    "ffn_gate", "ffn_up", "ffn_down",
+    "q_norm", "k_norm", "ffn_gate", "ffn_up", "ffn_down",
 )
+QK_NORM_ROLES = ("q_norm", "k_norm")  # per-head RMSNorm of queries and keys (Qwen3)
 
 LLAMA_NAMES: dict[str, str] = {
     "embed": "model.embed_tokens.weight",
@@ -26,6 +27,8 @@ LLAMA_NAMES: dict[str, str] = {
     "q_bias": "model.layers.{i}.self_attn.q_proj.bias",
     "k_bias": "model.layers.{i}.self_attn.k_proj.bias",
     "v_bias": "model.layers.{i}.self_attn.v_proj.bias",
+    "q_norm": "model.layers.{i}.self_attn.q_norm.weight",
+    "k_norm": "model.layers.{i}.self_attn.k_norm.weight",
     "ffn_gate": "model.layers.{i}.mlp.gate_proj.weight",
     "ffn_up": "model.layers.{i}.mlp.up_proj.weight",
     "ffn_down": "model.layers.{i}.mlp.down_proj.weight",
@@ -44,6 +47,10 @@ class Family:
     qkv_bias_default: bool = False
     # Config keys that must be off (name -> the value meaning "off").
     must_be: dict[str, object] = field(default_factory=dict)
+    # Queries and keys pass a per-head RMSNorm (`q_norm`, `k_norm` [head_dim]) before rope.
+    qk_norm: bool = False
+    # Per-layer windows: a window applies only with this config key true (Qwen2, Qwen3).
+    window_switch: str | None = None
 
     def tensor(self, role: str, layer: int | None = None) -> str:
         name = self.names[role]
@@ -56,7 +63,10 @@ FAMILIES: dict[str, Family] = {
         must_be={"mlp_bias": False, "attention_bias": False},
     ),
     "mistral": Family("mistral", ("mistral",), LLAMA_NAMES),
-    "qwen2": Family("qwen2", ("qwen2",), LLAMA_NAMES, qkv_bias_key=None, qkv_bias_default=True),
+    "qwen2": Family("qwen2", ("qwen2",), LLAMA_NAMES, qkv_bias_key=None, qkv_bias_default=True,
+                    window_switch="use_sliding_window"),
+    "qwen3": Family("qwen3", ("qwen3",), LLAMA_NAMES, qk_norm=True,
+                    window_switch="use_sliding_window"),
 }
 
 

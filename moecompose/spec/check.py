@@ -75,6 +75,8 @@ def _check_ffn(ffn: schema.FFNMix, at: DataPath, spec: schema.Spec, source: Sour
         source((*at, "shared"), ffn.shared, "shared expert")
 
     router = ffn.router
+    if ffn.granularity > 1:
+        _check_granularity(ffn, at, bad)
     if isinstance(router, schema.TokenMixingRouter):
         if isinstance(experts, schema.AdapterExperts):
             bad((*at, "router", "kind"), "token mixing needs FFN experts, not adapters",
@@ -111,6 +113,27 @@ def _check_ffn(ffn: schema.FFNMix, at: DataPath, spec: schema.Spec, source: Sour
                 f"the default router k = {router.k} but the layer has only {count} "
                 f"expert{plural}",
                 f"add router: {{kind: topk, k: {count}}} or list more experts")
+
+
+def _check_granularity(ffn: schema.FFNMix, at: DataPath, bad: Bad) -> None:
+    """Fine-grained experts split FFN experts and replicate linear top-k router rows."""
+    g = ffn.granularity
+    if isinstance(ffn.experts, schema.AdapterExperts):
+        bad((*at, "granularity"),
+            f"granularity {g} splits FFN experts, but adapter experts (PESC) have no FFN of "
+            "their own to split",
+            "remove 'granularity', or use experts: {copy: SOURCE, count: N} or a list of sources")
+        return
+    why = {
+        "token_mixing": "token mixing has no top-k to widen to k x granularity",
+        "soft": "soft routing is for attention experts",
+        "nexus": "the nexus router's rows come from one domain embedding per expert, and "
+                 "shards of one expert cannot share a domain",
+    }.get(ffn.router.kind)
+    if why is not None:
+        bad((*at, "granularity"),
+            f"granularity {g} needs router kind: topk, not {ffn.router.kind}: {why}",
+            "remove 'granularity', or use router: {kind: topk}")
 
 
 def _distinct_experts(ffn: schema.FFNMix, at: DataPath, what: str, bad: Bad) -> list[str] | None:

@@ -273,6 +273,15 @@ class FFNMix(Node):
         description="[a, b]: one FFN expert per source; {copy: SRC, count: N, drop: r}: "
         "copies of one FFN; {adapters: SRC, count: N}: PESC adapters on one shared FFN."
     )
+    granularity: StrictInt = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="Fine-grained experts (He et al. 2024): each FFN expert is split along "
+        "its intermediate dimension into G shards, giving experts x G experts routed top-(k x G); "
+        "the layer equals the coarse MoE at build time. FFN experts and topk routers only; "
+        "the FFN width must be divisible by G.",
+    )
     shared: SourceName | None = Field(
         None, description="Source whose FFN is an always-on shared expert."
     )
@@ -401,10 +410,10 @@ class Output(Node):
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="Weights dtype; default: the sources' dtype."
     )
-    format: Literal["auto", "native", "mixtral", "qwen2_moe"] = Field(
+    format: Literal["auto", "native", "mixtral", "qwen2_moe", "qwen3_moe"] = Field(
         "auto",
-        description="auto: mixtral or qwen2_moe when the model is expressible as one, "
-        "else native.",
+        description="auto: mixtral, qwen2_moe or qwen3_moe when the model is expressible as "
+        "one, else native.",
     )
     max_shard_size: ByteSize = Field(
         ByteSize(2_000_000_000), ge=1,

@@ -1,0 +1,160 @@
+"""Source families beyond Llama/Mistral/Qwen2: Qwen3 (per-head q/k norms, explicit
+head_dim) and its MoE export, each checked against transformers' own classes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import moecompose
+from moecompose.errors import SourceError, SpecError
+from moecompose.testing import make_dense
+
+HEAD_DIM = 32  # 4 heads x 32 = 128 != hidden 64: the explicit head_dim path
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("qwen3")
+    return {
+        "seed": make_dense(root / "seed", family="qwen3", seed=0, head_dim=HEAD_DIM),
+        "code": make_dense(root / "code", family="qwen3", seed=1, base_seed=0, head_dim=HEAD_DIM),
+        "law": make_dense(root / "law", family="qwen3", seed=2, base_seed=0, head_dim=HEAD_DIM),
+        "llama": make_dense(root / "llama", seed=3),
+    }
+
+
+def spec(tmp_path: Path, body: str, sources: dict[str, Path]) -> Path:
+    path = tmp_path / "spec.yaml"
+    head = "moecompose: 1\nsources: {" + ", ".join(f"{k}: {v}" for k, v in sources.items()) + "}\n"
+    path.write_text(head + textwrap.dedent(body))
+    return path
+
+
+def ids_and_mask() -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(4, 100, (2, 13), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    return ids, mask
+
+
+def assert_same_logits(ours: torch.nn.Module, theirs: torch.nn.Module) -> None:
+    ids, mask = ids_and_mask()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
+        a = ours(ids, attention_mask=mask).logits[mask.bool()]
+        b = theirs(ids, attention_mask=mask).logits[mask.bool()]
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_qwen3_dense_forward_equals_transformers(qwen3: dict[str, Path], tmp_path: Path) -> None:
+    path = moecompose.build(spec(tmp_path, "layers: []\n", {"seed": qwen3["seed"]}),
+                            tmp_path / "dense").path
+    assert json.loads((path / "config.json").read_text())["qk_norm"] is True
+    assert_same_logits(moecompose.load(path), AutoModelForCausalLM.from_pretrained(qwen3["seed"]))
+
+
+def test_qwen3_identical_copies_equal_the_dense_model(qwen3: dict[str, Path], tmp_path: Path) -> None:
+    body = """\
+        layers:
+        - select: all
+          ffn: {experts: {copy: seed, count: 4}, router: {kind: topk, k: 2}}
+        output: {format: native}
+        """
+    path = moecompose.build(spec(tmp_path, body, {"seed": qwen3["seed"]}), tmp_path / "moe").path
+    assert_same_logits(moecompose.load(path), AutoModelForCausalLM.from_pretrained(qwen3["seed"]))
+
+
+def test_qwen3_btx_exports_as_qwen3_moe_and_loads_in_transformers(
+        qwen3: dict[str, Path], tmp_path: Path) -> None:
+    body = """\
+        layers:
+        - select: {from: 1}
+          ffn: {experts: [seed, code, law]}
+        """
+    sources = {k: qwen3[k] for k in ("seed", "code", "law")}
+    plan = moecompose.plan(spec(tmp_path, body, sources))
+    assert plan.format == "qwen3_moe"
+    assert "mixtral" in plan.format_reason and "q/k norms" in plan.format_reason
+    path = moecompose.build(plan, tmp_path / "btx").path
+    theirs = AutoModelForCausalLM.from_pretrained(path)
+    assert type(theirs).__name__ == "Qwen3MoeForCausalLM"
+    assert theirs.config.mlp_only_layers == [0]
+    assert_same_logits(moecompose.load(path), theirs)
+
+
+def test_qwen3_moe_refuses_what_it_cannot_express(qwen3: dict[str, Path], tmp_path: Path) -> None:
+    body = """\
+        layers:
+        - select: all
+          ffn: {experts: [code, law], shared: seed}
+        output: {format: qwen3_moe}
+        """
+    sources = {k: qwen3[k] for k in ("seed", "code", "law")}
+    with pytest.raises(SpecError, match="a shared expert"):
+        moecompose.plan(spec(tmp_path, body, sources))
+    llama = """\
+        layers:
+        - select: all
+          ffn: {experts: {copy: seed, count: 2}}
+        output: {format: qwen3_moe}
+        """
+    with pytest.raises(SpecError, match="without q/k norms"):
+        moecompose.plan(spec(tmp_path, llama, {"seed": qwen3["llama"]}))
+
+
+def test_attention_experts_over_qwen3_are_a_located_refusal(qwen3: dict[str, Path],
+                                                           tmp_path: Path) -> None:
+    body = """\
+        layers:
+        - select: all
+          ffn: {experts: [code, law]}
+          attention: {experts: [code, law]}
+        """
+    path = spec(tmp_path, body, {k: qwen3[k] for k in ("code", "law")})
+    with pytest.raises(SourceError, match=r"spec\.yaml:6:\d+: attention experts over qwen3"):
+        moecompose.validate(moecompose.load_spec(path))
+
+
+def test_mixing_qwen3_and_llama_is_a_located_error(qwen3: dict[str, Path], tmp_path: Path) -> None:
+    body = """\
+        layers:
+        - select: all
+          ffn: {experts: [a, b]}
+        """
+    path = spec(tmp_path, body, {"a": qwen3["seed"], "b": qwen3["llama"]})
+    with pytest.raises(SourceError) as info:
+        moecompose.validate(moecompose.load_spec(path))
+    assert "spec.yaml" in str(info.value) and "qwen3" in str(info.value)
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("use_sliding_window", True, "use_sliding_window: true"),
+    ("layer_types", ["full_attention", "sliding_attention", "full_attention", "full_attention"],
+     "layer_types holds 'sliding_attention'"),
+])
+def test_unsupported_qwen3_variants_name_the_field(key: str, value: object, message: str,
+                                                   qwen3: dict[str, Path], tmp_path: Path) -> None:
+    source = tmp_path / "variant"
+    shutil.copytree(qwen3["seed"], source)
+    config = json.loads((source / "config.json").read_text())
+    config[key] = value
+    config["sliding_window"] = 4
+    (source / "config.json").write_text(json.dumps(config))
+    body = "layers:\n- select: all\n  ffn: {experts: {copy: seed, count: 2}}\n"
+    with pytest.raises(SourceError, match=message):
+        moecompose.validate(moecompose.load_spec(spec(tmp_path, body, {"seed": source})))
+
+
+def test_the_support_table_in_the_docs_is_current() -> None:
+    from moecompose.support import support_table
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "families.md").read_text()
+    block = doc.split("<!-- support table: generated -->\n")[1].split("<!-- end of support table -->")[0]
+    assert block == support_table()
