@@ -159,7 +159,12 @@ def resolve(spec: Spec, opened: dict[str, Checkpoint] | None = None) -> Resolved
                     location=spec.origin.locate(("layers", r, "attention"), key=True),
                     hint="mix FFNs only for these sources",
                 )
-    block = spec.block or "sequential"  # every supported family has sequential blocks
+    block = spec.block or "sequential"
+    if block == "parallel" and arch.norm_placement == "post":
+        raise SourceError(
+            f"block: parallel over {first.family.name} sources is not supported: their blocks "
+            "normalise each branch's output", location=spec.origin.locate(("block",)),
+            hint="leave block unset (the sources' sequential block)")  # every supported family has sequential blocks
     if block == "parallel":
         warnings.append(
             "block: parallel changes the function of the sequential sources; the built "
@@ -213,7 +218,8 @@ def recorded_checkpoint(
     arch = ArchFacts(**{
         **{key: value for key, value in config.items() if key in known},
         "model_type": family.model_types[0],
-        "qk_norm": bool(config.get("qk_norm", False)),
+        "qk_norm": config.get("qk_norm") or None,
+        "norm_placement": config.get("norm_placement", "pre"),
         "initializer_range": 0.02,  # not recorded; only Hugging Face configs carry it
     })
     code = CODES[config["dtype"]]
@@ -235,7 +241,9 @@ def dense_tensors(arch: ArchFacts, family: Family) -> dict[str, tuple[int, ...]]
         "embed": (v, d), "final_norm": (d,), "lm_head": (v, d),
         "attn_norm": (d,), "ffn_norm": (d,), "q": (q_out, d), "k": (kv_out, d),
         "v": (kv_out, d), "o": (d, q_out), "q_bias": (q_out,), "k_bias": (kv_out,),
-        "v_bias": (kv_out,), "q_norm": (arch.head_dim,), "k_norm": (arch.head_dim,),
+        "v_bias": (kv_out,),
+        "q_norm": (arch.head_dim,) if arch.qk_norm == "head" else (q_out,),
+        "k_norm": (arch.head_dim,) if arch.qk_norm == "head" else (kv_out,),
         "ffn_gate": (f, d), "ffn_up": (f, d), "ffn_down": (d, f),
     }
     out: dict[str, tuple[int, ...]] = {}

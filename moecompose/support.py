@@ -20,7 +20,8 @@ def _facts(family: Family) -> ArchFacts:
     values: dict[str, object] = {f.name: 0 for f in dataclasses.fields(ArchFacts)}
     values.update(model_type=family.model_types[0], hidden_act="silu", rope_scaling=None,
                   tie_word_embeddings=False, attention_bias=family.qkv_bias_default,
-                  qk_norm=family.qk_norm, sliding_window=_WINDOW.get(family.name),
+                  qk_norm=family.qk_norm, norm_placement=family.norm_placement,
+                  sliding_window=_WINDOW.get(family.name),
                   bos_token_id=None, eos_token_id=None, pad_token_id=None)
     return ArchFacts(**values)  # type: ignore[arg-type]
 

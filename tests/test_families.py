@@ -56,7 +56,7 @@ def assert_same_logits(ours: torch.nn.Module, theirs: torch.nn.Module) -> None:
 def test_qwen3_dense_forward_equals_transformers(qwen3: dict[str, Path], tmp_path: Path) -> None:
     path = moecompose.build(spec(tmp_path, "layers: []\n", {"seed": qwen3["seed"]}),
                             tmp_path / "dense").path
-    assert json.loads((path / "config.json").read_text())["qk_norm"] is True
+    assert json.loads((path / "config.json").read_text())["qk_norm"] == "head"
     assert_same_logits(moecompose.load(path), AutoModelForCausalLM.from_pretrained(qwen3["seed"]))
 
 
@@ -158,3 +158,57 @@ def test_the_support_table_in_the_docs_is_current() -> None:
     doc = (Path(__file__).resolve().parent.parent / "docs" / "families.md").read_text()
     block = doc.split("<!-- support table: generated -->\n")[1].split("<!-- end of support table -->")[0]
     assert block == support_table()
+
+
+@pytest.fixture(scope="module")
+def olmo2(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("olmo2")
+    return {
+        "seed": make_dense(root / "seed", family="olmo2", seed=0),
+        "code": make_dense(root / "code", family="olmo2", seed=1, base_seed=0),
+        "law": make_dense(root / "law", family="olmo2", seed=2, base_seed=0),
+    }
+
+
+def test_olmo2_dense_and_identical_copies_equal_transformers(olmo2: dict[str, Path],
+                                                             tmp_path: Path) -> None:
+    """OLMo 2: norms after each branch, q/k norms over all heads."""
+    theirs = AutoModelForCausalLM.from_pretrained(olmo2["seed"])
+    dense = moecompose.build(spec(tmp_path, "layers: []\n", {"seed": olmo2["seed"]}),
+                             tmp_path / "dense").path
+    config = json.loads((dense / "config.json").read_text())
+    assert (config["qk_norm"], config["norm_placement"]) == ("full", "post")
+    assert_same_logits(moecompose.load(dense), theirs)
+    body = """\
+        layers:
+        - select: all
+          ffn: {experts: {copy: seed, count: 4}, router: {kind: topk, k: 2}}
+        """
+    path = moecompose.build(spec(tmp_path, body, {"seed": olmo2["seed"]}), tmp_path / "moe").path
+    assert_same_logits(moecompose.load(path), theirs)
+
+
+def test_olmo2_btx_builds_natively_and_says_why(olmo2: dict[str, Path], tmp_path: Path) -> None:
+    body = """\
+        layers:
+        - select: all
+          ffn: {experts: [seed, code, law]}
+        """
+    plan = moecompose.plan(spec(tmp_path, body, olmo2))
+    assert plan.format == "native"
+    assert "q/k norms over all heads (OLMo 2 attention)" in plan.format_reason
+    model = moecompose.load(moecompose.build(plan, tmp_path / "btx").path)
+    ids, _ = ids_and_mask()
+    assert torch.isfinite(model(ids, labels=ids).loss)
+
+
+def test_olmo2_parallel_block_is_a_located_refusal(olmo2: dict[str, Path], tmp_path: Path) -> None:
+    body = """\
+        block: parallel
+        layers:
+        - select: all
+          ffn: {experts: [code, law]}
+        """
+    path = spec(tmp_path, body, {k: olmo2[k] for k in ("code", "law")})
+    with pytest.raises(SourceError, match=r"spec\.yaml:3:\d+: block: parallel over olmo2"):
+        moecompose.validate(moecompose.load_spec(path))

@@ -152,7 +152,8 @@ HF_REASONS = [
 def test_blocker_texts_are_the_ones_users_see(name: str, reasons: list[str]) -> None:
     """Every reason of each format, in order; asked for by name, Qwen2-MoE expresses a nexus
     router (baked into its gate)."""
-    arch: Any = SimpleNamespace(attention_bias=True, sliding_window=4, qk_norm=True)
+    arch: Any = SimpleNamespace(attention_bias=True, sliding_window=4, qk_norm="head",
+                                norm_placement="pre")
     assert formats.get(name).blockers(arch, ALL_BLOCKED, asked=False) == reasons
     baked = [r for r in reasons if not (name == "qwen2_moe" and r.startswith("the nexus"))]
     assert formats.get(name).blockers(arch, ALL_BLOCKED, asked=True) == baked

@@ -179,6 +179,19 @@ def hf_blockers(moe: MoEShape, *, bakes_nexus: bool) -> list[str]:
     return out
 
 
+def norm_blockers(arch: ArchFacts, *, head_qk_norm: bool = False) -> list[str]:
+    """What Llama-style attention blocks cannot hold: q/k norms (per head, unless
+    ``head_qk_norm``: the format has Qwen3's) and norms after each branch (OLMo 2)."""
+    out = []
+    if arch.qk_norm == "head" and not head_qk_norm:
+        out.append("per-head q/k norms (Qwen3 attention: format qwen3_moe has them)")
+    if arch.qk_norm == "full":
+        out.append("q/k norms over all heads (OLMo 2 attention)")
+    if arch.norm_placement == "post":
+        out.append("norms after the attention and FFN branches (OLMo 2's block)")
+    return out
+
+
 def moe_ffns(native_config: ModelConfig) -> tuple[list[MoEFFNConfig], TopKRouterConfig]:
     """The MoE FFNs of a model a Hugging Face format expresses, and the first one's router
     (the blockers make every MoE layer alike and refuse other router kinds)."""

@@ -22,8 +22,7 @@ def blockers(arch: ArchFacts, moe: f.MoEShape, *, asked: bool) -> list[str]:
         out.append("a shared expert (Mixtral has none)")
     if False in moe.normalize:
         out.append("router.normalize: false (Mixtral renormalises the top-k weights)")
-    if arch.qk_norm:
-        out.append("per-head q/k norms (Qwen3 attention: format qwen3_moe has them)")
+    out += f.norm_blockers(arch)
     if arch.attention_bias:
         out.append("q/k/v biases (Mixtral attention has none)")
     return out

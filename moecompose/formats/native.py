@@ -160,6 +160,7 @@ def model_config(
             "intermediate_size": arch.intermediate_size,
             "attention_bias": arch.attention_bias,
             "qk_norm": arch.qk_norm,
+            "norm_placement": arch.norm_placement,
             "block": block,
             "dtype": dtype,
             "layers": tuple(layers),

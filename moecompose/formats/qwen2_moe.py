@@ -27,8 +27,7 @@ def blockers(arch: ArchFacts, moe: f.MoEShape, *, asked: bool) -> list[str]:
             f"sliding-window attention (window {arch.sliding_window}; Qwen2-MoE windows "
             "only some layers)"
         )
-    if arch.qk_norm:
-        out.append("per-head q/k norms (Qwen3 attention: format qwen3_moe has them)")
+    out += f.norm_blockers(arch)
     if False in moe.shared:
         out.append("MoE layers without a shared expert (Qwen2-MoE always has one)")
     if len(moe.normalize) > 1:

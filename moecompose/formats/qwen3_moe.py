@@ -16,12 +16,14 @@ LAYOUT = f.Layout.of("model.layers.{i}.mlp", router="gate.weight",
 
 
 def blockers(arch: ArchFacts, moe: f.MoEShape, *, asked: bool) -> list[str]:
-    return f.hf_blockers(moe, bakes_nexus=False) + [reason for blocked, reason in (
-        (not arch.qk_norm, "sources without q/k norms (Qwen3-MoE attention always has them)"),
+    own = (
+        (arch.qk_norm is None, "sources without q/k norms (Qwen3-MoE attention always has them)"),
         (arch.sliding_window is not None, f"sliding-window attention (window {arch.sliding_window})"),
         (True in moe.shared, "a shared expert (Qwen3-MoE has none)"),
         (len(moe.normalize) > 1, "MoE layers differ in router.normalize"),
-    ) if blocked]
+    )
+    return [*f.hf_blockers(moe, bakes_nexus=False), *f.norm_blockers(arch, head_qk_norm=True),
+            *(reason for blocked, reason in own if blocked)]
 
 
 def write_config(native_config: ModelConfig, initializer_range: float) -> dict[str, Any]:

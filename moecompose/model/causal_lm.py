@@ -61,8 +61,8 @@ def build_attention(config: ModelConfig, spec: AttentionConfig) -> nn.Module:
               config.head_dim)
     if isinstance(spec, MoAAttentionConfig):
         return MixtureOfAttention(*widths, spec, bias=config.attention_bias)
-    return Attention(*widths, bias=config.attention_bias,
-                     qk_norm_eps=config.rms_norm_eps if config.qk_norm else None)
+    return Attention(*widths, bias=config.attention_bias, qk_norm=config.qk_norm,
+                     eps=config.rms_norm_eps)
 
 
 class _SkipInit(TorchFunctionMode):
@@ -117,6 +117,8 @@ def next_token_loss(
 class DecoderLayer(nn.Module):
     """Sequential (Llama): `h = x + attn(n1(x)); y = h + ffn(n2(h))`.
     Parallel (GPT-J, BAM): `y = x + attn(n1(x)) + ffn(n2(x))`.
+    Post-norm (OLMo 2): `h = x + n1(attn(x)); y = h + n2(ffn(h))`, n1 and n2 named
+    `post_attention_layernorm` and `post_feedforward_layernorm` as in its checkpoints.
     """
 
     def __init__(self, config: ModelConfig, spec: LayerConfig, dispatch: Dispatch) -> None:
@@ -126,8 +128,13 @@ class DecoderLayer(nn.Module):
         self.self_attn = build_attention(config, spec.attention)
         self.mlp = build_ffn(config, spec.ffn, dispatch)
         self.routed = isinstance(self.mlp, (MoEFFN, AdapterMoEFFN, TokenMixingFFN))
-        self.input_layernorm = RMSNorm(d, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(d, config.rms_norm_eps)
+        self.post_norm = config.norm_placement == "post"
+        if self.post_norm:
+            self.post_attention_layernorm = RMSNorm(d, config.rms_norm_eps)
+            self.post_feedforward_layernorm = RMSNorm(d, config.rms_norm_eps)
+        else:
+            self.input_layernorm = RMSNorm(d, config.rms_norm_eps)
+            self.post_attention_layernorm = RMSNorm(d, config.rms_norm_eps)
 
     def forward(
         self,
@@ -140,6 +147,10 @@ class DecoderLayer(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         """x [B, S, d], tokens [B, S] (bool, False = padding) -> (x [B, S, d], this layer's
         aux loss or None, over the real tokens)."""
+        if self.post_norm:
+            x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, mask, cache))
+            ffn, aux = self._ffn(x, tokens)
+            return x + self.post_feedforward_layernorm(ffn), aux
         if self.parallel:
             attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
             ffn, aux = self._ffn(self.post_attention_layernorm(x), tokens)

@@ -361,7 +361,11 @@ class ModelConfig(_Node):
     pad_token_id: TokenIds = None
     intermediate_size: PositiveInt
     attention_bias: Bool = False
-    qk_norm: Bool = False  # per-head RMSNorm of queries and keys before rope (Qwen3)
+    # RMSNorm of queries and keys before rope: "head" (per head: Qwen3), "full" (over all
+    # heads: OLMo 2), None.
+    qk_norm: Literal["head", "full"] | None = None
+    # "pre": each branch normalises its input (Llama); "post": its output (OLMo 2).
+    norm_placement: Literal["pre", "post"] = "pre"
     block: Literal["sequential", "parallel"] = "sequential"
     dtype: Literal[MODEL_DTYPES] = "float32"  # type: ignore[valid-type]
     layers: tuple[LayerConfig, ...]

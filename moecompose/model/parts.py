@@ -102,14 +102,15 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
 
 class Attention(nn.Module):
     """Causal grouped-query self-attention with rotary positions (Llama; Qwen2 adds q/k/v
-    bias, Qwen3 per-head q/k norms)."""
+    bias, Qwen3 per-head q/k norms, OLMo 2 q/k norms over all heads)."""
 
     def __init__(
         self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, bias: bool = False,
-        qk_norm_eps: float | None = None,
+        qk_norm: str | None = None, eps: float = 1e-6,
     ) -> None:
-        """``qk_norm_eps``: queries and keys pass a per-head RMSNorm (``q_norm``, ``k_norm``,
-        weights [head_dim]) before rope, as in Qwen3; None: no such norm."""
+        """``qk_norm``: queries and keys pass an RMSNorm (``q_norm``, ``k_norm``) before
+        rope: ``"head"`` per head (weights [head_dim], Qwen3), ``"full"`` over all heads
+        (weights [heads * head_dim], OLMo 2); None: no such norm."""
         super().__init__()
         self.n_heads = n_heads
         self.n_kv_heads = n_kv_heads
@@ -118,8 +119,11 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
         self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=False)
-        self.q_norm = None if qk_norm_eps is None else RMSNorm(head_dim, qk_norm_eps)
-        self.k_norm = None if qk_norm_eps is None else RMSNorm(head_dim, qk_norm_eps)
+        self.qk_norm = qk_norm
+        widths = (head_dim, head_dim) if qk_norm == "head" else (n_heads * head_dim,
+                                                                   n_kv_heads * head_dim)
+        self.q_norm = None if qk_norm is None else RMSNorm(widths[0], eps)
+        self.k_norm = None if qk_norm is None else RMSNorm(widths[1], eps)
 
     @property
     def cached_kv_heads(self) -> int:
@@ -136,10 +140,13 @@ class Attention(nn.Module):
     ) -> Tensor:
         """x: [B, S, d]; cos, sin: rotary tables; mask: None (causal) or bool [B, 1, S, L];
         cache: this layer's keys and values of earlier tokens, extended in place."""
-        q = split_heads(self.q_proj(x), self.n_heads)  # [B, h, S, dh]
-        k = split_heads(self.k_proj(x), self.n_kv_heads)  # [B, kv, S, dh]
+        q, k = self.q_proj(x), self.k_proj(x)  # [B, S, h*dh], [B, S, kv*dh]
+        if self.qk_norm == "full" and self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = split_heads(q, self.n_heads)  # [B, h, S, dh]
+        k = split_heads(k, self.n_kv_heads)  # [B, kv, S, dh]
         v = split_heads(self.v_proj(x), self.n_kv_heads)
-        if self.q_norm is not None and self.k_norm is not None:
+        if self.qk_norm == "head" and self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:

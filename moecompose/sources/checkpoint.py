@@ -46,7 +46,8 @@ class ArchFacts:
     max_position_embeddings: int
     tie_word_embeddings: bool
     attention_bias: bool
-    qk_norm: bool
+    qk_norm: str | None  # "head", "full" (see Family.qk_norm) or None
+    norm_placement: str  # "pre" or "post"
     sliding_window: int | None
     initializer_range: float
     bos_token_id: Any
@@ -58,7 +59,7 @@ class ArchFacts:
         "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
         "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
         "rms_norm_eps", "rope_theta", "rope_scaling", "tie_word_embeddings", "attention_bias",
-        "qk_norm", "sliding_window",
+        "qk_norm", "norm_placement", "sliding_window",
     )
 
     def has_role(self, role: str) -> bool:
@@ -67,7 +68,7 @@ class ArchFacts:
         if role.endswith("_bias"):
             return self.attention_bias
         if role in QK_NORM_ROLES:
-            return self.qk_norm
+            return self.qk_norm is not None
         return True
 
 
@@ -319,6 +320,7 @@ def _arch_facts(config: dict[str, Any], family: Family, where: str) -> ArchFacts
         tie_word_embeddings=read.bool("tie_word_embeddings", False),
         attention_bias=bias,
         qk_norm=family.qk_norm,
+        norm_placement=family.norm_placement,
         sliding_window=window,
         initializer_range=read.float("initializer_range", 0.02, positive=False),
         bos_token_id=config.get("bos_token_id"),

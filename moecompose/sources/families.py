@@ -12,7 +12,7 @@ LAYER_ROLES = (
     "attn_norm", "ffn_norm", "q", "k", "v", "o", "q_bias", "k_bias", "v_bias",
     "q_norm", "k_norm", "ffn_gate", "ffn_up", "ffn_down",
 )
-QK_NORM_ROLES = ("q_norm", "k_norm")  # per-head RMSNorm of queries and keys (Qwen3)
+QK_NORM_ROLES = ("q_norm", "k_norm")  # RMSNorm of queries and keys (Qwen3, OLMo 2)
 
 LLAMA_NAMES: dict[str, str] = {
     "embed": "model.embed_tokens.weight",
@@ -47,8 +47,12 @@ class Family:
     qkv_bias_default: bool = False
     # Config keys that must be off (name -> the value meaning "off").
     must_be: dict[str, object] = field(default_factory=dict)
-    # Queries and keys pass a per-head RMSNorm (`q_norm`, `k_norm` [head_dim]) before rope.
-    qk_norm: bool = False
+    # Queries and keys pass an RMSNorm before rope: "head" (per head, weights [head_dim]:
+    # Qwen3) or "full" (over all heads, weights [heads * head_dim]: OLMo 2); None: none.
+    qk_norm: str | None = None
+    # "pre": each branch normalises its input (Llama); "post": its output, before the
+    # residual sum (OLMo 2). `attn_norm`/`ffn_norm` name the attention/FFN branch's norm.
+    norm_placement: str = "pre"
     # Per-layer windows: a window applies only with this config key true (Qwen2, Qwen3).
     window_switch: str | None = None
 
@@ -65,8 +69,14 @@ FAMILIES: dict[str, Family] = {
     "mistral": Family("mistral", ("mistral",), LLAMA_NAMES),
     "qwen2": Family("qwen2", ("qwen2",), LLAMA_NAMES, qkv_bias_key=None, qkv_bias_default=True,
                     window_switch="use_sliding_window"),
-    "qwen3": Family("qwen3", ("qwen3",), LLAMA_NAMES, qk_norm=True,
+    "qwen3": Family("qwen3", ("qwen3",), LLAMA_NAMES, qk_norm="head",
                     window_switch="use_sliding_window"),
+    "olmo2": Family(
+        "olmo2", ("olmo2",),
+        {**LLAMA_NAMES, "attn_norm": "model.layers.{i}.post_attention_layernorm.weight",
+         "ffn_norm": "model.layers.{i}.post_feedforward_layernorm.weight"},
+        qk_norm="full", norm_placement="post",
+    ),
 }
 
 
