@@ -24,6 +24,7 @@ import contextlib
 import ctypes
 import errno
 import hashlib
+import json
 import os
 import platform
 import re
@@ -302,6 +303,61 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+HASH_CACHE_FORMAT = 1
+
+
+def hash_cache_path() -> Path:
+    """Where source-file hashes are remembered: ``$MOECOMPOSE_CACHE_DIR/file-hashes.json``,
+    else under ``$XDG_CACHE_HOME`` (or ``~/.cache``) ``/moecompose/``."""
+    root = os.environ.get("MOECOMPOSE_CACHE_DIR")
+    if root:
+        return Path(root).expanduser() / "file-hashes.json"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "moecompose" / "file-hashes.json"
+
+
+def _file_key(path: Path) -> str | None:
+    """What identifies a file's bytes without reading them (as make and git trust): its
+    resolved path, device, inode, size, and modification and change times in ns."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return f"{path.resolve()}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
+
+
+def source_hashes(paths: list[Path]) -> dict[Path, str]:
+    """sha256 of each file, read from the hash cache when the file's key (path, inode,
+    size, times) is unchanged since it was hashed, else computed and remembered. A manifest
+    lists every source file's hash; without the cache a build reads every source file a
+    second time for it. A cache that cannot be read or written is ignored."""
+    cache_file = hash_cache_path()
+    try:
+        cache = json.loads(cache_file.read_text())
+        if cache.get("format") != HASH_CACHE_FORMAT or not isinstance(cache.get("files"), dict):
+            cache = {}
+    except (OSError, ValueError, AttributeError):
+        cache = {}
+    known: dict[str, str] = dict(cache.get("files", {}))
+    out, changed = {}, False
+    for path in paths:
+        key = _file_key(path)
+        digest = known.get(key) if key is not None else None
+        if not isinstance(digest, str):
+            digest = sha256_file(path)
+            if key is not None:
+                known[key] = digest
+                changed = True
+        out[path] = digest
+    if changed:
+        with contextlib.suppress(OSError):
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}")
+            tmp.write_text(json.dumps({"format": HASH_CACHE_FORMAT, "files": known}))
+            tmp.replace(cache_file)
+    return out
+
+
 def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -320,11 +376,12 @@ def manifest(plan: Plan, files: dict[str, str]) -> dict[str, Any]:
     sources = {}
     for name, src in plan.sources.items():
         folder = Path(src["path"])
-        weights = sorted(p.name for p in folder.glob("*.safetensors"))
+        weights = sorted(folder.glob("*.safetensors"))
+        hashes = source_hashes(weights)
         sources[name] = {
             "path": src["path"],
             "fingerprint": src["fingerprint"],
-            "files": {w: sha256_file(folder / w) for w in weights},
+            "files": {w.name: hashes[w] for w in weights},
         }
     out: dict[str, Any] = {
         "moecompose_manifest": 1,

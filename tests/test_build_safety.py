@@ -227,3 +227,40 @@ def test_a_disk_too_small_for_the_plan_is_refused_before_writing(
                                 "-q"), 1)
     assert f"cannot write {out}: the artifact needs" in line and "free" in line
     assert list(small_tmpfs.iterdir()) == []
+
+
+def test_manifest_source_hashes_are_remembered_until_the_file_changes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, write_spec) -> None:
+    """A manifest lists every source file's sha256; a second build does not read the
+    sources again for it, and a changed file (other mtime) is hashed anew."""
+    import hashlib
+    import json
+    import os
+
+    import moecompose
+    from moecompose import artifact
+
+    monkeypatch.setenv("MOECOMPOSE_CACHE_DIR", str(tmp_path / "cache"))
+    hashed: list[Path] = []
+    real = artifact.sha256_file
+    monkeypatch.setattr(artifact, "sha256_file", lambda p: hashed.append(Path(p)) or real(p))
+    path = write_spec("""
+        moecompose: 1
+        sources: {seed: $seed}
+        layers:
+        - select: all
+          ffn: {experts: {copy: seed, count: 2}}
+    """)
+    first = moecompose.build(path, tmp_path / "a").path
+    source = next(p for p in hashed if p.name == "model.safetensors")
+    assert source.parent.name == "seed"
+    hashed.clear()
+    moecompose.build(path, tmp_path / "b")
+    assert not [p for p in hashed if p.parent == source.parent]
+    listed = json.loads((first / "manifest.json").read_text())["sources"]["seed"]["files"]
+    assert listed["model.safetensors"] == hashlib.sha256(source.read_bytes()).hexdigest()
+    st = source.stat()
+    os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    hashed.clear()
+    moecompose.build(path, tmp_path / "c", force=True)
+    assert source in hashed

@@ -388,14 +388,12 @@ def _fingerprint(train: Sequence[Path], held: Sequence[Path]) -> str:
 
 
 def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
+    from moecompose.artifact import sha256_file
+
     try:
-        with open(path, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                digest.update(chunk)
+        return sha256_file(path)
     except OSError as exc:
         raise DataError(f"cannot read data file {path}: {exc.strerror or exc}") from None
-    return digest.hexdigest()
 
 
 def _file_list(files: Sequence[Path], limit: int = 3) -> str:
