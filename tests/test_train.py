@@ -415,3 +415,15 @@ def test_compiled_training_follows_eager(built: dict[str, Path], tmp_path: Path)
         log = (result.run_dir / "metrics.jsonl").read_text().splitlines()
         runs[mode] = [json.loads(line)["loss"] for line in log if '"train"' in line]
     assert runs["true"] == pytest.approx(runs["false"], rel=1e-4)
+
+
+def test_resume_with_another_recipe_is_refused_and_keeps_the_run(built: dict[str, Path],
+                                                                 tmp_path: Path) -> None:
+    base = built["sparse_upcycling"]
+    first = write_recipe(tmp_path, base, "checkpoint: {every: 1}\n", steps=2, name="a.yaml")
+    result = moecompose.train(first, tmp_path / "trained")
+    saved = (result.run_dir / "recipe.yaml").read_text()
+    other = write_recipe(tmp_path, base, "checkpoint: {every: 1}\n", steps=3, name="b.yaml")
+    with pytest.raises(MoeComposeError, match="belongs to another recipe"):
+        moecompose.train(other, tmp_path / "again", run_dir=result.run_dir, resume=True)
+    assert (result.run_dir / "recipe.yaml").read_text() == saved

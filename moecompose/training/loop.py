@@ -458,13 +458,14 @@ def _start(run_dir: Path, recipe: TrainRecipe, *, resume: bool, force: bool) -> 
             raise BuildError(f"{run_dir} holds checkpoints of an earlier run",
                              hint="add --resume to continue it, or --force to start over")
         shutil.rmtree(run_dir / CHECKPOINTS)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.yaml").write_text(_recipe_yaml(recipe))
     if resume:
         digest = json.loads((existing[-1] / "state.json").read_text()).get("recipe_digest")
         if digest != recipe.digest():
             raise BuildError(f"{existing[-1]} belongs to another recipe",
                              hint="resume with the recipe the run started with, or --force")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.yaml").write_text(_recipe_yaml(recipe))
+    if resume:
         return existing[-1]
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     return None
