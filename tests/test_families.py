@@ -212,3 +212,69 @@ def test_olmo2_parallel_block_is_a_located_refusal(olmo2: dict[str, Path], tmp_p
     path = spec(tmp_path, body, {k: olmo2[k] for k in ("code", "law")})
     with pytest.raises(SourceError, match=r"spec\.yaml:3:\d+: block: parallel over olmo2"):
         moecompose.validate(moecompose.load_spec(path))
+
+
+@pytest.fixture(scope="module")
+def phi3(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Phi-3: q, k and v fused in one qkv_proj, gate and up in one gate_up_proj."""
+    root = tmp_path_factory.mktemp("phi3")
+    return {
+        "seed": make_dense(root / "seed", family="phi3", seed=0),
+        "code": make_dense(root / "code", family="phi3", seed=1, base_seed=0),
+        "law": make_dense(root / "law", family="phi3", seed=2, base_seed=0),
+    }
+
+
+def test_phi3_fused_tensors_are_read_as_roles(phi3: dict[str, Path], tmp_path: Path) -> None:
+    theirs = AutoModelForCausalLM.from_pretrained(phi3["seed"])
+    body = """\
+        layers:
+        - select: all
+          ffn: {experts: {copy: seed, count: 4}}
+        output: {format: native}
+        """
+    path = moecompose.build(spec(tmp_path, body, {"seed": phi3["seed"]}), tmp_path / "moe").path
+    assert_same_logits(moecompose.load(path), theirs)
+    fused = theirs.model.layers[1].self_attn.qkv_proj.weight
+    q = moecompose.load(path).model.layers[1].self_attn.q_proj.weight
+    assert torch.equal(q, fused[: q.shape[0]])
+
+
+def test_phi3_btx_with_drop_upcycling_exports_as_mixtral(phi3: dict[str, Path], tmp_path: Path) -> None:
+    body = """\
+        layers:
+        - select: all
+          ffn: {experts: [seed, code, law]}
+        """
+    path = moecompose.build(spec(tmp_path, body, phi3), tmp_path / "btx").path
+    theirs = AutoModelForCausalLM.from_pretrained(path)
+    assert type(theirs).__name__ == "MixtralForCausalLM"
+    assert_same_logits(moecompose.load(path), theirs)
+    drop = """\
+        layers:
+        - select: all
+          ffn: {experts: {copy: seed, count: 2, drop: 0.5}}
+        """
+    model = moecompose.load(moecompose.build(spec(tmp_path, drop, {"seed": phi3["seed"]}),
+                                             tmp_path / "drop").path)
+    ids, _ = ids_and_mask()
+    assert torch.isfinite(model(ids).logits).all()
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"partial_rotary_factor": 0.75}, "partial_rotary_factor 0.75 is not supported"),
+    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
+                          "short_factor": [1.0] * 8, "long_factor": [1.0] * 8}},
+     "rope type 'longrope' is not supported"),
+    ({"intermediate_size": 64}, "gate_up_proj.weight' has shape"),
+])
+def test_unsupported_phi3_variants_are_located(change: dict, message: str, phi3: dict[str, Path],
+                                               tmp_path: Path) -> None:
+    source = tmp_path / "variant"
+    shutil.copytree(phi3["seed"], source)
+    config = json.loads((source / "config.json").read_text())
+    config.update(change)
+    (source / "config.json").write_text(json.dumps(config))
+    body = "layers:\n- select: all\n  ffn: {experts: {copy: seed, count: 2}}\n"
+    with pytest.raises(SourceError, match=message):
+        moecompose.validate(moecompose.load_spec(spec(tmp_path, body, {"seed": source})))

@@ -121,7 +121,7 @@ def open_checkpoint(name: str, path: Path) -> Checkpoint:
             f"{where}: config.json has an invalid value: {exc}",
             hint="fix config.json or re-save the checkpoint with transformers",
         ) from None
-    tensors = _tensor_index(path, where)
+    tensors = _split_fused(_tensor_index(path, where), family, arch, where)
     try:
         tokenizer = {
             f: hashlib.sha256((path / f).read_bytes()).hexdigest()
@@ -132,6 +132,39 @@ def open_checkpoint(name: str, path: Path) -> Checkpoint:
         raise SourceError(f"{where}: cannot read tokenizer file: {exc.strerror or exc}") from None
     fingerprint = tensors_fingerprint(tensors, json.dumps(config, sort_keys=True))
     return Checkpoint(name, path, family, arch, tensors, tokenizer, fingerprint)
+
+
+def _split_fused(tensors: dict[str, TensorEntry], family: Family, arch: ArchFacts,
+                 where: str) -> dict[str, TensorEntry]:
+    """Each fused tensor of ``family`` (``Family.fused``) replaced by one entry per role:
+    its rows, a contiguous byte range of the file (nothing is read)."""
+    if not family.fused:
+        return tensors
+    rows = {"q": arch.num_attention_heads * arch.head_dim,
+            "k": arch.num_key_value_heads * arch.head_dim,
+            "v": arch.num_key_value_heads * arch.head_dim,
+            "ffn_gate": arch.intermediate_size, "ffn_up": arch.intermediate_size}
+    out = dict(tensors)
+    for i in range(arch.num_hidden_layers):
+        for pattern, roles in family.fused.items():
+            entry = out.pop(pattern.format(i=i), None)
+            if entry is None:
+                continue  # the expected-tensor check names what is missing
+            expected = sum(rows[r] for r in roles)
+            if len(entry.shape) != 2 or entry.shape[0] != expected:
+                raise SourceError(
+                    f"{where}: tensor '{entry.name}' has shape {list(entry.shape)}; config.json "
+                    f"implies [{expected}, {arch.hidden_size}] ({' + '.join(roles)} rows)",
+                    hint="check the checkpoint's config.json against its weights")
+            row_bytes = (entry.end - entry.start) // entry.shape[0]
+            start = entry.start
+            for role in roles:
+                name = family.tensor(role, i)
+                end = start + rows[role] * row_bytes
+                out[name] = TensorEntry(entry.file, entry.dtype, (rows[role], entry.shape[1]),
+                                        start, end, name)
+                start = end
+    return out
 
 
 def tensors_fingerprint(tensors: dict[str, TensorEntry], prefix: str = "") -> str:
@@ -272,6 +305,12 @@ def _arch_facts(config: dict[str, Any], family: Family, where: str) -> ArchFacts
         else:
             scaling["rope_type"] = kind
             scaling.pop("type", None)
+            scaling.pop("partial_rotary_factor", None)  # checked below: 1.0 only
+    partial = config.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
+    if partial not in (1, 1.0, None):
+        raise SourceError(
+            f"{where}: partial_rotary_factor {partial!r} is not supported (rotary positions on "
+            "every head dimension only)", hint="use a checkpoint with partial_rotary_factor 1.0")
     act = read.str("hidden_act", "silu")
     if act != "silu":
         raise SourceError(f"{where}: hidden_act '{act}' is not supported (only silu / SwiGLU)")

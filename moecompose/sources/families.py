@@ -55,6 +55,10 @@ class Family:
     norm_placement: str = "pre"
     # Per-layer windows: a window applies only with this config key true (Qwen2, Qwen3).
     window_switch: str | None = None
+    # Tensors stored fused, by name ({i}: the layer) -> the roles their rows hold, in order
+    # (Phi-3's qkv_proj and gate_up_proj). They are read as one tensor per role, named as
+    # `names` says: a range of rows is a range of bytes, so nothing is copied.
+    fused: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def tensor(self, role: str, layer: int | None = None) -> str:
         name = self.names[role]
@@ -71,6 +75,11 @@ FAMILIES: dict[str, Family] = {
                     window_switch="use_sliding_window"),
     "qwen3": Family("qwen3", ("qwen3",), LLAMA_NAMES, qk_norm="head",
                     window_switch="use_sliding_window"),
+    "phi3": Family(
+        "phi3", ("phi3",), LLAMA_NAMES, qkv_bias_key=None,
+        fused={"model.layers.{i}.self_attn.qkv_proj.weight": ("q", "k", "v"),
+               "model.layers.{i}.mlp.gate_up_proj.weight": ("ffn_gate", "ffn_up")},
+    ),
     "olmo2": Family(
         "olmo2", ("olmo2",),
         {**LLAMA_NAMES, "attn_norm": "model.layers.{i}.post_attention_layernorm.weight",
