@@ -3,10 +3,12 @@ a new artifact.
 
 A run lives in a run folder (default ``OUT.run`` beside the output): ``metrics.jsonl``
 (one JSON object per training step, evaluation and checkpoint), ``recipe.yaml``, and
-``checkpoints/step-NNNNNN`` (the trained tensors in native names and fp32, the optimizer
-state, and ``state.json`` with the step, the data position and the RNG state), each put in
+``checkpoints/step-NNNNNN`` (the trainable tensors in native names and fp32 and the
+optimizer state as a Distributed Checkpoint, ``state.json`` with the step, the data
+position and the RNG state, and for the last step the trained tensors whole), each put in
 place by a rename so that a crash or a full disk never leaves a half-written one.
-``--resume`` continues from the newest checkpoint, bit-identically on CPU in fp32.
+``--resume`` continues from the newest checkpoint, bit-identically on CPU in fp32, on any
+number of processes (``training/distributed.py``).
 
 The trained artifact is a plan rewrite, built by the same executor as any build: the
 starting artifact's plan, every trained tensor copied from the final checkpoint (the input
