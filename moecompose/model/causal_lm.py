@@ -30,6 +30,7 @@ from moecompose.model.config import (
     ModelConfig,
     TokenMixingRouterConfig,
 )
+from moecompose.model.loss import linear_cross_entropy
 from moecompose.model.moe import DISPATCHES, Dispatch, GroupedExperts, MoEFFN, one_of
 from moecompose.model.parts import (
     Attention,
@@ -87,11 +88,11 @@ def _names(names: list[str], limit: int = 20) -> str:
 
 
 class CausalLMOutput(NamedTuple):
-    """logits [B, S, V]; aux_loss: weighted auxiliary losses summed over MoE layers, fp32 [];
-    cache: the KV cache passed in, now holding this call's tokens too (None without one);
-    loss: with `labels`, `next_token_loss + aux_loss` (fp32 []), else None."""
+    """logits [B, S, V] (None when the call asked for the loss only); aux_loss: weighted
+    auxiliary losses summed over MoE layers, fp32 []; cache: the KV cache passed in, now
+    holding this call's tokens too (None without one); loss: with `labels`, `next_token_loss + aux_loss` (fp32 []), else None."""
 
-    logits: Tensor
+    logits: Tensor | None
     aux_loss: Tensor
     cache: KVCache | None = None
     loss: Tensor | None = None
@@ -107,11 +108,25 @@ def next_token_loss(
     would be predicted from padding). The mean is over the targets that remain (NaN when
     there are none, as `F.cross_entropy`'s).
     """
+    targets = next_token_targets(labels, attention_mask)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+
+def next_token_targets(labels: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    """The target of every position [B, S]: `labels[:, t + 1]`, -100 (none) at the last
+    position, at padding and after padding (see `next_token_loss`)."""
     targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # [B, S]: position t predicts t + 1
     if attention_mask is not None:
         real = attention_mask.bool()
         targets = targets.masked_fill(~(real & F.pad(real[:, 1:], (0, 1))), -100)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+    return targets
+
+
+def _last_columns(attention_mask: Tensor | None, labels: Tensor) -> Tensor | None:
+    """The mask's last S columns [B, S] (a cached call's mask covers the past too)."""
+    if attention_mask is None:
+        return None
+    return attention_mask[:, attention_mask.shape[-1] - labels.shape[-1] :]
 
 
 class DecoderLayer(nn.Module):
@@ -255,6 +270,7 @@ class MoECausalLM(nn.Module):
         position_ids: Tensor | None = None,
         cache: KVCache | None = None,
         labels: Tensor | None = None,
+        return_logits: bool = True,
     ) -> CausalLMOutput:
         """input_ids [B, S]; attention_mask [B, S] (1 = token, 0 = padding); position_ids [B, S].
 
@@ -266,18 +282,20 @@ class MoECausalLM(nn.Module):
         labels [B, S] (usually `input_ids`, -100 where no loss is wanted): the output's
         `loss` is `next_token_loss(logits, labels, mask) + aux_loss`, `mask` the last S
         columns of `attention_mask`. Padded tokens count in neither term.
+        `return_logits=False` (training) leaves the output's `logits` None and computes
+        the loss without them, a chunk of tokens at a time (`linear_cross_entropy`): the
+        same loss and gradients, without the [B, S, V] logits in memory.
         """
         h, aux = self.model(input_ids, attention_mask, position_ids, cache)  # [B, S, d]
-        if self.lm_head is None:
-            logits = F.linear(h, self.model.embed_tokens.weight)  # [B, S, V]
-        else:
-            logits = self.lm_head(h)
+        head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        if labels is not None and not return_logits:
+            targets = next_token_targets(labels, _last_columns(attention_mask, labels))
+            loss = linear_cross_entropy(h.flatten(0, 1), head, targets.flatten()) + aux
+            return CausalLMOutput(None, aux, cache, loss)
+        logits = F.linear(h, head)  # [B, S, V]
         loss = None
         if labels is not None:
-            mask = attention_mask
-            if mask is not None:
-                mask = mask[:, mask.shape[-1] - labels.shape[-1] :]  # [B, S]
-            loss = next_token_loss(logits, labels, mask) + aux
+            loss = next_token_loss(logits, labels, _last_columns(attention_mask, labels)) + aux
         return CausalLMOutput(logits, aux, cache, loss)
 
     def new_cache(self, max_length: int | None = None, batch_size: int = 1) -> KVCache:
