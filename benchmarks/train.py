@@ -17,9 +17,12 @@ gets exactly those batches (a `Dataset` of them, in order, no shuffling).
 
 Each run is its own child process (so its peak RSS, `VmHWM`, is its own); the first
 steps (compilation, allocator warmup) are dropped and the median of the rest is kept.
-Printed: tokens/s of each, moecompose ÷ transformers, and peak RSS ratios.
+The two runs of a setting alternate `--repeats` times (ours, theirs, ours, theirs, ...),
+so that a slow spell of a shared machine hits both; each pair gives one ratio.
+Printed: tokens/s of each (median over repeats), the median ratio moecompose ÷
+transformers with the lowest and highest pair's, and peak RSS ratios.
 
-    python benchmarks/train.py [--workdir DIR] [--quick] [--steps N]
+    python benchmarks/train.py [--workdir DIR] [--quick] [--steps N] [--repeats R]
 
 Needs the test extra and `accelerate` (transformers' Trainer requires it): `pip install
 'moecompose[hf]'`.
@@ -185,6 +188,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--eager-only", action="store_true", help="skip the compiled runs")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="pairs of runs per setting (default 3, 1 with --quick)")
     parser.add_argument("--child", choices=("ours", "transformers"))
     args = parser.parse_args()
     dims = QUICK if args.quick else DIMS
@@ -201,18 +206,24 @@ def main() -> None:
         print(json.dumps(run_transformers(workdir, artifact, steps, seq, batch, args.compile)))
         return
     drop = 1 if args.quick else 3
+    repeats = args.repeats or (1 if args.quick else 3)
     print(f"model: {dims}, 4 experts top-2 (Mixtral export); {steps} steps of {batch} x {seq} "
-          f"tokens; median of steps after the first {drop}")
+          f"tokens; median of steps after the first {drop}; {repeats} pairs of runs")
     print(f"{'setting':<10} {'moecompose tok/s':>17} {'transformers tok/s':>19} {'ratio':>7} "
-          f"{'RSS ours / theirs':>18}")
+          f"{'(low-high)':>12} {'RSS ours / theirs':>18}")
     for compiled in (False,) if args.eager_only else (False, True):
-        ours = child("ours", workdir, steps, seq, batch, compiled)
-        theirs = child("transformers", workdir, steps, seq, batch, compiled)
-        a = seq * batch / statistics.median(ours["seconds"][drop:])
-        b = seq * batch / statistics.median(theirs["seconds"][drop:])
+        ours, theirs, rss = [], [], []
+        for _ in range(repeats):
+            a = child("ours", workdir, steps, seq, batch, compiled)
+            b = child("transformers", workdir, steps, seq, batch, compiled)
+            ours.append(seq * batch / statistics.median(a["seconds"][drop:]))
+            theirs.append(seq * batch / statistics.median(b["seconds"][drop:]))
+            rss.append(a["rss"] / b["rss"])
+        ratios = sorted(x / y for x, y in zip(ours, theirs, strict=True))
         name = "compiled" if compiled else "eager"
-        print(f"{name:<10} {a:>17,.0f} {b:>19,.0f} {a / b:>6.2f}x "
-              f"{ours['rss'] / theirs['rss']:>17.2f}x")
+        spread = f"({ratios[0]:.2f}-{ratios[-1]:.2f})"
+        print(f"{name:<10} {statistics.median(ours):>17,.0f} {statistics.median(theirs):>19,.0f} "
+              f"{statistics.median(ratios):>6.2f}x {spread:>12} {max(rss):>17.2f}x")
 
 
 if __name__ == "__main__":

@@ -529,7 +529,7 @@ def _train_locked(run: _Run, out: Path, run_dir: Path, world: World, device: tor
                     sync_gradients(model, micro == mine[-1])
                     ids = ids.to(device)
                     with autocast:
-                        output = forward(ids, labels=ids)
+                        output = forward(ids, labels=ids, return_logits=False)
                     assert output.loss is not None
                     (output.loss * (world.size / n)).backward()
                     sums[0] += float(output.loss.detach())
