@@ -47,6 +47,14 @@ def _(position: Tensor, query_len: int, max_length: int) -> Tensor:
     return position.new_empty(query_len)
 
 
+@_slots.register_kernel("cuda")
+def _(position: Tensor, query_len: int, max_length: int) -> Tensor:
+    """On CUDA the check is a device-side assert: reading `position` on the host would
+    wait for the device every step (and cannot run inside a CUDA graph)."""
+    torch._assert_async(position + query_len <= max_length, "KV cache overflow")
+    return position + torch.arange(query_len, device=position.device)
+
+
 class LayerKV:
     """One layer's cached keys and values, [B, n, L, dh] each; None before the first update."""
 
@@ -112,16 +120,20 @@ class StaticLayerKV(LayerKV):
     """One layer's keys and values, preallocated [B, n, max_length, dh] each, written at the
     cache's current position."""
 
-    def __init__(self, key: Tensor, value: Tensor, position: Tensor) -> None:
+    def __init__(self, key: Tensor, value: Tensor, cache: StaticKVCache) -> None:
         self.key: Tensor = key
         self.value: Tensor = value
-        self.position = position  # [], shared by the cache's layers
+        self.cache = cache
+
+    @property
+    def position(self) -> Tensor:
+        return self.cache.position
 
     def update(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
         """Write the new tokens' key, value [B, n, S, dh] at positions `position + [0, S)`;
         returns the whole buffers [B, n, max_length, dh]. The buffers keep the model's
         dtype: under autocast the new keys (bf16, say) are stored in it."""
-        index = _slots(self.position, key.shape[-2], self.key.shape[-2])  # [S]
+        index = self.cache.slots(key.shape[-2])  # [S]
         self.key.index_copy_(2, index, key.to(self.key.dtype))
         self.value.index_copy_(2, index, value.to(self.value.dtype))
         return self.key, self.value
@@ -156,18 +168,29 @@ class StaticKVCache(KVCache):
             )
         self.max_length = max_length
         self.position = torch.zeros((), dtype=torch.long, device=device)
+        self._slots: Tensor | None = None  # this call's write positions, once checked
         self.keep = torch.ones(batch_size, max_length, dtype=torch.bool, device=device)
         self.layers: list[LayerKV] = [
             StaticLayerKV(
                 torch.zeros(batch_size, n, max_length, head_dim, dtype=dtype, device=device),
                 torch.zeros(batch_size, n, max_length, head_dim, dtype=dtype, device=device),
-                self.position,
+                self,
             )
             for n in heads
         ]
 
     def positions(self, query_len: int, device: torch.device) -> Tensor:
         return self.position + torch.arange(query_len, device=device)
+
+    def slots(self, query_len: int) -> Tensor:
+        """Where this call's `query_len` new tokens go [S]: checked to fit once per call
+        (in `mask`, before any layer writes) and then shared by the layers, so that
+        decoding reads the position on the host once per step, not once per layer. The
+        layers' writes take this tensor as input, so a compiled graph cannot order a
+        write before the check."""
+        if self._slots is None or self._slots.shape[0] != query_len:
+            self._slots = _slots(self.position, query_len, self.max_length)
+        return self._slots
 
     def mask(self, query_len: int, attention_mask: Tensor | None, device: torch.device,
              window: int | None = None) -> Tensor:
@@ -178,7 +201,7 @@ class StaticKVCache(KVCache):
         ([B, past + S] as for `KVCache`, or just [B, S]); None means no padding. Raises
         `ValueError` if the new tokens do not fit.
         """
-        q_pos = _slots(self.position, query_len, self.max_length)  # [S]
+        q_pos = self.slots(query_len)  # [S]
         k_pos = torch.arange(self.max_length, device=device)  # [L]
         if attention_mask is None:
             new = torch.ones(self.keep.shape[0], query_len, dtype=torch.bool, device=device)
@@ -190,3 +213,4 @@ class StaticKVCache(KVCache):
     def advance(self, query_len: int) -> None:
         """Move the write position past the new tokens (in place, so compiled code sees it)."""
         self.position.add_(query_len)
+        self._slots = None
