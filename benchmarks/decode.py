@@ -64,9 +64,9 @@ Generate = Callable[[torch.Tensor], torch.Tensor]
 
 
 def candidates(artifact: Path, new: int, max_length: int) -> dict[str, Generate]:
-    import moecompose
     from transformers import AutoModelForCausalLM, CompileConfig
 
+    import moecompose
     from moecompose.model.compile import compile_model
 
     ours = moecompose.load(artifact, dtype="float32")

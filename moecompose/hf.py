@@ -99,10 +99,9 @@ class MoeComposeForCausalLM(PreTrainedModel, GenerationMixin):
     def _init_weights(self, module: torch.nn.Module) -> None:
         """Only what state dicts leave out: the rotary frequencies (weights come from the
         artifact; a model made from a config alone keeps ``MoECausalLM``'s init)."""
-        if isinstance(module, RotaryEmbedding):
-            config = self.native_config
+        if isinstance(module, RotaryEmbedding):  # the model's, or its local layers' (Gemma 3)
             module.inv_freq = rope_inverse_frequencies(
-                config.head_dim, config.rope_theta, config.rope_scaling
+                module.head_dim, module.theta, module.scaling
             ).to(module.inv_freq.device if module.inv_freq.device.type != "meta" else "cpu")
 
     def get_input_embeddings(self) -> torch.nn.Module:

@@ -160,7 +160,7 @@ def resolve(spec: Spec, opened: dict[str, Checkpoint] | None = None) -> Resolved
                     hint="mix FFNs only for these sources",
                 )
     block = spec.block or "sequential"
-    if block == "parallel" and arch.norm_placement == "post":
+    if block == "parallel" and arch.norm_placement != "pre":
         raise SourceError(
             f"block: parallel over {first.family.name} sources is not supported: their blocks "
             "normalise each branch's output", location=spec.origin.locate(("block",)),
@@ -220,6 +220,7 @@ def recorded_checkpoint(
         "model_type": family.model_types[0],
         "qk_norm": config.get("qk_norm") or None,
         "norm_placement": config.get("norm_placement", "pre"),
+        "layer_types": tuple(config["layer_types"]) if config.get("layer_types") else None,
         "initializer_range": 0.02,  # not recorded; only Hugging Face configs carry it
     })
     code = CODES[config["dtype"]]
@@ -239,7 +240,8 @@ def dense_tensors(arch: ArchFacts, family: Family) -> dict[str, tuple[int, ...]]
     d, f, v = arch.hidden_size, arch.intermediate_size, arch.vocab_size
     shapes = {
         "embed": (v, d), "final_norm": (d,), "lm_head": (v, d),
-        "attn_norm": (d,), "ffn_norm": (d,), "q": (q_out, d), "k": (kv_out, d),
+        "attn_norm": (d,), "ffn_norm": (d,), "attn_out_norm": (d,), "ffn_out_norm": (d,),
+        "q": (q_out, d), "k": (kv_out, d),
         "v": (kv_out, d), "o": (d, q_out), "q_bias": (q_out,), "k_bias": (kv_out,),
         "v_bias": (kv_out,),
         "q_norm": (arch.head_dim,) if arch.qk_norm == "head" else (q_out,),

@@ -8,21 +8,32 @@ import dataclasses
 
 from moecompose import formats
 from moecompose.formats import MoEShape
-from moecompose.sources.checkpoint import ArchFacts
+from moecompose.sources.checkpoint import ACTIVATIONS, ArchFacts
 from moecompose.sources.families import FAMILIES, Family
 
 METHODS = ("sparse upcycling", "BTX", "BAM", "Nexus", "PESC", "Mixture of Tokens", "granularity")
-_WINDOW = {"mistral": 4096}  # what a family's usual checkpoints set
+_GEMMA_LAYERS = ("sliding_attention", "full_attention")
+_TYPICAL: dict[str, dict[str, object]] = {  # what a family's usual checkpoints set
+    "mistral": {"sliding_window": 4096},
+    "gemma2": {"sliding_window": 4096, "layer_types": _GEMMA_LAYERS,
+               "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
+    "gemma3": {"sliding_window": 1024, "layer_types": _GEMMA_LAYERS,
+               "rope_local_base_freq": 10000.0},
+}
 
 
 def _facts(family: Family) -> ArchFacts:
     """A typical checkpoint of ``family``, as far as formats look at it."""
-    values: dict[str, object] = {f.name: 0 for f in dataclasses.fields(ArchFacts)}
-    values.update(model_type=family.model_types[0], hidden_act="silu", rope_scaling=None,
-                  tie_word_embeddings=False, attention_bias=family.qkv_bias_default,
-                  qk_norm=family.qk_norm, norm_placement=family.norm_placement,
-                  sliding_window=_WINDOW.get(family.name),
+    values: dict[str, object] = {f.name: 0 for f in dataclasses.fields(ArchFacts)
+                                 if f.default is dataclasses.MISSING}
+    values.update(model_type=family.model_types[0], hidden_act=ACTIVATIONS[family.act_default],
+                  rope_scaling=None, tie_word_embeddings=False,
+                  attention_bias=family.qkv_bias_default, qk_norm=family.qk_norm,
+                  norm_placement=family.norm_placement, sliding_window=None,
+                  norm_unit_offset=family.norm_unit_offset,
+                  scale_embeddings=family.scale_embeddings,
                   bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    values.update(_TYPICAL.get(family.name, {}))
     return ArchFacts(**values)  # type: ignore[arg-type]
 
 

@@ -153,7 +153,11 @@ def test_blocker_texts_are_the_ones_users_see(name: str, reasons: list[str]) -> 
     """Every reason of each format, in order; asked for by name, Qwen2-MoE expresses a nexus
     router (baked into its gate)."""
     arch: Any = SimpleNamespace(attention_bias=True, sliding_window=4, qk_norm="head",
-                                norm_placement="pre")
+                                norm_placement="pre", hidden_act="silu", head_dim=8,
+                                norm_unit_offset=False, scale_embeddings=False,
+                                query_pre_attn_scalar=None, attn_logit_softcapping=None,
+                                final_logit_softcapping=None, layer_types=None,
+                                rope_local_base_freq=None)
     assert formats.get(name).blockers(arch, ALL_BLOCKED, asked=False) == reasons
     baked = [r for r in reasons if not (name == "qwen2_moe" and r.startswith("the nexus"))]
     assert formats.get(name).blockers(arch, ALL_BLOCKED, asked=True) == baked

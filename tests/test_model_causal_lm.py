@@ -48,6 +48,13 @@ def config_dict(**overrides: Any) -> dict[str, Any]:
         "attention_bias": False,
         "qk_norm": None,
         "norm_placement": "pre",
+        "norm_unit_offset": False,
+        "scale_embeddings": False,
+        "query_pre_attn_scalar": None,
+        "attn_logit_softcapping": None,
+        "final_logit_softcapping": None,
+        "layer_types": None,
+        "rope_local_base_freq": None,
         "block": "sequential",
         "dtype": "float32",
         "bos_token_id": 1,
@@ -143,6 +150,10 @@ def test_unknown_router_kind_is_rejected_by_name() -> None:
         (lambda d: d.update(num_key_value_heads=3), "multiple of num_key_value_heads"),
         (lambda d: d.update(dtype="float64"), "dtype 'float64'"),
         (lambda d: d.update(sliding_window=0), "sliding_window must be a positive integer"),
+        (lambda d: d.update(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
+        (lambda d: d.update(layer_types=["full_attention"]), "layer_types has 1 entries"),
+        (lambda d: d.update(rope_local_base_freq=10.0), "rope_local_base_freq needs layer_types"),
+        (lambda d: d.update(attn_logit_softcapping=0), "attn_logit_softcapping must be positive"),
         (lambda d: d["layers"][1]["ffn"].pop("num_experts"), "missing required key 'num_experts'"),
     ],
 )
@@ -307,3 +318,37 @@ def test_sequence_mask_is_built_only_when_the_window_hides_a_key() -> None:
     assert mask is not None and mask.shape == (1, 1, 7, 7)
     expected = torch.tensor([[0 <= t - k < 5 for k in range(7)] for t in range(7)])
     assert torch.equal(mask[0, 0], expected)
+
+
+def reference_softcapped_attention(q, k, v, mask, scale, cap):  # type: ignore[no-untyped-def]
+    """Hugging Face's eager Gemma 2 attention (softmax in fp64 for fp64 inputs), for
+    autograd to differentiate."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    scores = torch.tanh(q @ k.transpose(-2, -1) * scale / cap) * cap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=q.dtype) @ v
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_softcapped_attention_and_its_backward_follow_the_formula(padded: bool) -> None:
+    """Gemma 2's soft-capped scores: the op (forward and hand-written backward) against
+    autograd through the formula, in fp64, grouped-query, causal or with padding."""
+    from moecompose.model.parts import attend, causal_mask
+
+    torch.manual_seed(0)
+    B, hq, hkv, S, dh = 2, 4, 2, 6, 8
+    q = torch.randn(B, hq, S, dh, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(B, hkv, S, dh, dtype=torch.float64, requires_grad=True) for _ in "kv")
+    keep = torch.ones(B, S, dtype=torch.long)
+    keep[0, :2] = 0
+    mask = causal_mask(S, 0, keep if padded else None, q.device)
+    upstream = torch.randn(B, hq, S, dh, dtype=torch.float64)
+    results = []
+    for run in (lambda: attend(q, k, v, mask if padded else None, 0.3, 2.0),
+                lambda: reference_softcapped_attention(q, k, v, mask, 0.3, 2.0)):
+        out = run()
+        grads = torch.autograd.grad(out, (q, k, v), upstream)
+        results.append((out, *grads))
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=0)

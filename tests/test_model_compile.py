@@ -88,3 +88,23 @@ def test_sliding_window_model_compiles_once_and_trains_like_eager() -> None:
     torch._dynamo.reset()
     counters.clear()
     assert_compiled_training_matches_eager(model, [(2, 7), (1, 1), (3, 33)], ids)
+
+
+@needs_shapes_spec
+def test_gemma_block_compiles_once_and_trains_like_eager() -> None:
+    """Gemma's options: GeGLU experts, (1+w) sandwich norms, scaled embeddings, q/k norms,
+    local and global layers (two masks, two ropes), soft-capped scores (their own op) and
+    logits: one graph for every shape, inference and training alike."""
+    gemma = {**copy.deepcopy(CONFIG), "hidden_act": "gelu_tanh", "norm_placement": "sandwich",
+             "norm_unit_offset": True, "scale_embeddings": True, "qk_norm": "head",
+             "query_pre_attn_scalar": 16, "attn_logit_softcapping": 5.0,
+             "final_logit_softcapping": 3.0, "sliding_window": 5,
+             "layer_types": ["sliding_attention", "full_attention"], "rope_local_base_freq": 100.0}
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = MoECausalLM.from_config(gemma)
+    assert_compiled_inference_matches_eager(model, [(1, 1), (2, 7), (3, 33)], ids)
+    torch._dynamo.reset()
+    counters.clear()
+    assert_compiled_training_matches_eager(model, [(2, 7), (1, 1), (3, 33)], ids)

@@ -93,12 +93,12 @@ def test_bfloat16_autocast_runs_the_matmuls_in_bf16_and_returns_fp32_weight_grad
     torch.testing.assert_close(dW, ref_dW, rtol=2e-2, atol=2e-4)
 
 
-def tiny(tie: bool) -> MoECausalLM:
+def tiny(tie: bool, softcap: float | None = None) -> MoECausalLM:
     torch.manual_seed(0)
     return MoECausalLM.from_config({
         "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
-        "tie_word_embeddings": tie,
+        "tie_word_embeddings": tie, "final_logit_softcapping": softcap,
         "layers": [{"ffn": {"kind": "dense"}},
                    {"ffn": {"kind": "moe", "num_experts": 4, "intermediate_size": 32,
                             "router": {"kind": "topk", "k": 2, "normalize": True},
@@ -113,11 +113,12 @@ def grads_of(model: MoECausalLM, run, **kw) -> tuple[torch.Tensor, dict[str, tor
     return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_loss_only_forward_equals_the_logits_path(tie: bool) -> None:
+@pytest.mark.parametrize(("tie", "softcap"), [(False, None), (True, None), (True, 0.5)])
+def test_loss_only_forward_equals_the_logits_path(tie: bool, softcap: float | None) -> None:
     """`return_logits=False`: no logits, the same loss (LM + aux, padding masked) and the
-    same gradient for every parameter, the tied or separate head included."""
-    model = tiny(tie)
+    same gradient for every parameter, the tied or separate head included, and with
+    Gemma 2's final soft-capping (a small cap, so that it changes the loss)."""
+    model = tiny(tie, softcap)
     ids = torch.randint(0, 64, (3, 11), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[1, :4] = 0

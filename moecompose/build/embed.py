@@ -44,7 +44,7 @@ from moecompose.errors import BuildError, MoeComposeError, SourceError
 from moecompose.formats.native import model_config
 from moecompose.model.causal_lm import DecoderLayer
 from moecompose.model.config import DenseFFNConfig, LayerConfig, ModelConfig
-from moecompose.model.parts import RMSNorm, RotaryEmbedding, sequence_mask
+from moecompose.model.parts import RMSNorm, RotaryEmbedding, TokenEmbedding, sequence_mask
 from moecompose.sources.checkpoint import Checkpoint, open_checkpoint
 from moecompose.sources.safetensors_io import SafetensorsWriter, read_header, read_tensor
 from moecompose.sources.vectors import VectorFileError, read_embedding
@@ -177,26 +177,32 @@ class Embedder:
 
     def _forward(self, tokens: list[list[int]], wanted: set[int]) -> dict[int, Tensor]:
         cfg = self.config
-        embed = self._weights(nn.Embedding(cfg.vocab_size, cfg.hidden_size), "model.embed_tokens.")
+        embed = self._weights(TokenEmbedding(cfg.vocab_size, cfg.hidden_size, cfg.scale_embeddings),
+                              "model.embed_tokens.")
         states = [embed(torch.tensor(ids, device=self.device)) for ids in tokens]  # [S, d] each
         del embed
-        rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(self.device)
-        longest = max(len(ids) for ids in tokens)
-        cos, sin = rope(torch.arange(longest, device=self.device), torch.float32)  # [S, dh]
+        longest = torch.arange(max(len(ids) for ids in tokens), device=self.device)
+        ropes = {False: RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)}
+        if cfg.rope_local_base_freq is not None:  # sliding-window layers' own (Gemma 3)
+            ropes[True] = RotaryEmbedding(cfg.head_dim, cfg.rope_local_base_freq)
+        tables = {local: rope.to(self.device)(longest, torch.float32)  # cos, sin [S, dh]
+                  for local, rope in ropes.items()}
 
-        def positional(n: int) -> tuple[Tensor, Tensor, Tensor | None]:
-            """Rotary tables and mask (None: plain causal) of a text of n tokens."""
-            return cos[:n], sin[:n], sequence_mask(n, self.device, cfg.sliding_window)
+        def positional(i: int, n: int) -> tuple[Tensor, Tensor, Tensor | None]:
+            """Rotary tables and mask (None: plain causal) of layer i for a text of n tokens."""
+            cos, sin = tables[cfg.local_rope(i)]
+            return cos[:n], sin[:n], sequence_mask(n, self.device, cfg.layer_window(i))
 
         means: dict[int, Tensor] = {}
         for i, spec in enumerate(cfg.layers):
             if i in wanted:
                 means[i] = _mean_of_means(states)
             layer = self._weights(DecoderLayer(cfg, spec, "grouped"), f"model.layers.{i}.")
-            states = [layer(x[None], *positional(len(x)))[0][0] for x in states]
+            states = [layer(x[None], *positional(i, len(x)))[0][0] for x in states]
             del layer  # one layer's weights in memory at a time
         if cfg.num_hidden_layers in wanted:
-            norm = self._weights(RMSNorm(cfg.hidden_size, cfg.rms_norm_eps), "model.norm.")
+            norm = self._weights(RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_unit_offset),
+                                 "model.norm.")
             means[cfg.num_hidden_layers] = _mean_of_means([norm(x) for x in states])
         return means
 

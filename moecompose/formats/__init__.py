@@ -179,9 +179,11 @@ def hf_blockers(moe: MoEShape, *, bakes_nexus: bool) -> list[str]:
     return out
 
 
-def norm_blockers(arch: ArchFacts, *, head_qk_norm: bool = False) -> list[str]:
-    """What Llama-style attention blocks cannot hold: q/k norms (per head, unless
-    ``head_qk_norm``: the format has Qwen3's) and norms after each branch (OLMo 2)."""
+def block_blockers(arch: ArchFacts, *, head_qk_norm: bool = False) -> list[str]:
+    """What Llama-style decoder blocks cannot hold: q/k norms (per head, unless
+    ``head_qk_norm``: the format has Qwen3's), norms after each branch (OLMo 2), and what
+    Gemma adds to the block (GeGLU FFNs, (1+w) norms, scaled embeddings, scores scaled
+    other than by head_dim, soft-capping, local layers)."""
     out = []
     if arch.qk_norm == "head" and not head_qk_norm:
         out.append("per-head q/k norms (Qwen3 attention: format qwen3_moe has them)")
@@ -189,7 +191,22 @@ def norm_blockers(arch: ArchFacts, *, head_qk_norm: bool = False) -> list[str]:
         out.append("q/k norms over all heads (OLMo 2 attention)")
     if arch.norm_placement == "post":
         out.append("norms after the attention and FFN branches (OLMo 2's block)")
-    return out
+    if arch.norm_placement == "sandwich":
+        out.append("norms before and after the attention and FFN branches (Gemma's block)")
+    gemma = (
+        (arch.hidden_act != "silu", f"{arch.hidden_act} experts (the format's are SwiGLU)"),
+        (arch.norm_unit_offset, "(1+w) norms (Gemma's RMSNorm)"),
+        (arch.scale_embeddings, "scaled embeddings (x sqrt(hidden_size))"),
+        (arch.query_pre_attn_scalar not in (None, arch.head_dim),
+         f"attention scores scaled by query_pre_attn_scalar {arch.query_pre_attn_scalar}"),
+        (arch.attn_logit_softcapping is not None, "attention logit soft-capping"),
+        (arch.final_logit_softcapping is not None, "final logit soft-capping"),
+        (arch.layer_types is not None and arch.sliding_window is not None,
+         "a sliding window on some layers only (layer_types)"),
+        (arch.rope_local_base_freq is not None,
+         "a rope of their own on sliding-window layers (rope_local_base_freq)"),
+    )
+    return out + [reason for blocked, reason in gemma if blocked]
 
 
 def moe_ffns(native_config: ModelConfig) -> tuple[list[MoEFFNConfig], TopKRouterConfig]:

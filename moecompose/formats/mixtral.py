@@ -22,7 +22,7 @@ def blockers(arch: ArchFacts, moe: f.MoEShape, *, asked: bool) -> list[str]:
         out.append("a shared expert (Mixtral has none)")
     if False in moe.normalize:
         out.append("router.normalize: false (Mixtral renormalises the top-k weights)")
-    out += f.norm_blockers(arch)
+    out += f.block_blockers(arch)
     if arch.attention_bias:
         out.append("q/k/v biases (Mixtral attention has none)")
     return out

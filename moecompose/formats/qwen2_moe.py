@@ -27,7 +27,7 @@ def blockers(arch: ArchFacts, moe: f.MoEShape, *, asked: bool) -> list[str]:
             f"sliding-window attention (window {arch.sliding_window}; Qwen2-MoE windows "
             "only some layers)"
         )
-    out += f.norm_blockers(arch)
+    out += f.block_blockers(arch)
     if False in moe.shared:
         out.append("MoE layers without a shared expert (Qwen2-MoE always has one)")
     if len(moe.normalize) > 1:

@@ -22,7 +22,7 @@ def blockers(arch: ArchFacts, moe: f.MoEShape, *, asked: bool) -> list[str]:
         (True in moe.shared, "a shared expert (Qwen3-MoE has none)"),
         (len(moe.normalize) > 1, "MoE layers differ in router.normalize"),
     )
-    return [*f.hf_blockers(moe, bakes_nexus=False), *f.norm_blockers(arch, head_qk_norm=True),
+    return [*f.hf_blockers(moe, bakes_nexus=False), *f.block_blockers(arch, head_qk_norm=True),
             *(reason for blocked, reason in own if blocked)]
 
 

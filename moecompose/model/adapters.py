@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moecompose.model.config import AdapterActivation, AdapterFFNConfig
+from moecompose.model.config import AdapterActivation, AdapterFFNConfig, FFNActivation
 from moecompose.model.grouped_swiglu import _spans, autocast_rule
 from moecompose.model.moe import DISPATCHES, Dispatch, expert_loop, one_of, stacked_parameter
 from moecompose.model.parts import swiglu
@@ -149,12 +149,15 @@ class GroupedAdapters(nn.Module):
 
 
 class AdapterMoEFFN(nn.Module):
-    """PESC layer: the shared SwiGLU FFN, a top-k router on its input, adapter experts on
-    its output. forward returns the output and the layer's weighted auxiliary loss
-    (load balance and z-loss of the router, as in `MoEFFN`)."""
+    """PESC layer: the shared SwiGLU FFN (gate `activation`: the model's FFN's), a top-k
+    router on its input, adapter experts (with their own `spec.activation`) on its output.
+    forward returns the output and the layer's weighted auxiliary loss (load balance and
+    z-loss of the router, as in `MoEFFN`)."""
 
-    def __init__(self, dim: int, spec: AdapterFFNConfig, dispatch: Dispatch = "grouped") -> None:
+    def __init__(self, dim: int, spec: AdapterFFNConfig, dispatch: Dispatch = "grouped",
+                 activation: FFNActivation = "silu") -> None:
         super().__init__()
+        self.activation = activation
         self.num_experts = spec.num_experts
         self.lb_coef = spec.aux_loss.load_balance
         self.z_coef = spec.aux_loss.z_loss
@@ -175,7 +178,8 @@ class AdapterMoEFFN(nn.Module):
     def forward(self, x: Tensor, tokens: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """x [..., d], tokens [...] (bool, False = padding: left out of the aux loss) ->
         (y [..., d], aux loss [])."""
-        u = swiglu(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+        u = swiglu(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight,
+                   self.activation)
         shape = x.shape
         x, u = x.reshape(-1, shape[-1]), u.reshape(-1, shape[-1])  # [T, d]
         weights, indices, logits = self.router(x)  # [T, k], [T, k], [T, E]

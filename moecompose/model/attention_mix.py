@@ -81,10 +81,15 @@ class MixtureOfAttention(nn.Module):
         spec: MoAAttentionConfig,
         bias: bool = False,
         impl: AttentionImpl = "fused",
+        scale: float | None = None,
+        softcap: float | None = None,
     ) -> None:
+        """`scale`, `softcap`: of every expert's scores, as in `attend` (Gemma 2)."""
         super().__init__()
         one_of("impl", impl, ATTENTION_IMPLS)
         self.impl = impl
+        self.scale = scale
+        self.softcap = softcap
         self.num_experts = spec.num_experts
         self.n_heads = n_heads
         self.n_kv_heads = n_kv_heads
@@ -141,7 +146,8 @@ class MixtureOfAttention(nn.Module):
         k = apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v)  # [B, E*kv or kv, L, dh]
-        o = attend(q, k, v, mask).transpose(1, 2)  # [B, S, E*h, dh], heads in q's order
+        o = attend(q, k, v, mask, self.scale, self.softcap)
+        o = o.transpose(1, 2)  # [B, S, E*h, dh], heads in q's order
         # Router weights on the experts' outputs; the weighted sum over experts is then
         # part of one output GEMM over [B, S, E*h*dh], its weight's columns in o's order.
         if self.shared_kv:
@@ -179,6 +185,7 @@ class MixtureOfAttention(nn.Module):
         y = torch.zeros_like(x)
         for e, (q_proj, q_bias, o_proj, *_) in enumerate(experts):
             q = split_heads(F.linear(x, q_proj, q_bias), h)  # [B, h, S, dh]
-            o = attend(apply_rotary(q, cos, sin), keys[e], values[e], mask)
+            o = attend(apply_rotary(q, cos, sin), keys[e], values[e], mask, self.scale,
+                       self.softcap)
             y = y + weights[..., e, None] * F.linear(merge_heads(o), o_proj)
         return y

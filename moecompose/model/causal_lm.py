@@ -37,22 +37,25 @@ from moecompose.model.parts import (
     RMSNorm,
     RotaryEmbedding,
     SwiGLU,
+    TokenEmbedding,
     padding_mask,
     sequence_mask,
 )
 from moecompose.model.routing import NexusRouter
+from moecompose.model.softcapped_attention import tanh_softcap
 from moecompose.model.token_mixing import TokenMixingFFN, transition_to_topk
 
 
 def build_ffn(config: ModelConfig, spec: FFNConfig, dispatch: Dispatch) -> nn.Module:
     """Every FFN module is called as `x -> y`, routed ones as `x -> (y, aux loss)`."""
+    act = config.hidden_act
     if isinstance(spec, DenseFFNConfig):
-        return SwiGLU(config.hidden_size, config.intermediate_size)
+        return SwiGLU(config.hidden_size, config.intermediate_size, act)
     if isinstance(spec, AdapterFFNConfig):
-        return AdapterMoEFFN(config.hidden_size, spec, dispatch)
+        return AdapterMoEFFN(config.hidden_size, spec, dispatch, act)
     if isinstance(spec.router, TokenMixingRouterConfig):
-        return TokenMixingFFN(config.hidden_size, spec, dispatch)
-    return MoEFFN(config.hidden_size, spec, dispatch)
+        return TokenMixingFFN(config.hidden_size, spec, dispatch, act)
+    return MoEFFN(config.hidden_size, spec, dispatch, act)
 
 
 def build_attention(config: ModelConfig, spec: AttentionConfig) -> nn.Module:
@@ -60,10 +63,13 @@ def build_attention(config: ModelConfig, spec: AttentionConfig) -> nn.Module:
     `cached_kv_heads`."""
     widths = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
               config.head_dim)
+    scalar = config.query_pre_attn_scalar
+    scores = {"scale": None if scalar is None else scalar**-0.5,
+              "softcap": config.attn_logit_softcapping}
     if isinstance(spec, MoAAttentionConfig):
-        return MixtureOfAttention(*widths, spec, bias=config.attention_bias)
+        return MixtureOfAttention(*widths, spec, bias=config.attention_bias, **scores)
     return Attention(*widths, bias=config.attention_bias, qk_norm=config.qk_norm,
-                     eps=config.rms_norm_eps)
+                     eps=config.rms_norm_eps, norm_unit_offset=config.norm_unit_offset, **scores)
 
 
 class _SkipInit(TorchFunctionMode):
@@ -134,6 +140,9 @@ class DecoderLayer(nn.Module):
     Parallel (GPT-J, BAM): `y = x + attn(n1(x)) + ffn(n2(x))`.
     Post-norm (OLMo 2): `h = x + n1(attn(x)); y = h + n2(ffn(h))`, n1 and n2 named
     `post_attention_layernorm` and `post_feedforward_layernorm` as in its checkpoints.
+    Sandwich (Gemma): `h = x + m1(attn(n1(x))); y = h + m2(ffn(n2(h)))`, named
+    `input_layernorm`, `post_attention_layernorm`, `pre_feedforward_layernorm` and
+    `post_feedforward_layernorm` (n1, m1, n2, m2) as in its checkpoints.
     """
 
     def __init__(self, config: ModelConfig, spec: LayerConfig, dispatch: Dispatch) -> None:
@@ -143,13 +152,13 @@ class DecoderLayer(nn.Module):
         self.self_attn = build_attention(config, spec.attention)
         self.mlp = build_ffn(config, spec.ffn, dispatch)
         self.routed = isinstance(self.mlp, (MoEFFN, AdapterMoEFFN, TokenMixingFFN))
-        self.post_norm = config.norm_placement == "post"
-        if self.post_norm:
-            self.post_attention_layernorm = RMSNorm(d, config.rms_norm_eps)
-            self.post_feedforward_layernorm = RMSNorm(d, config.rms_norm_eps)
-        else:
-            self.input_layernorm = RMSNorm(d, config.rms_norm_eps)
-            self.post_attention_layernorm = RMSNorm(d, config.rms_norm_eps)
+        self.placement = config.norm_placement
+        names = {"pre": ("input_layernorm", "post_attention_layernorm"),
+                 "post": ("post_attention_layernorm", "post_feedforward_layernorm"),
+                 "sandwich": ("input_layernorm", "post_attention_layernorm",
+                              "pre_feedforward_layernorm", "post_feedforward_layernorm")}
+        for name in names[self.placement]:
+            setattr(self, name, RMSNorm(d, config.rms_norm_eps, config.norm_unit_offset))
 
     def forward(
         self,
@@ -162,9 +171,14 @@ class DecoderLayer(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         """x [B, S, d], tokens [B, S] (bool, False = padding) -> (x [B, S, d], this layer's
         aux loss or None, over the real tokens)."""
-        if self.post_norm:
+        if self.placement == "post":
             x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, mask, cache))
             ffn, aux = self._ffn(x, tokens)
+            return x + self.post_feedforward_layernorm(ffn), aux
+        if self.placement == "sandwich":
+            attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+            x = x + self.post_attention_layernorm(attn)
+            ffn, aux = self._ffn(self.pre_feedforward_layernorm(x), tokens)
             return x + self.post_feedforward_layernorm(ffn), aux
         if self.parallel:
             attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
@@ -185,15 +199,23 @@ class Decoder(nn.Module):
 
     def __init__(self, config: ModelConfig, dispatch: Dispatch) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = TokenEmbedding(config.vocab_size, config.hidden_size,
+                                           config.scale_embeddings)
         self.layers = nn.ModuleList(DecoderLayer(config, spec, dispatch) for spec in config.layers)
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_unit_offset)
         # Computed, never stored, so real even in a model made on the meta device
-        # (`MoECausalLM.from_weights`, which moves it where the weights go).
+        # (`MoECausalLM.from_weights`, which moves them where the weights go).
         meta = torch.get_default_device().type == "meta"
         with torch.device("cpu") if meta else contextlib.nullcontext():
             self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
-        self.sliding_window = config.sliding_window
+            # sliding-window layers' own rope (Gemma 3), unscaled
+            self.local_rotary_emb = (None if config.rope_local_base_freq is None else
+                                     RotaryEmbedding(config.head_dim, config.rope_local_base_freq))
+        # per layer: its sliding window (None: full attention), and whether its rope is local
+        self.windows = tuple(config.layer_window(i) for i in range(len(config.layers)))
+        self.local_rope = tuple(config.local_rope(i) for i in range(len(config.layers)))
+        # applied by the LM head, here so that transformers' wrapper (moecompose.hf) has it
+        self.final_logit_softcapping = config.final_logit_softcapping
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None,
                 position_ids: Tensor | None, cache: KVCache | None) -> tuple[Tensor, Tensor]:
@@ -206,23 +228,28 @@ class Decoder(nn.Module):
             position_ids = cache.positions(S, x.device)  # [S], after the cached tokens
         else:
             position_ids = torch.arange(S, device=x.device)  # [S]
-        cos, sin = self.rotary_emb(position_ids, x.dtype)  # [S, dh] or [B, 1, S, dh]
-        window = self.sliding_window
-        if cache is not None:
-            mask = cache.mask(S, attention_mask, x.device, window)  # [B or 1, 1, S, L]
-        elif attention_mask is not None:
-            mask = padding_mask(attention_mask, window)  # [B, 1, S, S]
-        else:
-            mask = sequence_mask(S, x.device, window)  # None (causal) or [1, 1, S, S]
-        if mask is not None:
-            mask = mask.expand(B, 1, S, mask.shape[-1])  # no size-1 broadcast to guard on
+        rope = {False: self.rotary_emb(position_ids, x.dtype)}  # cos, sin [S, dh] or [B, 1, S, dh]
+        if self.local_rotary_emb is not None:
+            rope[True] = self.local_rotary_emb(position_ids, x.dtype)
+        masks: dict[int | None, Tensor | None] = {}  # by window: one per kind of layer
+        for window in dict.fromkeys(self.windows):
+            if cache is not None:
+                mask = cache.mask(S, attention_mask, x.device, window)  # [B or 1, 1, S, L]
+            elif attention_mask is not None:
+                mask = padding_mask(attention_mask, window)  # [B, 1, S, S]
+            else:
+                mask = sequence_mask(S, x.device, window)  # None (causal) or [1, 1, S, S]
+            if mask is not None:
+                mask = mask.expand(B, 1, S, mask.shape[-1])  # no size-1 broadcast to guard on
+            masks[window] = mask
         tokens = None  # [B, S]: the new tokens that are not padding
         if attention_mask is not None:
             tokens = attention_mask[:, attention_mask.shape[-1] - S :].bool()
         aux = torch.zeros((), device=x.device)
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache.layers[i]
-            x, layer_aux = layer(x, cos, sin, mask, layer_cache, tokens)
+            cos, sin = rope[self.local_rope[i]]
+            x, layer_aux = layer(x, cos, sin, masks[self.windows[i]], layer_cache, tokens)
             if layer_aux is not None:
                 aux = aux + layer_aux
         if cache is not None:
@@ -288,11 +315,14 @@ class MoECausalLM(nn.Module):
         """
         h, aux = self.model(input_ids, attention_mask, position_ids, cache)  # [B, S, d]
         head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        softcap = self.model.final_logit_softcapping  # Gemma 2
         if labels is not None and not return_logits:
             targets = next_token_targets(labels, _last_columns(attention_mask, labels))
-            loss = linear_cross_entropy(h.flatten(0, 1), head, targets.flatten()) + aux
-            return CausalLMOutput(None, aux, cache, loss)
+            loss = linear_cross_entropy(h.flatten(0, 1), head, targets.flatten(), softcap)
+            return CausalLMOutput(None, aux, cache, loss + aux)
         logits = F.linear(h, head)  # [B, S, V]
+        if softcap is not None:
+            logits = tanh_softcap(logits, softcap)
         loss = None
         if labels is not None:
             loss = next_token_loss(logits, labels, _last_columns(attention_mask, labels)) + aux
@@ -401,8 +431,9 @@ class MoECausalLM(nn.Module):
         assign-load into a meta model: the rotary frequencies (computed on the CPU while
         the model was made, as a model built there and moved has them) and the Nexus
         routers' cached expert embeddings."""
-        self.model.rotary_emb.to(device)
         for module in self.modules():
+            if isinstance(module, RotaryEmbedding):
+                module.to(device)
             if isinstance(module, NexusRouter):
                 module.refresh()
 

@@ -94,6 +94,10 @@ Fraction = Annotated[float, BeforeValidator(_fraction)]
 Bool = Annotated[bool, BeforeValidator(_bool)]
 TokenIds = Annotated[int, Strict()] | list[Annotated[int, Strict()]] | None
 AdapterActivation = Literal["gelu", "relu", "silu"]
+FFNActivation = Literal["silu", "gelu_tanh"]
+"""The gate activation of every FFN and expert: `silu` (SwiGLU, Llama) or `gelu_tanh`
+(GeGLU with the tanh approximation of GELU, Gemma)."""
+LayerType = Literal["full_attention", "sliding_attention"]
 
 
 class _Node(BaseModel):
@@ -205,13 +209,15 @@ class AuxLossConfig(_Node):
 
 
 class DenseFFNConfig(_Node):
-    """The source's SwiGLU FFN, of the model's `intermediate_size`."""
+    """The source's gated FFN (SwiGLU, or GeGLU: the model's `hidden_act`), of the model's
+    `intermediate_size`."""
 
     kind: Literal["dense"] = "dense"
 
 
 class MoEFFNConfig(_Routed):
-    """A routed mixture of SwiGLU experts, with an optional shared expert."""
+    """A routed mixture of gated FFN experts (the model's `hidden_act`), with an optional
+    shared expert."""
 
     kind: Literal["moe"] = "moe"
     num_experts: PositiveInt
@@ -349,7 +355,7 @@ class ModelConfig(_Node):
     num_attention_heads: PositiveInt
     num_key_value_heads: PositiveInt
     head_dim: PositiveInt
-    hidden_act: Literal["silu"] = "silu"
+    hidden_act: FFNActivation = "silu"
     rms_norm_eps: Number = 1e-5
     rope_theta: Number = 10000.0
     rope_scaling: RopeScalingConfig | None = None
@@ -361,11 +367,27 @@ class ModelConfig(_Node):
     pad_token_id: TokenIds = None
     intermediate_size: PositiveInt
     attention_bias: Bool = False
-    # RMSNorm of queries and keys before rope: "head" (per head: Qwen3), "full" (over all
-    # heads: OLMo 2), None.
+    # RMSNorm of queries and keys before rope: "head" (per head: Qwen3, Gemma 3), "full"
+    # (over all heads: OLMo 2), None.
     qk_norm: Literal["head", "full"] | None = None
-    # "pre": each branch normalises its input (Llama); "post": its output (OLMo 2).
-    norm_placement: Literal["pre", "post"] = "pre"
+    # "pre": each branch normalises its input (Llama); "post": its output (OLMo 2);
+    # "sandwich": both (Gemma).
+    norm_placement: Literal["pre", "post", "sandwich"] = "pre"
+    # Every RMSNorm scales by (1 + weight), in fp32 before the cast back (Gemma).
+    norm_unit_offset: Bool = False
+    # The token embeddings are multiplied by sqrt(hidden_size), in their dtype (Gemma).
+    scale_embeddings: Bool = False
+    # Attention scores are scaled by query_pre_attn_scalar ** -0.5 (None: head_dim ** -0.5).
+    query_pre_attn_scalar: Positive | None = None
+    # `cap * tanh(z / cap)` of the attention scores / of the output logits (Gemma 2).
+    attn_logit_softcapping: Positive | None = None
+    final_logit_softcapping: Positive | None = None
+    # Each layer's attention kind: "sliding_attention" layers use `sliding_window` and
+    # `rope_local_base_freq`, "full_attention" ones neither. None: every layer uses
+    # `sliding_window` (Mistral) and the one rope.
+    layer_types: tuple[LayerType, ...] | None = None
+    # The rope base of "sliding_attention" layers, unscaled (None: as the other layers).
+    rope_local_base_freq: Positive | None = None
     block: Literal["sequential", "parallel"] = "sequential"
     dtype: Literal[MODEL_DTYPES] = "float32"  # type: ignore[valid-type]
     layers: tuple[LayerConfig, ...]
@@ -406,7 +428,27 @@ class ModelConfig(_Node):
         if self.num_hidden_layers != len(self.layers):
             raise _Rule("", f"num_hidden_layers is {self.num_hidden_layers} but layers has "
                         f"{len(self.layers)} entries")
+        if self.layer_types is not None and len(self.layer_types) != len(self.layers):
+            raise _Rule("layer_types", f" has {len(self.layer_types)} entries but layers has "
+                        f"{len(self.layers)}")
+        if self.rope_local_base_freq is not None and self.layer_types is None:
+            raise _Rule("rope_local_base_freq", " needs layer_types (which layers are local)")
         return self
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether layer `layer` is a sliding-window ("local") layer of `layer_types`."""
+        return self.layer_types is not None and self.layer_types[layer] == "sliding_attention"
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of layer `layer`'s attention (None: it sees every earlier token)."""
+        if self.layer_types is None or self.is_sliding(layer):
+            return self.sliding_window
+        return None
+
+    def local_rope(self, layer: int) -> bool:
+        """Whether layer `layer` uses the local rope (`rope_local_base_freq`, unscaled)
+        rather than `rope_theta` and `rope_scaling`."""
+        return self.rope_local_base_freq is not None and self.is_sliding(layer)
 
 
 def _rope_scaling_as_read(

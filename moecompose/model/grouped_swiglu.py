@@ -1,7 +1,9 @@
 """Grouped SwiGLU experts over routed token slots, as one opaque op for `torch.compile`.
 
 `grouped_swiglu(x, order, counts, gate, up, down)` computes, for every token slot
-`n = t * k + j` (token t's j-th chosen expert e), `down_e(silu(gate_e x_t) * up_e x_t)`.
+`n = t * k + j` (token t's j-th chosen expert e), `down_e(silu(gate_e x_t) * up_e x_t)`;
+with `activation="gelu_tanh"`, `down_e(gelu_tanh(gate_e x_t) * up_e x_t)` (GeGLU experts,
+Gemma), the backward using aten's `gelu_backward` where SwiGLU uses `silu_backward`.
 `order` [N = T*k] lists the slots sorted by expert (a stable argsort of the flattened
 expert indices) and `counts` [E] the slots per expert, so expert e owns the sorted rows
 `counts[:e].sum() : counts[:e+1].sum()`. Weights are stacked: `gate`, `up` [E, f, d],
@@ -12,7 +14,7 @@ and AOTAutograd see one node each, whose output shapes depend only on input shap
 per-expert counts are read inside the ops, never in the traced program.
 
 Inside, experts run one after another: gather the expert's token rows (`index_select`),
-GEMMs on them (`torch.mm(..., out=)` into row slices where the result is kept), the SwiGLU
+GEMMs on them (`torch.mm(..., out=)` into row slices where the result is kept), the gated
 nonlinearity, and the result copied to its slots (`index_copy_`: a permutation, nothing
 accumulates). Temporaries are expert-sized; the only [N, *] buffers are the output and,
 when autograd needs them, the gate/up activations g, u [N, f] (saved, not recomputed).
@@ -27,8 +29,9 @@ with autocast on inside.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from moecompose.model.activations import GATE_ACTIVATIONS, gate_activation_backward
 
 _AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
 _LIB = torch.library.Library("moecompose", "FRAGMENT")
@@ -77,9 +80,11 @@ def _spans(counts: Tensor) -> list[tuple[int, int, int]]:
 
 
 def _forward(
-    x: Tensor, order: Tensor, counts: Tensor, gate: Tensor, up: Tensor, down: Tensor, keep: bool
+    x: Tensor, order: Tensor, counts: Tensor, gate: Tensor, up: Tensor, down: Tensor, keep: bool,
+    activation: str,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """y [N, d] in slot order; with `keep`, also g, u [N, f] in expert order."""
+    act = GATE_ACTIVATIONS[activation]
     N, f = order.numel(), gate.shape[1]
     token = order // (N // x.shape[0])  # [N] token of each sorted row
     g = x.new_empty(N, f) if keep else None
@@ -89,35 +94,37 @@ def _forward(
         xe = x.index_select(0, token[s:t])  # [n, d]
         ge = torch.mm(xe, gate[e].t(), out=None if g is None else g[s:t])  # [n, f]
         ue = torch.mm(xe, up[e].t(), out=None if u is None else u[s:t])
-        h = F.silu(ge).mul_(ue)
+        h = act(ge).mul_(ue)
         y.index_copy_(0, order[s:t], torch.mm(h, down[e].t()))
     return y, g, u
 
 
 @torch.library.custom_op("moecompose::grouped_swiglu", mutates_args=())
 def _grouped_swiglu(
-    x: Tensor, order: Tensor, counts: Tensor, gate: Tensor, up: Tensor, down: Tensor
+    x: Tensor, order: Tensor, counts: Tensor, gate: Tensor, up: Tensor, down: Tensor,
+    activation: str = "silu",
 ) -> tuple[Tensor, Tensor, Tensor]:
-    y, g, u = _forward(x, order, counts, gate, up, down, keep=True)
+    y, g, u = _forward(x, order, counts, gate, up, down, True, activation)
     assert g is not None and u is not None
     return y, g, u
 
 
 @_grouped_swiglu.register_fake
-def _(x, order, counts, gate, up, down):
+def _(x, order, counts, gate, up, down, activation="silu"):
     N, f = order.shape[0], gate.shape[1]
     return x.new_empty(N, x.shape[1]), x.new_empty(N, f), x.new_empty(N, f)
 
 
 @torch.library.custom_op("moecompose::grouped_swiglu_inference", mutates_args=())
 def _grouped_swiglu_inference(
-    x: Tensor, order: Tensor, counts: Tensor, gate: Tensor, up: Tensor, down: Tensor
+    x: Tensor, order: Tensor, counts: Tensor, gate: Tensor, up: Tensor, down: Tensor,
+    activation: str = "silu",
 ) -> Tensor:
-    return _forward(x, order, counts, gate, up, down, keep=False)[0]
+    return _forward(x, order, counts, gate, up, down, False, activation)[0]
 
 
 @_grouped_swiglu_inference.register_fake
-def _(x, order, counts, gate, up, down):
+def _(x, order, counts, gate, up, down, activation="silu"):
     return x.new_empty(order.shape[0], x.shape[1])
 
 
@@ -134,8 +141,10 @@ def _grouped_swiglu_backward(
     u: Tensor,
     input_grad: bool,
     weight_grads: bool,
+    activation: str = "silu",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of x and of the three weights; the ones not asked for come back empty."""
+    act_fn = GATE_ACTIVATIONS[activation]
     token = order // (order.numel() // x.shape[0])
     dx = torch.zeros_like(x) if input_grad else x.new_empty(0)  # [T, d]
     dgate, dup, ddown = (
@@ -146,12 +155,12 @@ def _grouped_swiglu_backward(
         xe = x.index_select(0, token[s:t])  # [n, d]
         dye = dy.index_select(0, order[s:t])  # [n, d]
         ge, ue = g[s:t], u[s:t]  # [n, f]
-        act = F.silu(ge)
+        act = act_fn(ge)
         dh = torch.mm(dye, down[e])  # [n, f]
         du = dh * act
         if weight_grads:
             torch.mm(dye.t(), act.mul_(ue), out=ddown[e])  # [d, f], act * u = h
-        dg = torch.ops.aten.silu_backward.grad_input(dh.mul_(ue), ge, grad_input=dh)
+        dg = gate_activation_backward(activation, dh.mul_(ue), ge)
         if weight_grads:
             torch.mm(dg.t(), xe, out=dgate[e])  # [f, d]
             torch.mm(du.t(), xe, out=dup[e])
@@ -164,28 +173,29 @@ def _grouped_swiglu_backward(
 
 
 @_grouped_swiglu_backward.register_fake
-def _(dy, x, order, counts, gate, up, down, g, u, input_grad, weight_grads):
+def _(dy, x, order, counts, gate, up, down, g, u, input_grad, weight_grads, activation="silu"):
     dx = torch.empty_like(x) if input_grad else x.new_empty(0)
     dws = (torch.empty_like(w) if weight_grads else w.new_empty(0) for w in (gate, up, down))
     return (dx, *dws)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, order, counts, gate, up, down = inputs
+    x, order, counts, gate, up, down, activation = inputs
     _, g, u = output
     ctx.save_for_backward(x, order, counts, gate, up, down, g, u)
+    ctx.activation = activation
 
 
 def _backward(ctx, dy, _dg, _du):
     x, order, counts, gate, up, down, g, u = ctx.saved_tensors
     input_grad = ctx.needs_input_grad[0]
-    weight_grads = any(ctx.needs_input_grad[3:])
+    weight_grads = any(ctx.needs_input_grad[3:6])
     dx, dgate, dup, ddown = _grouped_swiglu_backward(
-        dy, x, order, counts, gate, up, down, g, u, input_grad, weight_grads
+        dy, x, order, counts, gate, up, down, g, u, input_grad, weight_grads, ctx.activation
     )
     if not weight_grads:
         dgate = dup = ddown = None
-    return dx if input_grad else None, None, None, dgate, dup, ddown
+    return dx if input_grad else None, None, None, dgate, dup, ddown, None
 
 
 _grouped_swiglu.register_autograd(_backward, setup_context=_setup_context)
@@ -195,14 +205,16 @@ autocast_rule("grouped_swiglu_backward", cast=False)
 
 
 def grouped_swiglu(
-    x: Tensor, order: Tensor, counts: Tensor, gate: Tensor, up: Tensor, down: Tensor
+    x: Tensor, order: Tensor, counts: Tensor, gate: Tensor, up: Tensor, down: Tensor,
+    activation: str = "silu",
 ) -> Tensor:
-    """x [T, d], order [T*k], counts [E] -> every slot's expert output [T*k, d], slot order.
+    """x [T, d], order [T*k], counts [E] -> every slot's expert output [T*k, d], slot order;
+    `activation`: the gate's, "silu" (SwiGLU) or "gelu_tanh" (GeGLU).
 
     Without autograd (inference, frozen experts and input) the gate/up activations are
     not kept, so every temporary is expert-sized.
     """
     needs_grad = any(t.requires_grad for t in (x, gate, up, down))
     if torch.is_grad_enabled() and needs_grad:
-        return _grouped_swiglu(x, order, counts, gate, up, down)[0]
-    return _grouped_swiglu_inference(x, order, counts, gate, up, down)
+        return _grouped_swiglu(x, order, counts, gate, up, down, activation)[0]
+    return _grouped_swiglu_inference(x, order, counts, gate, up, down, activation)

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moecompose.model.config import MoEFFNConfig
+from moecompose.model.config import FFNActivation, MoEFFNConfig
 from moecompose.model.grouped_swiglu import grouped_swiglu
 from moecompose.model.parts import SwiGLU, swiglu
 from moecompose.model.routing import expert_counts, make_router, weighted_aux_loss
@@ -72,7 +73,8 @@ def expert_loop(
 
 
 class GroupedExperts(nn.Module):
-    """E SwiGLU experts with stacked weights, applied to each token's k chosen experts.
+    """E SwiGLU experts (GeGLU with `activation="gelu_tanh"`) with stacked weights, applied
+    to each token's k chosen experts.
 
     `dispatch="grouped"` sorts the T*k token slots by expert and runs one grouped GEMM op
     (`grouped_swiglu`); it traces into a single graph with `torch.compile`.
@@ -80,11 +82,13 @@ class GroupedExperts(nn.Module):
     """
 
     def __init__(
-        self, num_experts: int, dim: int, hidden: int, dispatch: Dispatch = "grouped"
+        self, num_experts: int, dim: int, hidden: int, dispatch: Dispatch = "grouped",
+        activation: FFNActivation = "silu",
     ) -> None:
         super().__init__()
         one_of("dispatch", dispatch, DISPATCHES)
         self.dispatch = dispatch
+        self.activation = activation
         self.gate_proj = stacked_parameter(num_experts, hidden, dim)
         self.up_proj = stacked_parameter(num_experts, hidden, dim)
         self.down_proj = stacked_parameter(num_experts, dim, hidden)
@@ -93,10 +97,11 @@ class GroupedExperts(nn.Module):
         """x [T, d], weights [T, k] (x's dtype), indices [T, k], counts [E] -> [T, d]."""
         stacked = (self.gate_proj, self.up_proj, self.down_proj)
         if self.dispatch == "loop":
-            return expert_loop(x, weights, indices, stacked, swiglu)
+            expert = partial(swiglu, activation=self.activation)
+            return expert_loop(x, weights, indices, stacked, expert)
         T, k = indices.shape
         order = indices.reshape(-1).argsort(stable=True)  # [T*k] slots sorted by expert
-        y = grouped_swiglu(x, order, counts, *stacked)
+        y = grouped_swiglu(x, order, counts, *stacked, self.activation)
         return (y.view(T, k, -1) * weights[..., None]).sum(dim=1)  # [T, k, d] -> [T, d]
 
 
@@ -107,15 +112,19 @@ class MoEFFN(nn.Module):
     (`load_balance * L_lb + z_loss * L_z`, a fp32 scalar, zero when both are off).
     """
 
-    def __init__(self, dim: int, spec: MoEFFNConfig, dispatch: Dispatch = "grouped") -> None:
+    def __init__(self, dim: int, spec: MoEFFNConfig, dispatch: Dispatch = "grouped",
+                 activation: FFNActivation = "silu") -> None:
+        """`activation`: the gate activation of the experts and the shared expert."""
         super().__init__()
         self.num_experts = spec.num_experts
         self.lb_coef = spec.aux_loss.load_balance
         self.z_coef = spec.aux_loss.z_loss
         self.router = make_router(dim, spec.num_experts, spec.router)
-        self.experts = GroupedExperts(spec.num_experts, dim, spec.intermediate_size, dispatch)
+        self.experts = GroupedExperts(spec.num_experts, dim, spec.intermediate_size, dispatch,
+                                      activation)
         shared = spec.shared_expert
-        self.shared_expert = None if shared is None else SwiGLU(dim, shared.intermediate_size)
+        self.shared_expert = (None if shared is None
+                              else SwiGLU(dim, shared.intermediate_size, activation))
         self.shared_expert_gate = (
             nn.Linear(dim, 1, bias=False) if shared is not None and shared.gate else None
         )

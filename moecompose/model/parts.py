@@ -1,33 +1,60 @@
-"""Dense building blocks, numerically the same as Hugging Face's Llama / Qwen2 modules."""
+"""Dense building blocks, numerically the same as Hugging Face's Llama / Qwen2 / Gemma
+modules."""
 
 from __future__ import annotations
 
 import math
+import struct
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moecompose.model.config import LinearRopeScalingConfig, RopeScalingConfig
+from moecompose.model.activations import GATE_ACTIVATIONS
+from moecompose.model.config import FFNActivation, LinearRopeScalingConfig, RopeScalingConfig
+from moecompose.model.softcapped_attention import softcapped_attention
 
 if TYPE_CHECKING:
     from moecompose.model.cache import LayerKV
 
 
 class RMSNorm(nn.Module):
-    """`w * x / rms(x)`, computed in fp32 and cast back before the weight, as HF Llama does."""
+    """`w * x / rms(x)`, computed in fp32 and cast back before the weight, as HF Llama does.
 
-    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+    With `unit_offset` (Gemma): `(1 + w) * x / rms(x)`, all in fp32 and cast back after
+    the weight; the weight is stored as the offset `w` (zeros: the identity), as Gemma's
+    checkpoints hold it, since `1 + w` in bf16 would lose w's low bits."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, unit_offset: bool = False) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.unit_offset = unit_offset
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            return (x * (1.0 + self.weight.float())).to(dtype)
         return self.weight * x.to(dtype)
+
+
+class TokenEmbedding(nn.Embedding):
+    """Token embeddings; with `scaled` (Gemma) multiplied by `sqrt(dim)`, as Gemma does it:
+    the factor rounded to fp32, then to the embeddings' dtype (a bf16 model multiplies by
+    bf16(sqrt(dim)))."""
+
+    def __init__(self, num_embeddings: int, dim: int, scaled: bool = False) -> None:
+        super().__init__(num_embeddings, dim)
+        self.scale = struct.unpack("f", struct.pack("f", dim**0.5))[0] if scaled else None
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        x = super().forward(input_ids)
+        if self.scale is None:
+            return x
+        return x * torch.full((), self.scale, dtype=x.dtype, device=x.device)
 
 
 def rope_inverse_frequencies(
@@ -57,6 +84,7 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float, scaling: RopeScalingConfig | None = None) -> None:
         super().__init__()
+        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
         inv_freq = rope_inverse_frequencies(head_dim, theta, scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
@@ -88,33 +116,46 @@ def merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(B, S, n * dh)
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+def attend(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None = None,
+    softcap: float | None = None,
+) -> Tensor:
     """Grouped-query attention: q [B, hq, S, dh], k, v [B, hkv, L, dh] -> [B, hq, S, dh].
 
     Query head i reads key/value head `i // (hq // hkv)`. `mask` None means causal with
-    S == L; otherwise a bool mask [B or 1, 1, S, L] (True = attend).
+    S == L; otherwise a bool mask [B or 1, 1, S, L] (True = attend). Scores are scaled by
+    `scale` (None: `dh ** -0.5`); with `softcap` they become `softcap * tanh(s / softcap)`
+    before the mask (Gemma 2), which SDPA's fused kernels cannot do, so that case is
+    computed explicitly, by an op of its own (`softcapped_attention`).
     """
+    if softcap is not None:
+        return softcapped_attention(q, k, v, mask, scale, softcap)
     gqa = q.shape[1] != k.shape[1]
     if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
 class Attention(nn.Module):
     """Causal grouped-query self-attention with rotary positions (Llama; Qwen2 adds q/k/v
-    bias, Qwen3 per-head q/k norms, OLMo 2 q/k norms over all heads)."""
+    bias, Qwen3 per-head q/k norms, OLMo 2 q/k norms over all heads, Gemma a score scale
+    and soft-capping)."""
 
     def __init__(
         self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, bias: bool = False,
-        qk_norm: str | None = None, eps: float = 1e-6,
+        qk_norm: str | None = None, eps: float = 1e-6, norm_unit_offset: bool = False,
+        scale: float | None = None, softcap: float | None = None,
     ) -> None:
-        """``qk_norm``: queries and keys pass an RMSNorm (``q_norm``, ``k_norm``) before
-        rope: ``"head"`` per head (weights [head_dim], Qwen3), ``"full"`` over all heads
-        (weights [heads * head_dim], OLMo 2); None: no such norm."""
+        """``qk_norm``: queries and keys pass an RMSNorm (``q_norm``, ``k_norm``, with
+        ``norm_unit_offset`` as `RMSNorm`'s) before rope: ``"head"`` per head (weights
+        [head_dim], Qwen3, Gemma 3), ``"full"`` over all heads (weights [heads * head_dim],
+        OLMo 2); None: no such norm. ``scale`` and ``softcap``: as in `attend`."""
         super().__init__()
         self.n_heads = n_heads
         self.n_kv_heads = n_kv_heads
         self.head_dim = head_dim
+        self.scale = scale
+        self.softcap = softcap
         self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
@@ -122,8 +163,8 @@ class Attention(nn.Module):
         self.qk_norm = qk_norm
         widths = (head_dim, head_dim) if qk_norm == "head" else (n_heads * head_dim,
                                                                    n_kv_heads * head_dim)
-        self.q_norm = None if qk_norm is None else RMSNorm(widths[0], eps)
-        self.k_norm = None if qk_norm is None else RMSNorm(widths[1], eps)
+        self.q_norm = None if qk_norm is None else RMSNorm(widths[0], eps, norm_unit_offset)
+        self.k_norm = None if qk_norm is None else RMSNorm(widths[1], eps, norm_unit_offset)
 
     @property
     def cached_kv_heads(self) -> int:
@@ -151,25 +192,31 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v)  # [B, kv, L, dh]
-        return self.o_proj(merge_heads(attend(q, k, v, mask)))
+        return self.o_proj(merge_heads(attend(q, k, v, mask, self.scale, self.softcap)))
 
 
-def swiglu(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
-    """`down(silu(gate(x)) * up(x))`: x [..., d], gate/up [f, d], down [d, f] -> [..., d]."""
-    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+def swiglu(x: Tensor, gate: Tensor, up: Tensor, down: Tensor,
+           activation: FFNActivation = "silu") -> Tensor:
+    """`down(act(gate(x)) * up(x))`: x [..., d], gate/up [f, d], down [d, f] -> [..., d];
+    `act` is silu (SwiGLU) or, with `activation="gelu_tanh"`, tanh-GELU (GeGLU)."""
+    act = GATE_ACTIVATIONS[activation]
+    return F.linear(act(F.linear(x, gate)) * F.linear(x, up), down)
 
 
 class SwiGLU(nn.Module):
-    """`swiglu` with weights `{gate,up,down}_proj`: the Llama FFN, also a shared expert."""
+    """`swiglu` with weights `{gate,up,down}_proj`: the Llama FFN (Gemma's with
+    `activation="gelu_tanh"`), also a shared expert."""
 
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int, activation: FFNActivation = "silu") -> None:
         super().__init__()
+        self.activation = activation
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return swiglu(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+        return swiglu(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight,
+                      self.activation)
 
 
 def visible(q_pos: Tensor, k_pos: Tensor, window: int | None = None) -> Tensor:

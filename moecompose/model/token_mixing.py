@@ -33,7 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moecompose.model.config import MoEFFNConfig, TokenMixingRouterConfig, TopKRouterConfig
+from moecompose.model.config import (
+    FFNActivation,
+    MoEFFNConfig,
+    TokenMixingRouterConfig,
+    TopKRouterConfig,
+)
 from moecompose.model.grouped_swiglu import autocast_rule, grouped_swiglu
 from moecompose.model.moe import Dispatch, GroupedExperts, MoEFFN
 from moecompose.model.routing import TokenMixingRouter
@@ -79,7 +84,8 @@ class TokenMixingFFN(nn.Module):
     zero aux loss: every expert gets the same number of mixed tokens, so there is nothing
     to balance. `dispatch` is the kernel the experts get after `transition_to_topk`."""
 
-    def __init__(self, dim: int, spec: MoEFFNConfig, dispatch: Dispatch = "grouped") -> None:
+    def __init__(self, dim: int, spec: MoEFFNConfig, dispatch: Dispatch = "grouped",
+                 activation: FFNActivation = "silu") -> None:
         super().__init__()
         if not isinstance(spec.router, TokenMixingRouterConfig):
             raise ValueError(
@@ -87,7 +93,8 @@ class TokenMixingFFN(nn.Module):
             )
         self.num_experts = spec.num_experts
         self.router = TokenMixingRouter(dim, spec.num_experts, spec.router)
-        self.experts = GroupedExperts(spec.num_experts, dim, spec.intermediate_size, dispatch)
+        self.experts = GroupedExperts(spec.num_experts, dim, spec.intermediate_size, dispatch,
+                                      activation)
 
     def forward(self, x: Tensor, tokens: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """x [B, S, d], tokens [B, S] (bool, False = padding) -> (y [B, S, d], aux loss [] = 0).
@@ -123,7 +130,8 @@ class TokenMixingFFN(nn.Module):
         ).flatten()
         counts = torch.full((E,), M, device=x.device)
         out = grouped_swiglu(
-            mixed.view(M * E, d), order, counts, ex.gate_proj, ex.up_proj, ex.down_proj
+            mixed.view(M * E, d), order, counts, ex.gate_proj, ex.up_proj, ex.down_proj,
+            ex.activation,
         ).view(M, E, d)
         y = torch.bmm(w, out).view(S, n, G, d).view(S, n * G, d)  # [S, n * G, d]
         return batch_major(y, B), x.new_zeros((), dtype=torch.float32)  # [B, S, d]
@@ -138,7 +146,8 @@ class TokenMixingFFN(nn.Module):
         if not (isinstance(router, TopKRouterConfig) and router.k == 1 and router.normalize):
             raise ValueError(f"transition needs a top-1 normalized router, got {router}")
         with torch.device("meta"):
-            layer = MoEFFN(self.router.weight.shape[1], spec, self.experts.dispatch)
+            layer = MoEFFN(self.router.weight.shape[1], spec, self.experts.dispatch,
+                           self.experts.activation)
         layer.experts = self.experts
         controller = self.router.weight
         temperature = torch.as_tensor(self.router.temperature).detach().float()

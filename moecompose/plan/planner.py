@@ -176,6 +176,8 @@ class _Planner:
                         self.add_merged(role, "attention", i)
             else:
                 self.moa(i, layer.attention)
+            if arch.has_role("attn_out_norm"):
+                self.add_merged("attn_out_norm", "norms", i)
             self.add_merged("ffn_norm", "norms", i)
             if layer.ffn is None:
                 for p in PROJECTIONS:
@@ -183,6 +185,8 @@ class _Planner:
                 self.rows.append({"layer": i, "ffn": "dense", "merge": self.merged("ffn_up", i).summary()})
             else:
                 self.moe(i, layer.ffn)
+            if arch.has_role("ffn_out_norm"):
+                self.add_merged("ffn_out_norm", "norms", i)
             self.rows[-1]["attention"] = _attention_row(layer.attention)
         self.add_merged("final_norm", "norms")
         if not arch.tie_word_embeddings:

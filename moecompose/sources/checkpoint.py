@@ -12,7 +12,13 @@ from typing import Any
 from moecompose.dtypes import NAMES
 from moecompose.errors import SourceError
 from moecompose.files import FileKindError, file_problem, read_json_file
-from moecompose.sources.families import FAMILIES, QK_NORM_ROLES, Family, family_for
+from moecompose.sources.families import (
+    FAMILIES,
+    OUT_NORM_ROLES,
+    QK_NORM_ROLES,
+    Family,
+    family_for,
+)
 from moecompose.sources.safetensors_io import TensorEntry, read_header
 
 TOKENIZER_FILES = (
@@ -25,6 +31,11 @@ TOKENIZER_FILES = (
     "added_tokens.json",
     "chat_template.jinja",
 )
+
+# Gate activations of the FFN, by the name a Hugging Face config gives them -> ours.
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+LAYER_TYPES = ("full_attention", "sliding_attention")
+LOCAL_ROPE_THETA = 10000.0  # transformers' default base of Gemma 3's sliding-window layers
 
 
 @dataclass(frozen=True)
@@ -39,7 +50,7 @@ class ArchFacts:
     num_attention_heads: int
     num_key_value_heads: int
     head_dim: int
-    hidden_act: str
+    hidden_act: str  # the FFN's gate activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
     rms_norm_eps: float
     rope_theta: float
     rope_scaling: dict[str, Any] | None
@@ -47,19 +58,29 @@ class ArchFacts:
     tie_word_embeddings: bool
     attention_bias: bool
     qk_norm: str | None  # "head", "full" (see Family.qk_norm) or None
-    norm_placement: str  # "pre" or "post"
+    norm_placement: str  # "pre", "post" or "sandwich" (see Family.norm_placement)
     sliding_window: int | None
     initializer_range: float
     bos_token_id: Any
     eos_token_id: Any
     pad_token_id: Any
+    # Gemma's additions (see Family and ModelConfig); the defaults are Llama's.
+    norm_unit_offset: bool = False
+    scale_embeddings: bool = False
+    query_pre_attn_scalar: float | None = None  # scores scaled by its -1/2 power, not head_dim's
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    layer_types: tuple[str, ...] | None = None  # None: `sliding_window` in every layer
+    rope_local_base_freq: float | None = None  # rope base of "sliding_attention" layers
 
     # Facts that must agree between sources for their tensors to be combined.
     COMPATIBILITY = (
         "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
         "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
         "rms_norm_eps", "rope_theta", "rope_scaling", "tie_word_embeddings", "attention_bias",
-        "qk_norm", "norm_placement", "sliding_window",
+        "qk_norm", "norm_placement", "sliding_window", "norm_unit_offset", "scale_embeddings",
+        "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
+        "layer_types", "rope_local_base_freq",
     )
 
     def has_role(self, role: str) -> bool:
@@ -69,6 +90,8 @@ class ArchFacts:
             return self.attention_bias
         if role in QK_NORM_ROLES:
             return self.qk_norm is not None
+        if role in OUT_NORM_ROLES:
+            return self.norm_placement == "sandwich"
         return True
 
 
@@ -240,8 +263,10 @@ class _Config:
             raise self._wrong(key, f"a whole number from {low} to {MAX_DIM}", value)
         return value
 
-    def float(self, key: str, default: Any = _REQUIRED, *, positive: bool = True) -> float:
-        value, _ = self._get(key, default)
+    def float(self, key: str, default: Any = _REQUIRED, *, positive: bool = True) -> Any:
+        value, given = self._get(key, default)
+        if not given:
+            return value
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (
             positive and value <= 0) or value < 0:
             raise self._wrong(key, "a positive number" if positive else "a number >= 0", value)
@@ -263,7 +288,7 @@ class _Config:
 def _arch_facts(config: dict[str, Any], family: Family, where: str) -> ArchFacts:
     read = _Config(config, where)
     for key, off in family.must_be.items():
-        if config.get(key, off) != off:
+        if config.get(key) is not None and config[key] != off:
             raise SourceError(
                 f"{where}: {key}={config[key]!r} is not supported",
                 hint=f"only checkpoints with {key}={off!r} can be read",
@@ -287,20 +312,29 @@ def _arch_facts(config: dict[str, Any], family: Family, where: str) -> ArchFacts
     rope = config.get("rope_parameters") or {}
     if not isinstance(rope, dict):
         raise read._wrong("rope_parameters", "a mapping", rope)
+    rope_field, local_rope = "rope_parameters", None
+    if any(t in rope for t in LAYER_TYPES):  # one entry per layer type (Gemma 3)
+        rope_field, local_rope = "rope_parameters.full_attention", rope.get("sliding_attention")
+        rope = rope.get("full_attention") or {}
+        if not isinstance(rope, dict):
+            raise read._wrong(rope_field, "a mapping", rope)
     rope = dict(rope)
     rope_theta = read.float("rope_theta", _Config(rope, where).float("rope_theta", 10000.0))
     rope.pop("rope_theta", None)
     scaling = config.get("rope_scaling") or (rope if rope else None)
+    if config.get("rope_scaling"):
+        rope_field = "rope_scaling"
     if scaling is not None:
         if not isinstance(scaling, dict):
-            raise read._wrong("rope_scaling", "a mapping", scaling)
+            raise read._wrong(rope_field, "a mapping", scaling)
         scaling = dict(scaling)
         kind = scaling.get("rope_type", scaling.get("type", "default"))
         if kind == "default":
             scaling = None
         elif kind not in ("linear", "llama3"):
             raise SourceError(
-                f"{where}: rope type '{kind}' is not supported", hint="supported: default, linear, llama3"
+                f"{where}: rope type '{kind}' is not supported (config.json field "
+                f"'{rope_field}')", hint="supported: default, linear, llama3"
             )
         else:
             scaling["rope_type"] = kind
@@ -311,9 +345,11 @@ def _arch_facts(config: dict[str, Any], family: Family, where: str) -> ArchFacts
         raise SourceError(
             f"{where}: partial_rotary_factor {partial!r} is not supported (rotary positions on "
             "every head dimension only)", hint="use a checkpoint with partial_rotary_factor 1.0")
-    act = read.str("hidden_act", "silu")
-    if act != "silu":
-        raise SourceError(f"{where}: hidden_act '{act}' is not supported (only silu / SwiGLU)")
+    act = read.str(family.act_key, family.act_default)
+    if act not in ACTIVATIONS:
+        raise SourceError(
+            f"{where}: {family.act_key} '{act}' is not supported",
+            hint=f"supported FFN activations: {', '.join(ACTIVATIONS)}")
     if family.qkv_bias_key is None:
         bias = family.qkv_bias_default
     else:
@@ -329,34 +365,37 @@ def _arch_facts(config: dict[str, Any], family: Family, where: str) -> ArchFacts
                 hint=f"set {family.window_switch} to false if the model was trained without it",
             )
         window = None
-    layer_types = config.get("layer_types")
-    if isinstance(layer_types, list) and any(t != "full_attention" for t in layer_types):
-        other = next(t for t in layer_types if t != "full_attention")
-        raise SourceError(
-            f"{where}: layer_types holds '{other}' layers: only full attention in every layer is "
-            "supported for this family", hint="use a checkpoint whose layer_types are all "
-            "'full_attention'")
+    layers = read.int("num_hidden_layers")
+    layer_types = _layer_types(read, family, layers)
     if window is not None and (
         isinstance(window, bool) or not isinstance(window, int) or window < 1
     ):
         raise SourceError(f"{where}: sliding_window must be a positive integer, got {window!r}")
     if window is not None and window >= max_positions:
         window = None  # a window as long as the context changes nothing
+    local_theta = None
+    if family.local_rope_key is not None:
+        local_theta = _local_rope_theta(read, family.local_rope_key, local_rope)
+    # Layers that all attend alike are read as in a family with one kind of attention.
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        layer_types, window, local_theta = None, None, None  # full attention everywhere
+    elif layer_types is not None and window is None and local_theta is None:
+        layer_types = None  # sliding-window layers without a window or a rope of their own
     return ArchFacts(
         model_type=read.str("model_type"),
         vocab_size=read.int("vocab_size"),
         hidden_size=hidden,
         intermediate_size=read.int("intermediate_size"),
-        num_hidden_layers=read.int("num_hidden_layers"),
+        num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         head_dim=head_dim,
-        hidden_act=act,
+        hidden_act=ACTIVATIONS[act],
         rms_norm_eps=read.float("rms_norm_eps", 1e-6),
         rope_theta=rope_theta,
         rope_scaling=scaling,
         max_position_embeddings=max_positions,
-        tie_word_embeddings=read.bool("tie_word_embeddings", False),
+        tie_word_embeddings=read.bool("tie_word_embeddings", family.tie_default),
         attention_bias=bias,
         qk_norm=family.qk_norm,
         norm_placement=family.norm_placement,
@@ -365,7 +404,62 @@ def _arch_facts(config: dict[str, Any], family: Family, where: str) -> ArchFacts
         bos_token_id=config.get("bos_token_id"),
         eos_token_id=config.get("eos_token_id"),
         pad_token_id=config.get("pad_token_id"),
+        norm_unit_offset=family.norm_unit_offset,
+        scale_embeddings=family.scale_embeddings,
+        query_pre_attn_scalar=read.float("query_pre_attn_scalar", None),
+        attn_logit_softcapping=read.float("attn_logit_softcapping", None),
+        final_logit_softcapping=read.float("final_logit_softcapping", None),
+        layer_types=layer_types,
+        rope_local_base_freq=local_theta,
     )
+
+
+def _layer_types(read: _Config, family: Family, layers: int) -> tuple[str, ...] | None:
+    """Each layer's attention kind, for a family whose layers differ (`window_pattern`):
+    `layer_types`, or from `sliding_window_pattern` P (layer i is full iff (i + 1) % P == 0)
+    as transformers reads older configs. Other families must attend alike in every layer."""
+    given = read.config.get("layer_types")
+    if family.window_pattern is None:
+        if isinstance(given, list) and any(t != "full_attention" for t in given):
+            other = next(t for t in given if t != "full_attention")
+            raise SourceError(
+                f"{read.where}: layer_types holds '{other}' layers: only full attention in every "
+                "layer is supported for this family", hint="use a checkpoint whose layer_types "
+                "are all 'full_attention'")
+        return None
+    if given is None:
+        pattern = read.int("sliding_window_pattern", family.window_pattern)
+        return tuple("full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                     for i in range(layers))
+    if not isinstance(given, list) or any(t not in LAYER_TYPES for t in given):
+        raise read._wrong("layer_types", f"a list of {' or '.join(map(repr, LAYER_TYPES))}",
+                          given)
+    if len(given) != layers:
+        raise SourceError(
+            f"{read.where}: config.json field 'layer_types' has {len(given)} entries for "
+            f"{layers} layers (num_hidden_layers)", hint="give one attention kind per layer")
+    return tuple(given)
+
+
+def _local_rope_theta(read: _Config, key: str, local_rope: Any) -> float:
+    """The rope base of sliding-window layers: `rope_parameters.sliding_attention` (whose
+    rope must be unscaled) or, in older configs, the field `key`."""
+    if local_rope is None:
+        return read.float(key, LOCAL_ROPE_THETA)
+    field = "rope_parameters.sliding_attention"
+    if not isinstance(local_rope, dict):
+        raise read._wrong(field, "a mapping", local_rope)
+    kind = local_rope.get("rope_type", local_rope.get("type", "default"))
+    if kind != "default":
+        raise SourceError(
+            f"{read.where}: rope type '{kind}' is not supported on sliding-window layers "
+            f"(config.json field '{field}')", hint="their rope must be unscaled (default)")
+    if local_rope.get("partial_rotary_factor", 1.0) not in (1, 1.0, None):
+        raise SourceError(
+            f"{read.where}: partial_rotary_factor {local_rope['partial_rotary_factor']!r} is not "
+            f"supported (config.json field '{field}')",
+            hint="use a checkpoint with partial_rotary_factor 1.0")
+    return _Config(local_rope, f"{read.where} ({field})").float("rope_theta", LOCAL_ROPE_THETA)
 
 
 def _shard_names(index: Path, where: str) -> tuple[list[str], dict[str, str]]:
