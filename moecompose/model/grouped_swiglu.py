@@ -20,6 +20,16 @@ accumulates). Temporaries are expert-sized; the only [N, *] buffers are the outp
 when autograd needs them, the gate/up activations g, u [N, f] (saved, not recomputed).
 The backward mirrors this and adds input gradients with `index_add_`.
 
+Two kernels sit behind the same ops. The loop above reads the per-expert counts on the
+host (`counts.tolist()`), which on a GPU is a host-device sync per layer and a few kernel
+launches per expert. With bf16 tensors on CUDA (widths multiples of 8, so that strides are
+16-byte aligned) the ops use `torch._grouped_mm` instead: one grouped GEMM per weight
+over all experts, the expert boundaries given as device-side int32 offsets, no sync; its
+input gradient is summed over each token's k slots after a permutation (`index_copy_`,
+then a sum), never with atomics, so it is deterministic. `grouped_mm_kernel(True)` turns
+that path on for CPU bf16 too (torch has an eager CPU kernel), which is how its numerics
+are tested against the loop without a GPU.
+
 Under `torch.autocast` the ops run like `mm` (`autocast_rule`): the forward ops in the
 autocast dtype, their floating-point inputs cast to it first (casts that autograd sees, so
 fp32 weights get fp32 gradients), the backward op in the dtypes the forward saved, and none
@@ -27,6 +37,9 @@ with autocast on inside.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -69,6 +82,89 @@ def autocast_rule(name: str, cast: bool) -> None:
         _LIB.impl(name, kernel, key)
 
 
+_GROUPED_MM_ON_CPU = False
+
+
+@contextlib.contextmanager
+def grouped_mm_kernel(enabled: bool = True) -> Iterator[None]:
+    """Within the block, bf16 expert ops on the CPU also use `torch._grouped_mm` (CUDA
+    always does): for testing that kernel's numerics and gradients on a machine without
+    a GPU."""
+    global _GROUPED_MM_ON_CPU
+    before, _GROUPED_MM_ON_CPU = _GROUPED_MM_ON_CPU, enabled
+    try:
+        yield
+    finally:
+        _GROUPED_MM_ON_CPU = before
+
+
+def uses_grouped_mm(x: Tensor, *weights: Tensor) -> bool:
+    """Whether the expert ops run on `torch._grouped_mm` for these tensors: bf16 on CUDA
+    (or on the CPU within `grouped_mm_kernel`), every width a multiple of 8."""
+    if not hasattr(torch, "_grouped_mm") or x.dtype != torch.bfloat16:
+        return False
+    if any(w.dtype != torch.bfloat16 for w in weights):
+        return False
+    if any(size % 8 for w in weights for size in w.shape[1:]):
+        return False
+    return x.is_cuda or (x.device.type == "cpu" and _GROUPED_MM_ON_CPU)
+
+
+def _gmm(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
+    """`torch._grouped_mm`: a [N, K] rows grouped by `offsets` times b [E, K, M] -> [N, M];
+    or a [K, N] and b [N, M], both grouped along N -> [E, K, M] (weight gradients)."""
+    return torch._grouped_mm(a, b, offs=offsets)
+
+
+def _offsets(counts: Tensor) -> Tensor:
+    """Where each expert's rows end [E], int32, on the device."""
+    return counts.cumsum(0, dtype=torch.int32)
+
+
+def _forward_grouped_mm(
+    x: Tensor, order: Tensor, counts: Tensor, gate: Tensor, up: Tensor, down: Tensor, keep: bool,
+    activation: str,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """`_forward` on grouped GEMMs, no host sync: the same outputs."""
+    offsets = _offsets(counts)
+    xs = x.index_select(0, order // (order.numel() // x.shape[0]))  # [N, d] expert order
+    g = _gmm(xs, gate.transpose(1, 2), offsets)  # [N, f]
+    u = _gmm(xs, up.transpose(1, 2), offsets)
+    h = GATE_ACTIVATIONS[activation](g) * u
+    ys = _gmm(h, down.transpose(1, 2), offsets)  # [N, d]
+    y = torch.empty_like(ys).index_copy_(0, order, ys)  # slot order: a permutation
+    return y, g if keep else None, u if keep else None
+
+
+def _backward_grouped_mm(
+    dy: Tensor, x: Tensor, order: Tensor, counts: Tensor, gate: Tensor, up: Tensor,
+    down: Tensor, g: Tensor, u: Tensor, input_grad: bool, weight_grads: bool, activation: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`_grouped_swiglu_backward` on grouped GEMMs, no host sync, deterministic."""
+    T, N = x.shape[0], order.numel()
+    offsets = _offsets(counts)
+    xs = x.index_select(0, order // (N // T))  # [N, d] expert order
+    dys = dy.index_select(0, order)  # [N, d]
+    act = GATE_ACTIVATIONS[activation](g)  # [N, f]
+    dh = _gmm(dys, down, offsets)  # [N, f]
+    du = dh * act
+    dg = gate_activation_backward(activation, dh.mul_(u), g)
+    dx = dgate = dup = ddown = None
+    if weight_grads:
+        ddown = _gmm(dys.t(), act.mul_(u), offsets)  # [E, d, f]; an expert without rows: 0
+        dgate = _gmm(dg.t(), xs, offsets)  # [E, f, d]
+        dup = _gmm(du.t(), xs, offsets)
+    if input_grad:
+        dxs = _gmm(dg, gate, offsets).add_(_gmm(du, up, offsets))  # [N, d] expert order
+        slots = torch.empty_like(dxs).index_copy_(0, order, dxs)  # [N, d] slot order
+        dx = slots.view(T, N // T, -1).sum(dim=1)  # each token's k slots, summed in order
+    empty = x.new_empty(0)
+    return (
+        empty if dx is None else dx,
+        *(empty if w is None else w for w in (dgate, dup, ddown)),
+    )
+
+
 def _spans(counts: Tensor) -> list[tuple[int, int, int]]:
     """(expert, first row, end row) in expert order, for each expert that has rows."""
     spans, start = [], 0
@@ -84,6 +180,8 @@ def _forward(
     activation: str,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """y [N, d] in slot order; with `keep`, also g, u [N, f] in expert order."""
+    if uses_grouped_mm(x, gate, up, down):
+        return _forward_grouped_mm(x, order, counts, gate, up, down, keep, activation)
     act = GATE_ACTIVATIONS[activation]
     N, f = order.numel(), gate.shape[1]
     token = order // (N // x.shape[0])  # [N] token of each sorted row
@@ -144,6 +242,9 @@ def _grouped_swiglu_backward(
     activation: str = "silu",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of x and of the three weights; the ones not asked for come back empty."""
+    if uses_grouped_mm(x, gate, up, down):
+        return _backward_grouped_mm(dy, x, order, counts, gate, up, down, g, u, input_grad,
+                                    weight_grads, activation)
     act_fn = GATE_ACTIVATIONS[activation]
     token = order // (order.numel() // x.shape[0])
     dx = torch.zeros_like(x) if input_grad else x.new_empty(0)  # [T, d]
