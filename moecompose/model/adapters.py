@@ -12,8 +12,11 @@ token, `N = T * k` token slots. Tensor names follow `docs/artifact-format.md`:
 Dispatch mirrors `GroupedExperts`: the N slots are sorted by expert and each projection is
 one `moecompose::grouped_linear` op (a GEMM per expert over its contiguous rows, counts
 read inside the op, so `torch.compile` sees one node with a static output shape). Dropout
-and the activation run between the two ops as ordinary traced code. Under autocast the op
-runs like `mm`, in the autocast dtype (`autocast_rule`); the router stays fp32.
+and the activation run between the two ops as ordinary traced code. With bf16 on CUDA the
+op is one `torch._grouped_mm` (no host sync; see `grouped_swiglu`). The adapters' outputs
+are combined in slot order, a sum over each token's k slots, deterministically. Under
+autocast the op runs like `mm`, in the autocast dtype (`autocast_rule`); the router stays
+fp32.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moecompose.model.config import AdapterActivation, AdapterFFNConfig, FFNActivation
-from moecompose.model.grouped_swiglu import _spans, autocast_rule
+from moecompose.model.grouped_swiglu import _gmm, _offsets, _spans, autocast_rule, uses_grouped_mm
 from moecompose.model.moe import DISPATCHES, Dispatch, expert_loop, one_of, stacked_parameter
 from moecompose.model.parts import swiglu
 from moecompose.model.routing import TopKRouter, expert_counts, weighted_aux_loss
@@ -41,6 +44,8 @@ ACTIVATIONS: dict[AdapterActivation, Callable[[Tensor], Tensor]] = {
 
 @torch.library.custom_op("moecompose::grouped_linear", mutates_args=())
 def _grouped_linear(x: Tensor, counts: Tensor, weight: Tensor) -> Tensor:
+    if uses_grouped_mm(x, weight):  # bf16 on CUDA: one grouped GEMM, no host sync
+        return _gmm(x, weight.transpose(1, 2), _offsets(counts))
     y = x.new_empty(x.shape[0], weight.shape[1])
     for e, s, t in _spans(counts):
         torch.mm(x[s:t], weight[e].t(), out=y[s:t])
@@ -57,6 +62,10 @@ def _grouped_linear_backward(
     dy: Tensor, x: Tensor, counts: Tensor, weight: Tensor, input_grad: bool, weight_grad: bool
 ) -> tuple[Tensor, Tensor]:
     """Gradients of x [N, in] and weight [E, out, in]; the ones not asked for come back empty."""
+    if uses_grouped_mm(x, weight):
+        offsets = _offsets(counts)
+        return (_gmm(dy, weight, offsets) if input_grad else x.new_empty(0),
+                _gmm(dy.t(), x, offsets) if weight_grad else weight.new_empty(0))
     dx = x.new_empty(x.shape) if input_grad else x.new_empty(0)
     dw = torch.zeros_like(weight) if weight_grad else weight.new_empty(0)
     for e, s, t in _spans(counts):
@@ -139,13 +148,14 @@ class GroupedAdapters(nn.Module):
         if self.dispatch == "loop":
             stacked = (self.down_proj, self.up_proj)
             return expert_loop(u, weights * self.scale, indices, stacked, self._adapter)
-        k = indices.shape[1]
+        T, k = indices.shape
         order = indices.reshape(-1).argsort(stable=True)  # [N] slots sorted by expert
-        token = order // k  # [N]
-        h = grouped_linear(u.index_select(0, token), counts, self.down_proj)  # [N, r]
-        a = grouped_linear(self._hidden(h), counts, self.up_proj)  # [N, d]
-        gain = weights.reshape(-1)[order] * self.scale  # [N]
-        return torch.zeros_like(u).index_add(0, token, a * gain[:, None])
+        h = grouped_linear(u.index_select(0, order // k), counts, self.down_proj)  # [N, r]
+        a = grouped_linear(self._hidden(h), counts, self.up_proj)  # [N, d], expert order
+        # back to slot order (a permutation), then each token's k slots summed in order:
+        # deterministic, where adding rows into tokens (`index_add`) is not on CUDA
+        slots = torch.empty_like(a).index_copy_(0, order, a).view(T, k, -1)  # [T, k, d]
+        return (slots * weights[..., None]).sum(dim=1) * self.scale
 
 
 class AdapterMoEFFN(nn.Module):
