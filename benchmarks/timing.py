@@ -44,6 +44,12 @@ def forward_backward_step(call: Call, params: Iterable[nn.Parameter], x: Tensor,
     return step
 
 
+def _synchronize() -> None:
+    """Wait for queued CUDA kernels, so that a step's time covers them (no-op on CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def median_seconds(steps: dict[str, Step], repeats: int, warmup: int) -> dict[str, float]:
     """Median time of each step, repeats interleaved across steps."""
     for step in steps.values():
@@ -52,8 +58,10 @@ def median_seconds(steps: dict[str, Step], repeats: int, warmup: int) -> dict[st
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
+            _synchronize()
             start = time.perf_counter()
             step()
+            _synchronize()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
