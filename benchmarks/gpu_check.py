@@ -484,6 +484,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="comma-separated spec names, e.g. demo,bam (default: all)")
     parser.add_argument("--full", action="store_true",
                         help="compiled checks on every artifact (default: demo; demo, bam on CUDA)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="eager checks only (a quick CPU smoke run: compiling takes minutes)")
+    parser.add_argument("--no-timing", action="store_true",
+                        help="skip timing the MoE layer against its dense twin")
     return parser.parse_args(argv)
 
 
@@ -497,13 +501,18 @@ def main(argv: list[str] | None = None) -> int:
     report = Report()
     built = build_artifacts(report, names, args.out)
     compiled = set(built) if args.full else ({"demo", "bam"} if CUDA else {"demo"})
+    if args.no_compile:
+        compiled = set()
     for name in built:
         check_artifact(report, name, args.out / name, name in compiled)
     if not CUDA:
         report.skip("demo reduce-overhead forward and decode")
     elif "demo" in built:
         report.attempt("demo reduce-overhead", check_reduce_overhead, report, args.out / "demo")
-    report.attempt("moe layer vs dense twin timing", check_moe_layer_speed, report)
+    if args.no_timing:
+        report.skip("moe layer vs dense twin timing", "--no-timing")
+    else:
+        report.attempt("moe layer vs dense twin timing", check_moe_layer_speed, report)
     print(report.summary(time.perf_counter() - started), flush=True)
     return 1 if report.failed else 0
 

@@ -23,12 +23,16 @@ def run_script(name: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_gpu_check_passes_the_demo_on_cpu(tmp_path: Path) -> None:
-    result = run_script("gpu_check.py", "--only", "demo", "--out", str(tmp_path))
+    """Eager checks only: compiling the bf16 graphs cold takes over two minutes on two
+    cores, and compiled training and decoding are tested in tests/test_model_compile.py;
+    `python benchmarks/gpu_check.py --only demo` runs the compiled checks too."""
+    result = run_script("gpu_check.py", "--only", "demo", "--no-compile", "--no-timing",
+                        "--out", str(tmp_path))
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
     assert "[FAIL]" not in out
-    for check in ("build demo", "demo load bf16", "demo compiled vs eager logits",
-                  "demo compiled fwd+bwd grads", "demo compiled static-cache decode vs eager"):
+    for check in ("build demo", "demo load bf16", "demo placement", "demo eager fwd+bwd",
+                  "demo loss-only forward vs logits"):
         assert f"[PASS] {check}:" in out, check
     assert re.search(r"gpu_check done in \d+s on \w+: \d+ PASS, 0 FAIL", out)
 
