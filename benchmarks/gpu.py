@@ -31,7 +31,7 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,12 +41,9 @@ from decode import setup as mixtral_artifact
 from moe_layer import DenseFFN
 from timing import (
     Call,
-    Step,
     Timings,
-    forward_backward_step,
-    forward_step,
-    median_seconds,
     print_report,
+    time_calls,
 )
 from torch import Tensor, nn
 
@@ -108,19 +105,6 @@ CPU_SIZES = Sizes(
 # --------------------------------------------------------------------------- timing
 
 
-def synchronized(step: Step, device: torch.device) -> Step:
-    """`step` followed by `torch.cuda.synchronize()` on CUDA, so that a step's wall time
-    covers its kernels (the step timed before it ended synchronised too)."""
-    if device.type != "cuda":
-        return step
-
-    def run() -> None:
-        step()
-        torch.cuda.synchronize(device)
-
-    return run
-
-
 def wall_seconds(call: Callable[[], object], device: torch.device) -> float:
     """Wall time of `call()`, its CUDA kernels included."""
     if device.type == "cuda":
@@ -130,26 +114,6 @@ def wall_seconds(call: Callable[[], object], device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
-
-
-def time_layers(
-    calls: dict[str, tuple[Call, Iterable[nn.Parameter]]],
-    x: Tensor,
-    grad: Tensor,
-    repeats: int,
-    warmup: int,
-) -> Timings:
-    """`timing.time_calls` with every step synchronised on CUDA: forward and
-    forward+backward medians of each named (call, parameters)."""
-    device = x.device
-    forward = {name: synchronized(forward_step(call, x), device) for name, (call, _) in calls.items()}
-    training = {
-        name: synchronized(forward_backward_step(call, params, x, grad), device)
-        for name, (call, params) in calls.items()
-    }
-    fwd = median_seconds(forward, repeats, warmup)
-    fwd_bwd = median_seconds(training, repeats, warmup)
-    return {name: (fwd[name], fwd_bwd[name]) for name in calls}
 
 
 @dataclass(frozen=True)
@@ -204,7 +168,7 @@ def moe_layer_timings(
     x = torch.randn(T, d, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn(T, d, device=device, dtype=dtype)
     calls = {name: (layer, layer.parameters()) for name, layer in layers.items()}
-    return time_layers(calls, x, grad, sizes.repeats, sizes.warmup)
+    return time_calls(calls, x, grad, sizes.repeats, sizes.warmup)  # CUDA-synchronised
 
 
 def moe_layer_target(rows: Timings) -> Target:
@@ -253,7 +217,7 @@ def moa_timings(sizes: Sizes, device: torch.device, dtype: torch.dtype, compile:
     x = torch.randn(B, S, d, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn(B, S, d, device=device, dtype=dtype)
     calls = {name: (attention(m), m.parameters()) for name, m in modules.items()}
-    return time_layers(calls, x, grad, sizes.repeats, sizes.warmup)
+    return time_calls(calls, x, grad, sizes.repeats, sizes.warmup)  # CUDA-synchronised
 
 
 MOA_RATIOS = [
