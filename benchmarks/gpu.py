@@ -21,7 +21,7 @@ not an error: the exit code is 0 unless something crashes.
 
     python benchmarks/gpu.py                  # CUDA; prints "skipped: no CUDA" without one
     python benchmarks/gpu.py --cpu            # tiny sizes on the CPU: a smoke run
-    python benchmarks/gpu.py --cpu --no-compile   # (a) and (b) eager only; (c) compiles
+    python benchmarks/gpu.py --cpu --no-compile   # all eager: a quick smoke run
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from decode import DIMS, QUICK
@@ -258,47 +259,52 @@ def quiet_transformers() -> None:
 
 
 def decoders(artifact: Path, new_tokens: int, device: torch.device,
-             dtype: torch.dtype) -> dict[str, Generate]:
+             dtype: torch.dtype, compile: bool = True) -> dict[str, Generate]:
     """Greedy generation of `new_tokens` tokens by the same export in both libraries:
     ours eager and compiled (`compile_model`, a static cache), and transformers' compiled
-    (static cache, `CompileConfig`; its default mode, "reduce-overhead", on CUDA)."""
+    (static cache, `CompileConfig`; its default mode, "reduce-overhead", on CUDA).
+    Without `compile` (a smoke run): ours eager and transformers' eager `generate`."""
     from transformers import AutoModelForCausalLM, CompileConfig
 
     import moecompose
     from moecompose.model.compile import compile_model
 
     ours = moecompose.load(artifact, dtype=dtype, device=device)
-    compiled = compile_model(ours)
     theirs = AutoModelForCausalLM.from_pretrained(artifact, dtype=dtype).to(device).eval()
     theirs.config.output_router_logits = False  # the export asks for them (training)
     compile_config = CompileConfig(fullgraph=True, dynamic=False)
     if device.type != "cuda":
         compile_config._compile_all_devices = True  # transformers compiles on CUDA-like only
 
-    def transformers_compiled(ids: Tensor) -> Tensor:
-        with torch.no_grad():
-            return theirs.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                cache_implementation="static", compile_config=compile_config,
-            )
+    def transformers(**kwargs: Any) -> Generate:
+        def run(ids: Tensor) -> Tensor:
+            with torch.no_grad():
+                return theirs.generate(
+                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **kwargs)
+        return run
 
+    runs = {"moecompose eager": lambda ids: ours.generate(ids, new_tokens)}
+    if not compile:
+        return {**runs, "transformers eager": transformers()}
+    compiled = compile_model(ours)
     return {
-        "moecompose eager": lambda ids: ours.generate(ids, new_tokens),
+        **runs,
         "moecompose compiled": lambda ids: ours.generate(ids, new_tokens, forward=compiled),
-        "transformers compiled": transformers_compiled,
+        "transformers compiled": transformers(cache_implementation="static",
+                                              compile_config=compile_config),
     }
 
 
 def decode_rates(sizes: Sizes, workdir: Path, device: torch.device,
-                 dtype: torch.dtype) -> dict[str, float]:
+                 dtype: torch.dtype, compile: bool = True) -> dict[str, float]:
     """New tokens per second of each decoder at batch 1: median over interleaved rounds,
     after one untimed call each (compilation, warm-up)."""
     from torch._dynamo.utils import counters
 
     quiet_transformers()
     artifact = mixtral_artifact(workdir, sizes.decoder)  # decode.py's model
-    runs = decoders(artifact, sizes.new_tokens, device, dtype)
+    runs = decoders(artifact, sizes.new_tokens, device, dtype, compile)
     torch.manual_seed(0)
     ids = torch.randint(4, sizes.decoder["vocab_size"], (1, sizes.prompt), device=device)
     outputs = {}
@@ -319,8 +325,9 @@ def decode_rates(sizes: Sizes, workdir: Path, device: torch.device,
 
 
 def decode_target(rates: dict[str, float]) -> Target:
-    value = rates["moecompose compiled"] / rates["transformers compiled"]
-    return Target("(c) decode tok/s, ours compiled / transformers compiled", value, 2.0,
+    mode = "compiled" if "moecompose compiled" in rates else "eager"
+    value = rates[f"moecompose {mode}"] / rates[f"transformers {mode}"]
+    return Target(f"(c) decode tok/s, ours {mode} / transformers {mode}", value, 2.0,
                   at_most=False)
 
 
@@ -356,7 +363,7 @@ def run_all(sizes: Sizes, device: torch.device, dtype: torch.dtype, compile: boo
     print(targets[-1].line(), flush=True)
 
     print(describe_decode(sizes, device, dtype), flush=True)
-    rates = decode_rates(sizes, workdir, device, dtype)
+    rates = decode_rates(sizes, workdir, device, dtype, compile)
     for name, rate in rates.items():
         print(f"  {name:24s} {rate:10,.1f} tok/s")
     targets.append(decode_target(rates))
@@ -369,7 +376,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cpu", action="store_true",
                         help="run tiny sizes on the CPU (a smoke run; timings mean nothing)")
     parser.add_argument("--no-compile", action="store_true",
-                        help="(a) and (b) eager only; (c) always compiles")
+                        help="eager only; (c) then compares eager decoding (a smoke run)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/moecompose-gpu-bench"),
                         help="where (c)'s dense sources and export are written (reused)")
     return parser.parse_args(argv)

@@ -354,6 +354,15 @@ def test_static_cache_overflow_is_a_value_error() -> None:
     assert cache.length == 6
 
 
+def test_static_cache_buffers_are_static_addresses() -> None:
+    """What `mode="reduce-overhead"` needs to replay a CUDA graph on the cache itself:
+    every buffer written in place across calls is marked a static address."""
+    cache = variant_model("expert-kv").new_cache(max_length=6, batch_size=2)
+    tensors = [cache.position, cache.keep, *cache.buffers()]
+    assert len(tensors) == 2 + 2 * len(cache.layers)
+    assert all(getattr(t, "_dynamo_static_input_type", None) == "unguarded" for t in tensors)
+
+
 def test_kv_cache_bytes_per_token_per_variant() -> None:
     per_layer = {v: variant_model(v).kv_cache_bytes_per_token() for v in VARIANTS}
     assert per_layer["dense"] == [2 * 2 * 8 * 4] * 2  # k and v, kv heads, dh, fp32

@@ -178,6 +178,15 @@ class StaticKVCache(KVCache):
             )
             for n in heads
         ]
+        # Buffers that live across calls and are written in place: static addresses, so a
+        # model compiled with mode="reduce-overhead" keeps them out of its CUDA graphs'
+        # copied inputs and replays the graph on them (as transformers' StaticCache does).
+        for tensor in (self.position, self.keep, *self.buffers()):
+            torch._dynamo.mark_static_address(tensor)
+
+    def buffers(self) -> list[Tensor]:
+        """Every layer's key and value buffers."""
+        return [t for layer in self.layers for t in (layer.key, layer.value) if t is not None]
 
     def positions(self, query_len: int, device: torch.device) -> Tensor:
         return self.position + torch.arange(query_len, device=device)
