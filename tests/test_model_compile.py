@@ -94,7 +94,9 @@ def test_sliding_window_model_compiles_once_and_trains_like_eager() -> None:
 def test_gemma_block_compiles_once_and_trains_like_eager() -> None:
     """Gemma's options: GeGLU experts, (1+w) sandwich norms, scaled embeddings, q/k norms,
     local and global layers (two masks, two ropes), soft-capped scores (their own op) and
-    logits: one graph for every shape, inference and training alike."""
+    logits: one training graph for every shape, with eager's loss and gradients. (The
+    inference graph differs only in the expert op's no-autograd variant, which the other
+    models' inference tests compile.)"""
     gemma = {**copy.deepcopy(CONFIG), "hidden_act": "gelu_tanh", "norm_placement": "sandwich",
              "norm_unit_offset": True, "scale_embeddings": True, "qk_norm": "head",
              "query_pre_attn_scalar": 16, "attn_logit_softcapping": 5.0,
@@ -104,7 +106,4 @@ def test_gemma_block_compiles_once_and_trains_like_eager() -> None:
     counters.clear()
     torch.manual_seed(0)
     model = MoECausalLM.from_config(gemma)
-    assert_compiled_inference_matches_eager(model, [(1, 1), (2, 7), (3, 33)], ids)
-    torch._dynamo.reset()
-    counters.clear()
     assert_compiled_training_matches_eager(model, [(2, 7), (1, 1), (3, 33)], ids)
