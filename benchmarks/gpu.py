@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from decode import DIMS, QUICK
 from decode import setup as mixtral_artifact
-from moe_layer import DenseFFN
+from moe_layer import DenseFFN, moe_spec
 from timing import (
     Call,
     Timings,
@@ -50,11 +50,8 @@ from torch import Tensor, nn
 
 from moecompose.model.attention_mix import MixtureOfAttention
 from moecompose.model.config import (
-    AuxLossConfig,
     MoAAttentionConfig,
-    MoEFFNConfig,
     SoftRouterConfig,
-    TopKRouterConfig,
 )
 from moecompose.model.moe import MoEFFN
 from moecompose.model.parts import RotaryEmbedding
@@ -154,13 +151,7 @@ def moe_layer_timings(
     rows `{moe,dense} {eager,compiled}`. x [T, d] in `dtype` on `device`."""
     torch.manual_seed(0)
     E, k, d, f, T = sizes.experts, sizes.top_k, sizes.dim, sizes.hidden, sizes.tokens
-    spec = MoEFFNConfig(
-        num_experts=E,
-        intermediate_size=f,
-        router=TopKRouterConfig(k=k, normalize=True),
-        aux_loss=AuxLossConfig(load_balance=0.01, z_loss=0.001),
-    )
-    moe = MoEFFN(d, spec, dispatch="grouped").to(device, dtype)
+    moe = MoEFFN(d, moe_spec(E, k, f), dispatch="grouped").to(device, dtype)
     dense = DenseFFN(d, k * f).to(device, dtype)
     layers: dict[str, nn.Module] = {"dense eager": dense, "moe eager": moe}
     if compile:

@@ -35,6 +35,16 @@ class DenseFFN(nn.Module):
         return self.ffn(x), None
 
 
+def moe_spec(experts: int, top_k: int, hidden: int) -> MoEFFNConfig:
+    """The benchmarked MoE layer: top-k (renormalised), load balancing and z-loss on."""
+    return MoEFFNConfig(
+        num_experts=experts,
+        intermediate_size=hidden,
+        router=TopKRouterConfig(k=top_k, normalize=True),
+        aux_loss=AuxLossConfig(load_balance=0.01, z_loss=0.001),
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few repeats")
@@ -53,12 +63,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     E, k, d, f, T = args.experts, args.top_k, args.dim, args.hidden, args.tokens
-    spec = MoEFFNConfig(
-        num_experts=E,
-        intermediate_size=f,
-        router=TopKRouterConfig(k=k, normalize=True),
-        aux_loss=AuxLossConfig(load_balance=0.01, z_loss=0.001),
-    )
+    spec = moe_spec(E, k, f)
     moe = MoEFFN(d, spec, dispatch="grouped")
     loop = MoEFFN(d, spec, dispatch="loop")
     loop.load_state_dict(moe.state_dict())
