@@ -33,12 +33,9 @@ from moecompose.spec.schema import (
     LayerRange,
     MergeFrom,
     MergeWeights,
-    NexusRouter,
     PromptInit,
-    SoftRouter,
+    RouterNode,
     Spec,
-    TokenMixingRouter,
-    TopKRouter,
 )
 from moecompose.text import ranges
 
@@ -57,7 +54,7 @@ class FFNMixture:
 
     experts: tuple[Expert, ...]  # for adapters: the shared FFN's source, once per expert
     shared: str | None
-    router: TopKRouter | NexusRouter | TokenMixingRouter
+    router: RouterNode  # a kind that routes FFN experts (check_spec)
     aux_loss: AuxLoss
     rule: int  # index of the spec's layer rule that set it
     adapters: AdapterExperts | None = None  # PESC: experts are adapters on one shared FFN
@@ -70,7 +67,7 @@ class AttentionMixture:
 
     experts: tuple[str, ...]  # one attention expert per source
     share_kv: bool  # k and v merged and shared by every expert (one KV cache)
-    router: SoftRouter | TopKRouter
+    router: RouterNode  # a kind that routes attention experts (check_spec)
     rule: int
 
 
@@ -352,9 +349,9 @@ def prompt_source(spec: Spec, init: PromptInit) -> str:
 def _check_prompt_sources(spec: Spec, sources: dict[str, Checkpoint]) -> None:
     for r, rule in enumerate(spec.layers):
         router = rule.ffn.router if rule.ffn is not None else None
-        if isinstance(router, TopKRouter) and isinstance(router.init, PromptInit):
+        if isinstance(init := getattr(router, "init", None), PromptInit):
             at: DataPath = ("layers", r, "ffn", "router", "init")
-            name = prompt_source(spec, router.init)
+            name = prompt_source(spec, init)
             _needs_tokenizer(spec, sources[name], at, "embedding router prompts")
 
 
@@ -483,10 +480,8 @@ def _layers(spec: Spec, n_layers: int) -> list[LayerPlanInput]:
     for r, rule in enumerate(spec.layers):
         indices = _selected(rule.select, n_layers, ("layers", r, "select"), spec)
         if rule.attention is not None:
-            router = rule.attention.router
-            assert isinstance(router, (SoftRouter, TopKRouter))  # check_spec refuses the others
             attn = AttentionMixture(
-                tuple(rule.attention.experts), bool(rule.attention.share), router, r
+                tuple(rule.attention.experts), bool(rule.attention.share), rule.attention.router, r
             )
             for i in indices:
                 attention[i] = attn
@@ -502,9 +497,8 @@ def _layers(spec: Spec, n_layers: int) -> list[LayerPlanInput]:
         else:
             experts = tuple(Expert(name) for name in experts_spec)
         router = rule.ffn.router
-        assert not isinstance(router, SoftRouter)  # check_spec refuses it for FFNs
-        prompts = prompt_source(spec, router.init) if isinstance(
-            getattr(router, "init", None), PromptInit) else None
+        init = getattr(router, "init", None)
+        prompts = prompt_source(spec, init) if isinstance(init, PromptInit) else None
         mixture = FFNMixture(
             experts, rule.ffn.shared, router, rule.ffn.aux_loss, r, adapters, prompts
         )
@@ -520,8 +514,8 @@ def _frozen_top1_warnings(layers: list[LayerPlanInput]) -> list[str]:
     for part in ("ffn", "attention"):
         chosen = tuple(
             layer.index for layer in layers
-            if (mix := getattr(layer, part)) is not None and isinstance(mix.router, TopKRouter)
-            and mix.router.k == 1 and mix.router.normalize
+            if (mix := getattr(layer, part)) is not None and getattr(mix.router, "k", None) == 1
+            and getattr(mix.router, "normalize", False)
         )
         if chosen:
             out.append(

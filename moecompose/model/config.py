@@ -14,7 +14,7 @@ without torch.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast, get_args
 
 from pydantic import (
     BaseModel,
@@ -189,6 +189,21 @@ AttentionRouterConfig = Annotated[
     SoftRouterConfig | TopKRouterConfig, Field(discriminator="kind")
 ]
 """Routers of a mixture-of-attention layer."""
+
+RouterConfig = MoERouterConfig | AttentionRouterConfig
+ROUTER_CONFIGS: dict[str, type[_Node]] = {
+    get_args(cls.model_fields["kind"].annotation)[0]: cls
+    for union in (MoERouterConfig, AttentionRouterConfig) for cls in get_args(get_args(union)[0])
+}
+"""Every router config, by `kind`."""
+
+
+def router_config(kind: str, values: Mapping[str, Any]) -> RouterConfig:
+    """The config of a `kind` router, from the `values` of its fields (other keys, such as
+    a spec's initialisation, are not the model's and are left out)."""
+    cls = ROUTER_CONFIGS[kind]
+    return cast(RouterConfig, cls.model_validate({f: values[f] for f in cls.model_fields
+                                                   if f in values}))
 
 
 # --------------------------------------------------------------------------- FFN parts

@@ -33,12 +33,11 @@ from torch import Tensor, nn
 
 from moecompose.model.config import (
     NexusRouterConfig,
+    RouterConfig,
     SoftRouterConfig,
     TokenMixingRouterConfig,
     TopKRouterConfig,
 )
-
-RouterConfig = TopKRouterConfig | SoftRouterConfig | TokenMixingRouterConfig | NexusRouterConfig
 
 
 class Routing(NamedTuple):

@@ -13,7 +13,6 @@ from moecompose.formats.native import model_config, native_names
 from moecompose.model.config import (
     AdapterFFNConfig,
     AttentionConfig,
-    AttentionRouterConfig,
     AuxLossConfig,
     DenseAttentionConfig,
     DenseFFNConfig,
@@ -25,9 +24,8 @@ from moecompose.model.config import (
     MoERouterConfig,
     NexusRouterConfig,
     SharedExpertConfig,
-    SoftRouterConfig,
-    TokenMixingRouterConfig,
     TopKRouterConfig,
+    router_config,
 )
 from moecompose.plan.recipe import Plan, PlannedTensor, Recipe, TensorRef, Totals
 from moecompose.resolve import (
@@ -41,9 +39,8 @@ from moecompose.sources.families import Family
 from moecompose.spec.schema import (
     NexusRouter,
     PromptInit,
-    SoftRouter,
+    RouterNode,
     TokenMixingRouter,
-    TopKRouter,
 )
 from moecompose.text import ranges
 
@@ -192,9 +189,8 @@ class _Planner:
         if not arch.tie_word_embeddings:
             self.add_merged("lm_head", "embeddings")
 
-    def router_recipe(
-        self, router: TopKRouter | SoftRouter | TokenMixingRouter, *key: object
-    ) -> Recipe:
+    def router_recipe(self, router: RouterNode, *key: object) -> Recipe:
+        """The initialisation of a linear router's weight, from its `init` and `init_std`."""
         assert not isinstance(router.init, PromptInit)  # the FFN router plans prompt rows
         if router.init == "zeros":
             return Recipe("init", args={"init": "zeros"})
@@ -206,7 +202,7 @@ class _Planner:
     def moa(self, i: int, mix: AttentionMixture) -> None:
         """BAM: attention expert j is source j's q, k, v, o; k and v merged when shared."""
         d, n = self.r.arch.hidden_size, len(mix.experts)
-        active = mix.router.k / n if isinstance(mix.router, TopKRouter) else 1.0
+        active = getattr(mix.router, "k", n) / n  # a router without k runs every expert
         self.add(MOA_ROUTER.format(i=i), (n, d),
                  self.router_recipe(mix.router, "attention-router", i), "router", i)
         for role in ATTENTION_ROLES:
@@ -421,10 +417,7 @@ class _Planner:
     def attention_config(self, attn: AttentionMixture | None) -> AttentionConfig:
         if attn is None:
             return DenseAttentionConfig()
-        router: AttentionRouterConfig = (
-            TopKRouterConfig(k=attn.router.k, normalize=attn.router.normalize)
-            if isinstance(attn.router, TopKRouter) else SoftRouterConfig()
-        )
+        router = router_config(attn.router.kind, attn.router.model_dump())
         return MoAAttentionConfig(num_experts=len(attn.experts),
                                   share=("k", "v") if attn.share_kv else (), router=router)
 
@@ -451,16 +444,15 @@ class _Planner:
 
     def router_config(self, mix: FFNMixture) -> MoERouterConfig:
         router = mix.router
-        if isinstance(router, TokenMixingRouter):
-            return TokenMixingRouterConfig(group_size=router.group_size,
-                                           temperature=router.temperature,
-                                           learn_temperature=router.learn_temperature)
         if isinstance(router, NexusRouter) and self.format.name == "native":
             width = self.r.domains[mix.experts[0].source].width
             return NexusRouterConfig(k=router.k, normalize=router.normalize, domain_dim=width)
-        # (a nexus router outside the native format is baked into a linear top-k gate;
-        # fine-grained experts are routed k x G)
-        return TopKRouterConfig(k=router.k * granularity(self.r, mix), normalize=router.normalize)
+        values = router.model_dump()
+        if isinstance(router, NexusRouter):  # outside the native format: a linear top-k gate
+            values["kind"] = "topk"
+        if "k" in values:  # fine-grained experts are routed k x G
+            values["k"] *= granularity(self.r, mix)
+        return router_config(values["kind"], values)
 
     def totals(self) -> Totals:
         arch = self.r.arch
@@ -501,7 +493,8 @@ def _expert_kind(mix: FFNMixture) -> str:
 def _attention_row(attn: AttentionMixture | None) -> str:
     if attn is None:
         return "dense"
-    router = "soft" if isinstance(attn.router, SoftRouter) else f"topk k={attn.router.k}"
+    k = getattr(attn.router, "k", None)
+    router = attn.router.kind + ("" if k is None else f" k={k}")
     kv = ", shared kv" if attn.share_kv else ""
     return f"MoA {_compact(list(attn.experts))} ({router}{kv})"
 

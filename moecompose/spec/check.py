@@ -75,6 +75,8 @@ def _check_ffn(ffn: schema.FFNMix, at: DataPath, spec: schema.Spec, source: Sour
         source((*at, "shared"), ffn.shared, "shared expert")
 
     router = ffn.router
+    if not _routes(router, "ffn", at, bad):
+        return
     if ffn.granularity > 1:
         _check_granularity(ffn, at, bad)
     if isinstance(router, schema.TokenMixingRouter):
@@ -93,26 +95,41 @@ def _check_ffn(ffn: schema.FFNMix, at: DataPath, spec: schema.Spec, source: Sour
                 f"group_size = {router.group_size} is larger than batch_size = {router.batch_size}",
                 "groups are formed across the sequences of one batch; use group_size <= batch_size")
         return
-    if isinstance(router, schema.SoftRouter):
-        bad((*at, "router", "kind"), "soft routing is for attention experts",
-            "use kind: topk, nexus or token_mixing for FFN experts")
-        return
     if isinstance(router, schema.NexusRouter):
         _check_nexus(ffn, at, spec, bad)
-    elif isinstance(router.init, schema.PromptInit):
-        _check_prompt_init(router.init, ffn, (*at, "router", "init"), source, bad)
-    if router.k > count:
+    elif isinstance(init := getattr(router, "init", None), schema.PromptInit):
+        _check_prompt_init(init, ffn, (*at, "router", "init"), source, bad)
+    k = getattr(router, "k", None)
+    if k is not None and k > count:
         plural = "s" if count > 1 else ""
         written = (*at, "router", "k") in origin.keys
         if written:
             bad((*at, "router", "k"),
-                f"k = {router.k} but the layer has only {count} expert{plural}",
+                f"k = {k} but the layer has only {count} expert{plural}",
                 f"use k <= {count}")
         else:
             bad((*at, "experts"),
-                f"the default router k = {router.k} but the layer has only {count} "
+                f"the default router k = {k} but the layer has only {count} "
                 f"expert{plural}",
                 f"add router: {{kind: topk, k: {count}}} or list more experts")
+
+
+ROUTED = {"ffn": "FFN experts", "attention": "attention experts"}
+
+
+def _routes(router: schema.RouterNode, part: str, at: DataPath, bad: Bad) -> bool:
+    """Whether ``router`` can route the ``part`` mixture (``ffn``, ``attention``); if not,
+    report it with the kinds that can."""
+    if part in router.routes:
+        return True
+    can = [f"kind: {kind}" for node, kind in zip(schema.ROUTER_NODES, schema.ROUTER_KINDS)
+           if part in node.routes]
+    does = " and ".join(ROUTED[p] for p in router.routes)
+    bad((*at, "router", "kind"),
+        f"router kind '{router.kind}' cannot route {ROUTED[part]} "
+        f"({router.kind.replace('_', ' ')} routing is for {does})",
+        f"use {' or '.join(can)}")
+    return False
 
 
 def _check_granularity(ffn: schema.FFNMix, at: DataPath, bad: Bad) -> None:
@@ -124,12 +141,7 @@ def _check_granularity(ffn: schema.FFNMix, at: DataPath, bad: Bad) -> None:
             "their own to split",
             "remove 'granularity', or use experts: {copy: SOURCE, count: N} or a list of sources")
         return
-    why = {
-        "token_mixing": "token mixing has no top-k to widen to k x granularity",
-        "soft": "soft routing is for attention experts",
-        "nexus": "the nexus router's rows come from one domain embedding per expert, and "
-                 "shards of one expert cannot share a domain",
-    }.get(ffn.router.kind)
+    why = ffn.router.not_fine_grained
     if why is not None:
         bad((*at, "granularity"),
             f"granularity {g} needs router kind: topk, not {ffn.router.kind}: {why}",
@@ -224,14 +236,13 @@ def _check_attention(attn: schema.AttentionMix, at: DataPath, source: SourceChec
         bad((*at, "share"), "share needs at least two attention experts",
             "omit 'share' for a single attention expert")
     router = attn.router
-    if isinstance(router, schema.TopKRouter) and isinstance(router.init, schema.PromptInit):
+    if isinstance(getattr(router, "init", None), schema.PromptInit):
         bad((*at, "router", "init"), "prompt-initialised rows are for FFN routers",
             "use init: random or zeros for the attention router")
-    if not isinstance(router, (schema.SoftRouter, schema.TopKRouter)):
-        bad((*at, "router", "kind"),
-            f"router kind '{router.kind}' cannot route attention experts",
-            "use kind: soft (BAM's choice) or kind: topk")
-    elif isinstance(router, schema.TopKRouter) and router.k > len(attn.experts):
+    if not _routes(router, "attention", at, bad):
+        return
+    k = getattr(router, "k", None)
+    if k is not None and k > len(attn.experts):
         bad((*at, "router", "k"),
-            f"k = {router.k} but the layer has only {len(attn.experts)} attention experts",
+            f"k = {k} but the layer has only {len(attn.experts)} attention experts",
             f"use k <= {len(attn.experts)}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -186,8 +186,21 @@ class PromptInit(Node):
     max_tokens: StrictInt = Field(512, ge=1, le=MAX_INT, description="Each prompt is truncated to this many tokens.")
 
 
-class TopKRouter(Node):
+class RouterNode(Node):
+    """Base of the router kinds. What a kind may route is declared on it, so the checks
+    and the planner treat every kind alike: ``routes``, the mixtures it can route
+    (``"ffn"``, ``"attention"``); ``not_fine_grained``, why it cannot route fine-grained
+    expert shards (None: it can). The model config a kind becomes is the config of the
+    same ``kind`` (``moecompose.model.config.router_config``), from the fields they share."""
+
+    routes: ClassVar[tuple[str, ...]]
+    not_fine_grained: ClassVar[str | None] = None
+
+
+class TopKRouter(RouterNode):
     """Token-choice top-k: softmax over all experts, keep the k best (Mixtral, BTX)."""
+
+    routes: ClassVar[tuple[str, ...]] = ("ffn", "attention")
 
     kind: Literal["topk"] = Field(description="Token-choice top-k routing.")
     k: StrictInt = Field(2, ge=1, le=MAX_INT, description="Experts per token.")
@@ -202,8 +215,10 @@ class TopKRouter(Node):
     init_std: StrictFloat = Field(0.02, gt=0.0, description="Std of the random router init.")
 
 
-class SoftRouter(Node):
+class SoftRouter(RouterNode):
     """Soft routing: every expert runs, weighted by softmax(x @ W) (BAM attention)."""
+
+    routes: ClassVar[tuple[str, ...]] = ("attention",)
 
     kind: Literal["soft"] = Field(description="Every expert runs, weighted (attention only).")
     init: Literal["random", "zeros"] = Field(
@@ -217,9 +232,14 @@ class SoftRouter(Node):
     init_std: StrictFloat = Field(0.02, gt=0.0, description="Std of the random router init.")
 
 
-class NexusRouter(Node):
+class NexusRouter(RouterNode):
     """Router projected from domain embeddings (Nexus): per layer, expert embeddings
     ``e = W2 . SwiGLU(W1 . dom)``, scores ``softmax(x . e^T)``."""
+
+    routes: ClassVar[tuple[str, ...]] = ("ffn",)
+    not_fine_grained: ClassVar[str | None] = (
+        "the nexus router's rows come from one domain embedding per expert, and shards of "
+        "one expert cannot share a domain")
 
     kind: Literal["nexus"] = Field(description="Router projected from domain embeddings.")
     k: StrictInt = Field(1, ge=1, le=MAX_INT, description="Routed experts per token.")
@@ -233,8 +253,11 @@ class NexusRouter(Node):
         return {"init": hint, "init_std": hint}
 
 
-class TokenMixingRouter(Node):
+class TokenMixingRouter(RouterNode):
     """Mixture of Tokens: tokens at one position of G sequences are mixed per expert."""
+
+    routes: ClassVar[tuple[str, ...]] = ("ffn",)
+    not_fine_grained: ClassVar[str | None] = "token mixing has no top-k to widen to k x granularity"
 
     kind: Literal["token_mixing"] = Field(description="Mixture of Tokens: no discrete routing.")
     group_size: StrictInt = Field(ge=1, le=MAX_INT, description="G: sequences of the batch mixed at each position.")
@@ -256,7 +279,9 @@ Router = Annotated[
     TopKRouter | SoftRouter | NexusRouter | TokenMixingRouter,
     Field(discriminator="kind"),
 ]
-ROUTER_KINDS = ("topk", "soft", "nexus", "token_mixing")
+ROUTER_NODES: tuple[type[RouterNode], ...] = get_args(get_args(Router)[0])
+ROUTER_KINDS: tuple[str, ...] = tuple(get_args(r.model_fields["kind"].annotation)[0]
+                                      for r in ROUTER_NODES)
 
 
 class AuxLoss(Node):

@@ -39,25 +39,15 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from moecompose.errors import DataError
-from moecompose.model.adapters import AdapterMoEFFN
 from moecompose.model.causal_lm import MoECausalLM
 from moecompose.model.routing import (
-    NexusRouter,
     Routing,
-    SoftRouter,
     TokenMixingRouter,
-    TopKRouter,
     expert_counts,
 )
 from moecompose.report import add_row
 from moecompose.training.data import DomainFiles
 
-ROUTER_KINDS: dict[type[nn.Module], str] = {
-    TopKRouter: "topk",
-    NexusRouter: "nexus",
-    SoftRouter: "soft",
-    TokenMixingRouter: "token_mixing",
-}
 PARTS = ("attention", "ffn")  # the order they run in within a layer
 
 
@@ -173,13 +163,13 @@ class ExpertUsage:
     def routers(self) -> list[tuple[int, str, str, nn.Module]]:
         """(layer, part, kind, router module) of every routed part, in running order."""
         found = []
-        for i, layer in enumerate(self.model.model.layers):
+        for i, (layer, config) in enumerate(zip(self.model.model.layers, self.model.config.layers)):
             for part, module in (("attention", layer.self_attn), ("ffn", layer.mlp)):
-                router = getattr(module, "router", None)
-                if router is None or type(router) not in ROUTER_KINDS:
+                routed = getattr(config, part)
+                if getattr(routed, "router", None) is None:
                     continue
-                kind = "adapters" if isinstance(module, AdapterMoEFFN) else ROUTER_KINDS[type(router)]
-                found.append((i, part, kind, router))
+                kind = "adapters" if routed.kind == "adapters" else routed.router.kind
+                found.append((i, part, kind, module.router))
         return found
 
     def __enter__(self) -> ExpertUsage:
