@@ -75,10 +75,10 @@ def _check_ffn(ffn: schema.FFNMix, at: DataPath, spec: schema.Spec, source: Sour
         source((*at, "shared"), ffn.shared, "shared expert")
 
     router = ffn.router
-    if not _routes(router, "ffn", at, bad):
-        return
     if ffn.granularity > 1:
         _check_granularity(ffn, at, bad)
+    if not _routes(router, "ffn", at, bad):
+        return
     if isinstance(router, schema.TokenMixingRouter):
         if isinstance(experts, schema.AdapterExperts):
             bad((*at, "router", "kind"), "token mixing needs FFN experts, not adapters",

@@ -219,6 +219,7 @@ class SoftRouter(RouterNode):
     """Soft routing: every expert runs, weighted by softmax(x @ W) (BAM attention)."""
 
     routes: ClassVar[tuple[str, ...]] = ("attention",)
+    not_fine_grained: ClassVar[str | None] = "soft routing is for attention experts"
 
     kind: Literal["soft"] = Field(description="Every expert runs, weighted (attention only).")
     init: Literal["random", "zeros"] = Field(
