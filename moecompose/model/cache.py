@@ -32,7 +32,8 @@ def _slots(position: Tensor, query_len: int, max_length: int) -> Tensor:
     """Positions `position + [0, query_len)` [S] where new tokens go; `ValueError` if they
     do not fit in `max_length`. An opaque op, so that compiled code checks too (reading
     `position` in the traced program would be a graph break; an unchecked out-of-range
-    write aborts a compiled kernel)."""
+    write aborts a compiled kernel). Only this CPU kernel reads `position` on the host, so
+    the op is not tagged `cudagraph_unsafe`: CUDA graphs capture its CUDA kernel."""
     past = int(position)
     if past + query_len > max_length:
         raise ValueError(
