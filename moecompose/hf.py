@@ -86,6 +86,7 @@ class MoeComposeForCausalLM(PreTrainedModel, GenerationMixin):
         self.model = native.model
         self.lm_head = native.lm_head
         self.native_config = native.config
+        self._unpadded_cache: KVCache | None = None  # see generate
         self.post_init()
 
     @classmethod
@@ -141,14 +142,32 @@ class MoeComposeForCausalLM(PreTrainedModel, GenerationMixin):
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # the model makes its own cache (a transformers Cache cannot hold MoA's)
 
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' ``generate``, decoding without masks where they hide nothing.
+
+        Every step gets the prompt's attention mask (given, or made) followed by ones, so
+        when the prompt's has no padding, the cache this call makes decodes without one
+        (``prepare_inputs_for_generation``; one look at the mask per call) and attention
+        takes its maskless paths (``KVCache.mask``). Newer transformers leave an all-ones
+        mask out themselves; older ones (4.57) pass it at every step."""
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            self._unpadded_cache = None
+
     def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, *args: Any,
                                       attention_mask: torch.Tensor | None = None,
                                       **kwargs: Any) -> dict[str, Any]:
         """Only the tokens the cache does not hold yet, the whole attention mask, and the
-        cache (one is made for the first call)."""
+        cache (one is made for the first call); no mask for the cache of a prompt without
+        padding (see ``generate``)."""
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if cache is None:
             cache = self.new_cache()
+            unpadded = attention_mask is None or bool(attention_mask.all())  # one host sync
+            self._unpadded_cache = cache if unpadded else None
+        if cache is self._unpadded_cache:
+            attention_mask = None
         input_ids = input_ids[:, cache.length:]  # type: ignore[union-attr]
         return {"input_ids": input_ids, "attention_mask": attention_mask, _CACHE: cache,
                 "use_cache": True}

@@ -6,9 +6,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from moecompose.model.adapters import grouped_linear
-from moecompose.model.grouped_swiglu import grouped_mm_kernel, grouped_swiglu, uses_grouped_mm
+from moecompose.model.adapters import LINEAR_GROUPED_MM_OPS, grouped_linear
+from moecompose.model.grouped_swiglu import (
+    GROUPED_MM_OPS,
+    grouped_mm_kernel,
+    grouped_swiglu,
+    uses_grouped_mm,
+)
 
 pytestmark = pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="needs torch._grouped_mm")
 BF16 = torch.bfloat16
@@ -31,13 +37,28 @@ def param(*shape: int, seed: int) -> torch.Tensor:
     return (torch.randn(*shape, generator=g) * 0.1).to(BF16).requires_grad_()
 
 
+class CalledOps(TorchDispatchMode):
+    """Records the names of the moecompose ops called within it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func.namespace == "moecompose":
+            self.names.add(func._opname)
+        return func(*args, **(kwargs or {}))
+
+
 def both_kernels(fn, inputs: list[torch.Tensor], dy: torch.Tensor) -> list[list[torch.Tensor]]:
-    """[output, *gradients] with the loop kernel and with the grouped-GEMM kernel."""
+    """[output, *gradients] with the loop kernel and with the grouped-GEMM kernel, each
+    run by its own ops (forward and backward)."""
     results = []
     for enabled in (False, True):
-        with grouped_mm_kernel(enabled):
+        with grouped_mm_kernel(enabled), CalledOps() as called:
             y = fn()
             results.append([y, *torch.autograd.grad(y, inputs, dy)])
+        assert called.names and all(n.endswith("_gmm") == enabled for n in called.names)
     return results
 
 
@@ -76,4 +97,21 @@ def test_the_kernel_is_chosen_for_aligned_bf16_only() -> None:
         assert uses_grouped_mm(x, w)
         assert not uses_grouped_mm(x.float(), w.float())  # fp32: the loop
         assert not uses_grouped_mm(x[:, :60], torch.zeros(2, 16, 60, dtype=BF16))  # 120 bytes
+        with torch.autocast("cpu", dtype=BF16):  # the ops run in the region's dtype
+            assert uses_grouped_mm(x.float(), w.float())
+            assert not uses_grouped_mm(x.double(), w.double())  # autocast leaves fp64 alone
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert not uses_grouped_mm(x, w)
     assert not uses_grouped_mm(x, w)  # the switch is scoped
+
+
+def test_grouped_mm_ops_pass_opcheck() -> None:
+    """The grouped-GEMM kernel's own ops share the loop's schemas, fakes and autograd."""
+    order, counts = routed(13, 4, 2)
+    x = param(13, 64, seed=1)
+    gate, up, down = param(4, 48, 64, seed=2), param(4, 48, 64, seed=3), param(4, 64, 48, seed=4)
+    torch.library.opcheck(GROUPED_MM_OPS.forward, (x, order, counts, gate, up, down))
+    frozen = (w.detach() for w in (gate, up, down))
+    torch.library.opcheck(GROUPED_MM_OPS.inference, (x.detach(), order, counts, *frozen))
+    rows = param(26, 64, seed=5)
+    torch.library.opcheck(LINEAR_GROUPED_MM_OPS.forward, (rows, counts, param(4, 16, 64, seed=6)))

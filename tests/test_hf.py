@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import moecompose
@@ -53,6 +54,36 @@ def test_auto_model_gives_our_logits_and_tokens(name: str, native: dict[str, Pat
         torch.testing.assert_close(model(x).logits, expected, rtol=1e-5, atol=1e-5)
         out = model.generate(x, max_new_tokens=6, do_sample=False)
         assert torch.equal(out, tokens)
+
+
+def test_generate_leaves_out_masks_that_hide_nothing(native: dict[str, Path],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """For a prompt without padding (its mask all ones, given or not) decoding attends
+    without a mask tensor and gives our greedy tokens; a padded prompt keeps its masks.
+    (transformers 4.57 passes the all-ones mask at every step, newer ones leave it out.)"""
+    path = native["bam"]
+    model = AutoModelForCausalLM.from_pretrained(path)
+    masks: list[bool] = []  # whether each attention call got a mask tensor
+    sdpa = F.scaled_dot_product_attention
+
+    def recording_sdpa(*args, attn_mask=None, **kwargs):  # type: ignore[no-untyped-def]
+        masks.append(attn_mask is not None)
+        return sdpa(*args, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+    x = ids()
+    expected = moecompose.load(path).generate(x, 4)
+    masks.clear()
+    for mask in ({"attention_mask": torch.ones_like(x)}, {}):
+        out = model.generate(x, max_new_tokens=4, do_sample=False, **mask)
+        assert torch.equal(out, expected)
+        assert masks and not any(masks)
+        masks.clear()
+    padded = torch.ones_like(x)
+    padded[0, :2] = 0
+    model.generate(x, attention_mask=padded, max_new_tokens=4, do_sample=False)
+    assert masks and all(masks)
+    assert model._unpadded_cache is None  # the generation's cache is not kept
 
 
 def test_the_config_round_trips_to_the_native_one(native: dict[str, Path]) -> None:

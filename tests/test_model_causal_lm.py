@@ -330,11 +330,14 @@ def reference_softcapped_attention(q, k, v, mask, scale, cap):  # type: ignore[n
     return torch.softmax(scores, dim=-1, dtype=q.dtype) @ v
 
 
-@pytest.mark.parametrize("padded", [False, True])
-def test_softcapped_attention_and_its_backward_follow_the_formula(padded: bool) -> None:
+@pytest.mark.parametrize("kind", ["causal", "padded", "every key"])
+def test_softcapped_attention_and_its_backward_follow_the_formula(kind: str) -> None:
     """Gemma 2's soft-capped scores: the op (forward and hand-written backward) against
-    autograd through the formula, in fp64, grouped-query, causal or with padding."""
-    from moecompose.model.parts import attend, causal_mask
+    autograd through the formula, in fp64, grouped-query, for each kind of `Mask`: causal,
+    a tensor (padding), and none (every key); its fake and autograd registrations agree
+    (`opcheck`)."""
+    from moecompose.model.parts import ALL_KEYS, attend, causal_mask
+    from moecompose.model.softcapped_attention import _softcapped_attention
 
     torch.manual_seed(0)
     B, hq, hkv, S, dh = 2, 4, 2, 6, 8
@@ -342,13 +345,18 @@ def test_softcapped_attention_and_its_backward_follow_the_formula(padded: bool) 
     k, v = (torch.randn(B, hkv, S, dh, dtype=torch.float64, requires_grad=True) for _ in "kv")
     keep = torch.ones(B, S, dtype=torch.long)
     keep[0, :2] = 0
-    mask = causal_mask(S, 0, keep if padded else None, q.device)
+    padded = causal_mask(S, 0, keep, q.device)
+    mask = {"causal": None, "padded": padded, "every key": ALL_KEYS}[kind]
+    reference_mask = {"causal": causal_mask(S, 0, None, q.device), "padded": padded,
+                      "every key": torch.ones(S, S, dtype=torch.bool)}[kind]
     upstream = torch.randn(B, hq, S, dh, dtype=torch.float64)
     results = []
-    for run in (lambda: attend(q, k, v, mask if padded else None, 0.3, 2.0),
-                lambda: reference_softcapped_attention(q, k, v, mask, 0.3, 2.0)):
+    for run in (lambda: attend(q, k, v, mask, 0.3, 2.0),
+                lambda: reference_softcapped_attention(q, k, v, reference_mask, 0.3, 2.0)):
         out = run()
         grads = torch.autograd.grad(out, (q, k, v), upstream)
         results.append((out, *grads))
     for ours, theirs in zip(*results):
         torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=0)
+    tensor_mask = mask if isinstance(mask, torch.Tensor) else None
+    torch.library.opcheck(_softcapped_attention, (q, k, v, tensor_mask, mask is None, 0.3, 2.0))

@@ -9,10 +9,11 @@ from typing import Any
 import pytest
 import torch
 import torch._dynamo
+import torch.nn.functional as F
 from helpers import assert_compiled_inference_matches_eager, assert_compiled_training_matches_eager
 from torch._dynamo.utils import counters
 
-from moecompose.model import MoECausalLM, compile_model
+from moecompose.model import MoECausalLM, compile_model, parts
 from moecompose.model.attention_mix import MixtureOfAttention
 from moecompose.model.compile import supports_shapes_spec
 from moecompose.model.config import MoAAttentionConfig, SoftRouterConfig, TopKRouterConfig
@@ -311,6 +312,108 @@ def test_reference_loop_decodes_like_the_fused_mixture(
     torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="impl"):
         model.set_attention_impl("fast")  # type: ignore[arg-type]
+
+
+SOFTCAPPED = {"attn_logit_softcapping": 2.0, "query_pre_attn_scalar": 16}  # Gemma 2's scores
+ATTENTIONS = {  # variant, mixture impl, config overrides
+    "dense": ("dense", "fused", {}),
+    "expert-kv fused": ("expert-kv", "fused", {}),
+    "expert-kv loop": ("expert-kv", "loop", {}),
+    "shared-kv loop": ("shared-kv", "loop", {}),
+    "soft-capped dense": ("dense", "fused", SOFTCAPPED),
+    "soft-capped expert-kv fused": ("expert-kv", "fused", SOFTCAPPED),
+    "soft-capped shared-kv loop": ("shared-kv", "loop", SOFTCAPPED),
+}
+SPANS = [(0, 5), (5, 7)] + [(t, t + 1) for t in range(7, 12)]  # prompt, 2 tokens, 1 at a time
+
+
+def attention_model(name: str, window: int | None = None) -> MoECausalLM:
+    variant, impl, overrides = ATTENTIONS[name]
+    model = variant_model(variant, sliding_window=window, **overrides).double()
+    model.set_attention_impl(impl)
+    return model
+
+
+def decode_spans(model: MoECausalLM, x: torch.Tensor, masked: bool,
+                 after_step: Any = None) -> torch.Tensor:
+    """Logits of x [B, 12] decoded with a growing cache, `SPANS` at a time; with `masked`,
+    every call passes an all-ones attention mask (no padding, but a mask to build)."""
+    cache = model.new_cache()
+    steps = []
+    with torch.no_grad():
+        for start, end in SPANS:
+            mask = torch.ones(x.shape[0], end, dtype=torch.long) if masked else None
+            steps.append(model(x[:, start:end], attention_mask=mask, cache=cache).logits)
+            if after_step is not None:
+                after_step()
+    return torch.cat(steps, dim=1)
+
+
+@pytest.mark.parametrize("name", ATTENTIONS)
+@pytest.mark.parametrize("window", [None, 8], ids=["full", "window 8"])
+def test_decoding_without_masks_matches_the_full_forward_and_the_masked_cache(
+    name: str, window: int | None
+) -> None:
+    """Unpadded decoding with a growing cache attends without a mask where none hides a
+    key (prompt: causal; one new token: every key); an all-ones attention mask makes every
+    step build one. Both equal the full forward (fp64; the routers' logits are fp32)."""
+    model = attention_model(name, window)
+    x = ids(2, 12)
+    with torch.no_grad():
+        full = model(x).logits
+    maskless, masked = (decode_spans(model, x, m) for m in (False, True))
+    torch.testing.assert_close(maskless, full, atol=1e-6, rtol=0)
+    torch.testing.assert_close(masked, full, atol=1e-6, rtol=0)
+    torch.testing.assert_close(maskless, masked, atol=1e-12, rtol=0)
+
+
+@pytest.fixture
+def attention_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, bool]]:
+    """(a mask tensor was given, is_causal) of every attention call, SDPA or soft-capped."""
+    calls: list[tuple[bool, bool]] = []
+    sdpa, softcapped = F.scaled_dot_product_attention, parts.softcapped_attention
+
+    def recording_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+        calls.append((attn_mask is not None, is_causal))
+        return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                    **kwargs)
+
+    def recording_softcapped(q, k, v, mask, is_causal, scale, cap):
+        calls.append((mask is not None, is_causal))
+        return softcapped(q, k, v, mask, is_causal, scale, cap)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+    monkeypatch.setattr(parts, "softcapped_attention", recording_softcapped)
+    return calls
+
+
+CAUSAL, EVERY_KEY, MASKED = (False, True), (False, False), (True, False)
+
+
+@pytest.mark.parametrize("name", ["dense", "expert-kv fused", "expert-kv loop",
+                                  "soft-capped shared-kv loop"])
+@pytest.mark.parametrize("window", [None, 8], ids=["full", "window 8"])
+@pytest.mark.parametrize("masked", [False, True], ids=["unpadded", "attention mask"])
+def test_a_growing_cache_builds_a_mask_only_where_it_hides_a_key(
+    name: str, window: int | None, masked: bool, attention_calls: list[tuple[bool, bool]]
+) -> None:
+    """Which attention each step runs: without an attention mask, the prompt is causal,
+    one new token sees every key while the window covers them, and only several tokens
+    after cached ones (SDPA's causal diagonal starts at the first key) or a window that
+    hides keys build a mask; with one, every step does."""
+    seen = []
+
+    def after_step() -> None:
+        seen.append(set(attention_calls))
+        attention_calls.clear()
+
+    decode_spans(attention_model(name, window), ids(2, 12), masked, after_step)
+    if masked:
+        expected = [{MASKED}] * len(SPANS)
+    else:
+        covered = [window is None or start < window for start, _ in SPANS]
+        expected = [{CAUSAL}, {MASKED}] + [{EVERY_KEY if c else MASKED} for c in covered[2:]]
+    assert seen == expected
 
 
 PADDED_CACHES = {"dynamic": (None, True), "static": (12, True), "static, new columns": (12, False)}

@@ -13,22 +13,33 @@ Dispatch mirrors `GroupedExperts`: the N slots are sorted by expert and each pro
 one `moecompose::grouped_linear` op (a GEMM per expert over its contiguous rows, counts
 read inside the op, so `torch.compile` sees one node with a static output shape). Dropout
 and the activation run between the two ops as ordinary traced code. With bf16 on CUDA the
-op is one `torch._grouped_mm` (no host sync; see `grouped_swiglu`). The adapters' outputs
-are combined in slot order, a sum over each token's k slots, deterministically. Under
-autocast the op runs like `mm`, in the autocast dtype (`autocast_rule`); the router stays
-fp32.
+op is `moecompose::grouped_linear_gmm` instead, one `torch._grouped_mm` without a host
+sync, which CUDA graphs may capture; the loop's op reads the counts on the host and is
+tagged `cudagraph_unsafe` (see `grouped_swiglu`). The adapters' outputs are combined in
+slot order, a sum over each token's k slots, deterministically. Under autocast the op runs
+like `mm`, in the autocast dtype (`autocast_rule`); the router stays fp32.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.library import CustomOpDef
 
 from moecompose.model.config import AdapterActivation, AdapterFFNConfig, FFNActivation
-from moecompose.model.grouped_swiglu import _gmm, _offsets, _spans, autocast_rule, uses_grouped_mm
+from moecompose.model.grouped_swiglu import (
+    _gmm,
+    _offsets,
+    _spans,
+    autocast_rule,
+    kernel_op,
+    uses_grouped_mm,
+)
 from moecompose.model.moe import DISPATCHES, Dispatch, expert_loop, one_of, stacked_parameter
 from moecompose.model.parts import swiglu
 from moecompose.model.routing import TopKRouter, expert_counts, weighted_aux_loss
@@ -42,30 +53,21 @@ ACTIVATIONS: dict[AdapterActivation, Callable[[Tensor], Tensor]] = {
 # --------------------------------------------------------------------------- grouped linear
 
 
-@torch.library.custom_op("moecompose::grouped_linear", mutates_args=())
-def _grouped_linear(x: Tensor, counts: Tensor, weight: Tensor) -> Tensor:
-    if uses_grouped_mm(x, weight):  # bf16 on CUDA: one grouped GEMM, no host sync
-        return _gmm(x, weight.transpose(1, 2), _offsets(counts))
+def _linear_loop(x: Tensor, counts: Tensor, weight: Tensor) -> Tensor:
     y = x.new_empty(x.shape[0], weight.shape[1])
     for e, s, t in _spans(counts):
         torch.mm(x[s:t], weight[e].t(), out=y[s:t])
     return y
 
 
-@_grouped_linear.register_fake
-def _(x, counts, weight):
-    return x.new_empty(x.shape[0], weight.shape[1])
+def _linear_grouped_mm(x: Tensor, counts: Tensor, weight: Tensor) -> Tensor:
+    return _gmm(x, weight.transpose(1, 2), _offsets(counts))
 
 
-@torch.library.custom_op("moecompose::grouped_linear_backward", mutates_args=())
-def _grouped_linear_backward(
+def _linear_backward_loop(
     dy: Tensor, x: Tensor, counts: Tensor, weight: Tensor, input_grad: bool, weight_grad: bool
 ) -> tuple[Tensor, Tensor]:
     """Gradients of x [N, in] and weight [E, out, in]; the ones not asked for come back empty."""
-    if uses_grouped_mm(x, weight):
-        offsets = _offsets(counts)
-        return (_gmm(dy, weight, offsets) if input_grad else x.new_empty(0),
-                _gmm(dy.t(), x, offsets) if weight_grad else weight.new_empty(0))
     dx = x.new_empty(x.shape) if input_grad else x.new_empty(0)
     dw = torch.zeros_like(weight) if weight_grad else weight.new_empty(0)
     for e, s, t in _spans(counts):
@@ -76,8 +78,20 @@ def _grouped_linear_backward(
     return dx, dw
 
 
-@_grouped_linear_backward.register_fake
-def _(dy, x, counts, weight, input_grad, weight_grad):
+def _linear_backward_grouped_mm(
+    dy: Tensor, x: Tensor, counts: Tensor, weight: Tensor, input_grad: bool, weight_grad: bool
+) -> tuple[Tensor, Tensor]:
+    dy = dy.contiguous()  # a gradient may come broadcast (stride 0), which _grouped_mm refuses
+    offsets = _offsets(counts)
+    return (_gmm(dy, weight, offsets) if input_grad else x.new_empty(0),
+            _gmm(dy.t(), x, offsets) if weight_grad else weight.new_empty(0))
+
+
+def _linear_fake(x, counts, weight):
+    return x.new_empty(x.shape[0], weight.shape[1])
+
+
+def _linear_backward_fake(dy, x, counts, weight, input_grad, weight_grad):
     dx = torch.empty_like(x) if input_grad else x.new_empty(0)
     dw = torch.empty_like(weight) if weight_grad else weight.new_empty(0)
     return dx, dw
@@ -87,22 +101,44 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(*inputs)
 
 
-def _backward(ctx, dy):
+def _backward(backward_op, ctx, dy):
     x, counts, weight = ctx.saved_tensors
     input_grad, weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-    dx, dw = _grouped_linear_backward(dy, x, counts, weight, input_grad, weight_grad)
+    dx, dw = backward_op(dy, x, counts, weight, input_grad, weight_grad)
     return dx if input_grad else None, None, dw if weight_grad else None
 
 
-_grouped_linear.register_autograd(_backward, setup_context=_setup_context)
-autocast_rule("grouped_linear", cast=True)
-autocast_rule("grouped_linear_backward", cast=False)
+class LinearOps(NamedTuple):
+    """The ops of one grouped-linear kernel: forward and backward."""
+
+    forward: CustomOpDef
+    backward: CustomOpDef
+
+
+def _linear_ops(suffix: str, forward: Callable[..., Tensor],
+                backward: Callable[..., tuple[Tensor, Tensor]], syncs: bool) -> LinearOps:
+    """`moecompose::grouped_linear{,_backward}{suffix}` on one kernel, with the same fake,
+    autograd and autocast registrations."""
+    names = (f"grouped_linear{suffix}", f"grouped_linear_backward{suffix}")
+    ops = LinearOps(kernel_op(names[0], forward, _linear_fake, syncs),
+                    kernel_op(names[1], backward, _linear_backward_fake, syncs))
+    ops.forward.register_autograd(partial(_backward, ops.backward), setup_context=_setup_context)
+    autocast_rule(names[0], cast=True)
+    autocast_rule(names[1], cast=False)
+    return ops
+
+
+LINEAR_LOOP_OPS = _linear_ops("", _linear_loop, _linear_backward_loop, syncs=True)
+LINEAR_GROUPED_MM_OPS = _linear_ops("_gmm", _linear_grouped_mm, _linear_backward_grouped_mm,
+                                    syncs=False)
 
 
 def grouped_linear(x: Tensor, counts: Tensor, weight: Tensor) -> Tensor:
     """Rows sorted by expert: x [N, in], counts [E] (rows per expert, summing to N),
-    weight [E, out, in] -> [N, out], where rows of expert e are multiplied by `weight[e].T`."""
-    return _grouped_linear(x, counts, weight)
+    weight [E, out, in] -> [N, out], where rows of expert e are multiplied by `weight[e].T`.
+    bf16 on CUDA: one grouped GEMM, no host sync (`uses_grouped_mm`)."""
+    ops = LINEAR_GROUPED_MM_OPS if uses_grouped_mm(x, weight) else LINEAR_LOOP_OPS
+    return ops.forward(x, counts, weight)
 
 
 # --------------------------------------------------------------------------- adapters

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from moecompose.model.cache import LayerKV
 from moecompose.model.config import MoAAttentionConfig
 from moecompose.model.moe import expert_slices, one_of, stacked_parameter
-from moecompose.model.parts import apply_rotary, attend, merge_heads, split_heads
+from moecompose.model.parts import Mask, apply_rotary, attend, merge_heads, split_heads
 from moecompose.model.routing import Routing, make_router
 
 AttentionImpl = Literal["fused", "loop"]
@@ -109,7 +109,7 @@ class MixtureOfAttention(nn.Module):
         return self.n_kv_heads if self.shared_kv else self.num_experts * self.n_kv_heads
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None,
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Mask = None,
         cache: LayerKV | None = None,
     ) -> Tensor:
         """Called as `Attention.forward`: x [B, S, d] -> [B, S, d]."""
@@ -125,7 +125,7 @@ class MixtureOfAttention(nn.Module):
         return routing.dense() if isinstance(routing, Routing) else routing
 
     def _fused(self, x: Tensor, weights: Tensor, cos: Tensor, sin: Tensor,
-               mask: Tensor | None, cache: LayerKV | None) -> Tensor:
+               mask: Mask, cache: LayerKV | None) -> Tensor:
         B, S, d = x.shape
         E, h, kv, dh = self.num_experts, self.n_heads, self.n_kv_heads, self.head_dim
         ex = self.experts
@@ -159,7 +159,7 @@ class MixtureOfAttention(nn.Module):
         return F.linear(o.flatten(2), o_proj.reshape(d, E * h * dh))
 
     def _loop(self, x: Tensor, weights: Tensor, cos: Tensor, sin: Tensor,
-              mask: Tensor | None, cache: LayerKV | None) -> Tensor:
+              mask: Mask, cache: LayerKV | None) -> Tensor:
         E, h, kv = self.num_experts, self.n_heads, self.n_kv_heads
         ex = self.experts
         experts = expert_slices(

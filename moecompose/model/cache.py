@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moecompose.model.parts import causal_mask, key_mask
+from moecompose.model.parts import ALL_KEYS, Mask, causal_mask, key_mask, sequence_mask
 
 
 @torch.library.custom_op("moecompose::kv_cache_slots", mutates_args=())
@@ -32,7 +32,8 @@ def _slots(position: Tensor, query_len: int, max_length: int) -> Tensor:
     """Positions `position + [0, query_len)` [S] where new tokens go; `ValueError` if they
     do not fit in `max_length`. An opaque op, so that compiled code checks too (reading
     `position` in the traced program would be a graph break; an unchecked out-of-range
-    write aborts a compiled kernel)."""
+    write aborts a compiled kernel). Only this CPU kernel reads `position` on the host, so
+    the op is not tagged `cudagraph_unsafe`: CUDA graphs capture its CUDA kernel."""
     past = int(position)
     if past + query_len > max_length:
         raise ValueError(
@@ -104,13 +105,25 @@ class KVCache:
         attention_mask: Tensor | None,
         device: torch.device,
         window: int | None = None,
-    ) -> Tensor:
-        """Bool mask [B or 1, 1, S, L] of the keys each new token attends to (within the
-        sliding `window`, when given).
+    ) -> Mask:
+        """The keys each new token attends to (within the sliding `window`, when given).
 
         `attention_mask` [B, past + S] (1 = token, 0 = padding) or None (no padding).
+        With padding, a bool mask [B, 1, S, L]. Without, no tensor where it would hide
+        nothing, so that attention keeps its fused kernels: the first call's tokens are
+        plain causal where `sequence_mask` says so, and in eager calls one new token whose
+        window covers every key sees them all (`ALL_KEYS`; a compiled graph serves every
+        length, so it keeps the mask). Several new tokens after cached ones get a mask
+        [1, 1, S, L]: a causal flag would align the diagonal with the first key, not the
+        last.
         """
-        return causal_mask(query_len, self.length, attention_mask, device, window)
+        past = self.length
+        if attention_mask is None and past == 0:
+            return sequence_mask(query_len, device, window)
+        if (attention_mask is None and not torch.compiler.is_compiling() and query_len == 1
+                and (window is None or past < window)):
+            return ALL_KEYS
+        return causal_mask(query_len, past, attention_mask, device, window)
 
     def advance(self, query_len: int) -> None:
         """Called after every layer has written the new tokens (nothing to do here)."""
@@ -203,8 +216,9 @@ class StaticKVCache(KVCache):
 
     def mask(self, query_len: int, attention_mask: Tensor | None, device: torch.device,
              window: int | None = None) -> Tensor:
-        """As `KVCache.mask`, [B, 1, S, max_length]: causal over the written positions (and
-        within the sliding `window`, when given), padding hidden.
+        """As `KVCache.mask`, but always a tensor, [B, 1, S, max_length], since it hides the
+        positions not written yet: causal over the written positions (and within the
+        sliding `window`, when given), padding hidden.
 
         Also records the new tokens' padding: the last S columns of `attention_mask`
         ([B, past + S] as for `KVCache`, or just [B, S]); None means no padding. Raises

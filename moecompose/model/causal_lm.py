@@ -34,6 +34,7 @@ from moecompose.model.loss import linear_cross_entropy
 from moecompose.model.moe import DISPATCHES, Dispatch, GroupedExperts, MoEFFN, one_of
 from moecompose.model.parts import (
     Attention,
+    Mask,
     RMSNorm,
     RotaryEmbedding,
     SwiGLU,
@@ -165,7 +166,7 @@ class DecoderLayer(nn.Module):
         x: Tensor,
         cos: Tensor,
         sin: Tensor,
-        mask: Tensor | None,
+        mask: Mask,
         cache: LayerKV | None = None,
         tokens: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
@@ -231,15 +232,15 @@ class Decoder(nn.Module):
         rope = {False: self.rotary_emb(position_ids, x.dtype)}  # cos, sin [S, dh] or [B, 1, S, dh]
         if self.local_rotary_emb is not None:
             rope[True] = self.local_rotary_emb(position_ids, x.dtype)
-        masks: dict[int | None, Tensor | None] = {}  # by window: one per kind of layer
+        masks: dict[int | None, Mask] = {}  # by window: one per kind of layer
         for window in dict.fromkeys(self.windows):
             if cache is not None:
-                mask = cache.mask(S, attention_mask, x.device, window)  # [B or 1, 1, S, L]
+                mask = cache.mask(S, attention_mask, x.device, window)  # see KVCache.mask
             elif attention_mask is not None:
                 mask = padding_mask(attention_mask, window)  # [B, 1, S, S]
             else:
                 mask = sequence_mask(S, x.device, window)  # None (causal) or [1, 1, S, S]
-            if mask is not None:
+            if isinstance(mask, Tensor):
                 mask = mask.expand(B, 1, S, mask.shape[-1])  # no size-1 broadcast to guard on
             masks[window] = mask
         tokens = None  # [B, S]: the new tokens that are not padding

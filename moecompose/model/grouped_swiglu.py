@@ -20,15 +20,18 @@ accumulates). Temporaries are expert-sized; the only [N, *] buffers are the outp
 when autograd needs them, the gate/up activations g, u [N, f] (saved, not recomputed).
 The backward mirrors this and adds input gradients with `index_add_`.
 
-Two kernels sit behind the same ops. The loop above reads the per-expert counts on the
+Two kernels, each behind ops of its own with the same schemas, fake, autograd and autocast
+registrations (`LOOP_OPS`, `GROUPED_MM_OPS`), chosen by `grouped_swiglu` from dtypes,
+devices and shapes (`uses_grouped_mm`). The loop above reads the per-expert counts on the
 host (`counts.tolist()`), which on a GPU is a host-device sync per layer and a few kernel
-launches per expert. With bf16 tensors on CUDA (widths multiples of 8, so that strides are
-16-byte aligned) the ops use `torch._grouped_mm` instead: one grouped GEMM per weight
-over all experts, the expert boundaries given as device-side int32 offsets, no sync; its
-input gradient is summed over each token's k slots after a permutation (`index_copy_`,
-then a sum), never with atomics, so it is deterministic. `grouped_mm_kernel(True)` turns
-that path on for CPU bf16 too (torch has an eager CPU kernel), which is how its numerics
-are tested against the loop without a GPU.
+launches per expert; its ops are tagged `cudagraph_unsafe` (`kernel_op`). With bf16
+tensors on CUDA (widths multiples of 8, so that strides are 16-byte aligned) the ops use
+`torch._grouped_mm` instead: one grouped GEMM per weight over all experts, the expert
+boundaries given as device-side int32 offsets, no sync, so CUDA graphs may capture them;
+its input gradient is summed over each token's k slots after a permutation
+(`index_copy_`, then a sum), never with atomics, so it is deterministic.
+`grouped_mm_kernel(True)` turns that path on for CPU bf16 too (torch has an eager CPU
+kernel), which is how its numerics are tested against the loop without a GPU.
 
 Under `torch.autocast` the ops run like `mm` (`autocast_rule`): the forward ops in the
 autocast dtype, their floating-point inputs cast to it first (casts that autograd sees, so
@@ -39,10 +42,13 @@ with autocast on inside.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.library import CustomOpDef
 
 from moecompose.model.activations import GATE_ACTIVATIONS, gate_activation_backward
 
@@ -100,14 +106,26 @@ def grouped_mm_kernel(enabled: bool = True) -> Iterator[None]:
 
 def uses_grouped_mm(x: Tensor, *weights: Tensor) -> bool:
     """Whether the expert ops run on `torch._grouped_mm` for these tensors: bf16 on CUDA
-    (or on the CPU within `grouped_mm_kernel`), every width a multiple of 8."""
-    if not hasattr(torch, "_grouped_mm") or x.dtype != torch.bfloat16:
-        return False
-    if any(w.dtype != torch.bfloat16 for w in weights):
+    (or on the CPU within `grouped_mm_kernel`), every width a multiple of 8. Inside an
+    autocast region they run in its dtype (`autocast_rule`), and that is the one that
+    counts. From dtypes, devices and shapes only: compiled code decides while tracing."""
+    device = x.device.type
+    if not hasattr(torch, "_grouped_mm") or not (
+        device == "cuda" or (device == "cpu" and _GROUPED_MM_ON_CPU)
+    ):
         return False
     if any(size % 8 for w in weights for size in w.shape[1:]):
         return False
-    return x.is_cuda or (x.device.type == "cpu" and _GROUPED_MM_ON_CPU)
+    return all(_runs_in(t) == torch.bfloat16 for t in (x, *weights))
+
+
+def _runs_in(t: Tensor) -> torch.dtype:
+    """The dtype a forward op computes t in: inside an autocast region the region's, as
+    `autocast_rule` casts (fp64 aside), else t's own."""
+    device = t.device.type
+    if torch.is_autocast_enabled(device) and t.is_floating_point() and t.dtype != torch.float64:
+        return torch.get_autocast_dtype(device)
+    return t.dtype
 
 
 def _gmm(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
@@ -125,7 +143,7 @@ def _forward_grouped_mm(
     x: Tensor, order: Tensor, counts: Tensor, gate: Tensor, up: Tensor, down: Tensor, keep: bool,
     activation: str,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """`_forward` on grouped GEMMs, no host sync: the same outputs."""
+    """`_forward_loop` on grouped GEMMs, no host sync: the same outputs."""
     offsets = _offsets(counts)
     xs = x.index_select(0, order // (order.numel() // x.shape[0]))  # [N, d] expert order
     g = _gmm(xs, gate.transpose(1, 2), offsets)  # [N, f]
@@ -138,9 +156,10 @@ def _forward_grouped_mm(
 
 def _backward_grouped_mm(
     dy: Tensor, x: Tensor, order: Tensor, counts: Tensor, gate: Tensor, up: Tensor,
-    down: Tensor, g: Tensor, u: Tensor, input_grad: bool, weight_grads: bool, activation: str,
+    down: Tensor, g: Tensor, u: Tensor, input_grad: bool, weight_grads: bool,
+    activation: str = "silu",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """`_grouped_swiglu_backward` on grouped GEMMs, no host sync, deterministic."""
+    """`_backward_loop` on grouped GEMMs, no host sync, deterministic."""
     T, N = x.shape[0], order.numel()
     offsets = _offsets(counts)
     xs = x.index_select(0, order // (N // T))  # [N, d] expert order
@@ -175,13 +194,11 @@ def _spans(counts: Tensor) -> list[tuple[int, int, int]]:
     return spans
 
 
-def _forward(
+def _forward_loop(
     x: Tensor, order: Tensor, counts: Tensor, gate: Tensor, up: Tensor, down: Tensor, keep: bool,
     activation: str,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """y [N, d] in slot order; with `keep`, also g, u [N, f] in expert order."""
-    if uses_grouped_mm(x, gate, up, down):
-        return _forward_grouped_mm(x, order, counts, gate, up, down, keep, activation)
     act = GATE_ACTIVATIONS[activation]
     N, f = order.numel(), gate.shape[1]
     token = order // (N // x.shape[0])  # [N] token of each sorted row
@@ -197,54 +214,12 @@ def _forward(
     return y, g, u
 
 
-@torch.library.custom_op("moecompose::grouped_swiglu", mutates_args=())
-def _grouped_swiglu(
-    x: Tensor, order: Tensor, counts: Tensor, gate: Tensor, up: Tensor, down: Tensor,
-    activation: str = "silu",
-) -> tuple[Tensor, Tensor, Tensor]:
-    y, g, u = _forward(x, order, counts, gate, up, down, True, activation)
-    assert g is not None and u is not None
-    return y, g, u
-
-
-@_grouped_swiglu.register_fake
-def _(x, order, counts, gate, up, down, activation="silu"):
-    N, f = order.shape[0], gate.shape[1]
-    return x.new_empty(N, x.shape[1]), x.new_empty(N, f), x.new_empty(N, f)
-
-
-@torch.library.custom_op("moecompose::grouped_swiglu_inference", mutates_args=())
-def _grouped_swiglu_inference(
-    x: Tensor, order: Tensor, counts: Tensor, gate: Tensor, up: Tensor, down: Tensor,
-    activation: str = "silu",
-) -> Tensor:
-    return _forward(x, order, counts, gate, up, down, False, activation)[0]
-
-
-@_grouped_swiglu_inference.register_fake
-def _(x, order, counts, gate, up, down, activation="silu"):
-    return x.new_empty(order.shape[0], x.shape[1])
-
-
-@torch.library.custom_op("moecompose::grouped_swiglu_backward", mutates_args=())
-def _grouped_swiglu_backward(
-    dy: Tensor,
-    x: Tensor,
-    order: Tensor,
-    counts: Tensor,
-    gate: Tensor,
-    up: Tensor,
-    down: Tensor,
-    g: Tensor,
-    u: Tensor,
-    input_grad: bool,
-    weight_grads: bool,
+def _backward_loop(
+    dy: Tensor, x: Tensor, order: Tensor, counts: Tensor, gate: Tensor, up: Tensor,
+    down: Tensor, g: Tensor, u: Tensor, input_grad: bool, weight_grads: bool,
     activation: str = "silu",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of x and of the three weights; the ones not asked for come back empty."""
-    if uses_grouped_mm(x, gate, up, down):
-        return _backward_grouped_mm(dy, x, order, counts, gate, up, down, g, u, input_grad,
-                                    weight_grads, activation)
     act_fn = GATE_ACTIVATIONS[activation]
     token = order // (order.numel() // x.shape[0])
     dx = torch.zeros_like(x) if input_grad else x.new_empty(0)  # [T, d]
@@ -273,8 +248,40 @@ def _grouped_swiglu_backward(
     return dx, dgate, dup, ddown
 
 
-@_grouped_swiglu_backward.register_fake
-def _(dy, x, order, counts, gate, up, down, g, u, input_grad, weight_grads, activation="silu"):
+def kernel_op(name: str, kernel: Callable[..., Any], fake: Callable[..., Any],
+              syncs: bool) -> CustomOpDef:
+    """`moecompose::{name}`: a custom op running `kernel`, its output shapes from `fake`.
+
+    An op whose kernel reads tensor values on the host (`syncs`: on CUDA a wait for the
+    device, which a CUDA graph cannot capture) is tagged `cudagraph_unsafe`, so that
+    Inductor's graph partitioning runs it outside the CUDA graphs of a compiled model
+    (`mode="reduce-overhead"`) and captures the rest."""
+    tags = (torch.Tag.cudagraph_unsafe,) if syncs else ()
+    op = torch.library.custom_op(f"moecompose::{name}", kernel, mutates_args=(), tags=tags)
+    op.register_fake(fake)
+    return op
+
+
+class ExpertOps(NamedTuple):
+    """The ops of one expert kernel: the training forward (y, g, u), the inference forward
+    (y) and the backward (dx, dgate, dup, ddown)."""
+
+    forward: CustomOpDef
+    inference: CustomOpDef
+    backward: CustomOpDef
+
+
+def _forward_fake(x, order, counts, gate, up, down, activation="silu"):
+    N, f = order.shape[0], gate.shape[1]
+    return x.new_empty(N, x.shape[1]), x.new_empty(N, f), x.new_empty(N, f)
+
+
+def _inference_fake(x, order, counts, gate, up, down, activation="silu"):
+    return x.new_empty(order.shape[0], x.shape[1])
+
+
+def _backward_fake(dy, x, order, counts, gate, up, down, g, u, input_grad, weight_grads,
+                   activation="silu"):
     dx = torch.empty_like(x) if input_grad else x.new_empty(0)
     dws = (torch.empty_like(w) if weight_grads else w.new_empty(0) for w in (gate, up, down))
     return (dx, *dws)
@@ -287,11 +294,11 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.activation = activation
 
 
-def _backward(ctx, dy, _dg, _du):
+def _backward(backward_op, ctx, dy, _dg, _du):
     x, order, counts, gate, up, down, g, u = ctx.saved_tensors
     input_grad = ctx.needs_input_grad[0]
     weight_grads = any(ctx.needs_input_grad[3:6])
-    dx, dgate, dup, ddown = _grouped_swiglu_backward(
+    dx, dgate, dup, ddown = backward_op(
         dy, x, order, counts, gate, up, down, g, u, input_grad, weight_grads, ctx.activation
     )
     if not weight_grads:
@@ -299,10 +306,39 @@ def _backward(ctx, dy, _dg, _du):
     return dx if input_grad else None, None, None, dgate, dup, ddown, None
 
 
-_grouped_swiglu.register_autograd(_backward, setup_context=_setup_context)
-autocast_rule("grouped_swiglu", cast=True)
-autocast_rule("grouped_swiglu_inference", cast=True)
-autocast_rule("grouped_swiglu_backward", cast=False)
+def _expert_ops(suffix: str, forward: Callable[..., Any], backward: Callable[..., Any],
+                syncs: bool) -> ExpertOps:
+    """`moecompose::grouped_swiglu{,_inference,_backward}{suffix}` on one kernel's
+    forward and backward, with the same fake, autograd and autocast registrations."""
+
+    def train(
+        x: Tensor, order: Tensor, counts: Tensor, gate: Tensor, up: Tensor, down: Tensor,
+        activation: str = "silu",
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        y, g, u = forward(x, order, counts, gate, up, down, True, activation)
+        assert g is not None and u is not None
+        return y, g, u
+
+    def inference(
+        x: Tensor, order: Tensor, counts: Tensor, gate: Tensor, up: Tensor, down: Tensor,
+        activation: str = "silu",
+    ) -> Tensor:
+        return forward(x, order, counts, gate, up, down, False, activation)[0]
+
+    names = [f"grouped_swiglu{part}{suffix}" for part in ("", "_inference", "_backward")]
+    ops = ExpertOps(
+        kernel_op(names[0], train, _forward_fake, syncs),
+        kernel_op(names[1], inference, _inference_fake, syncs),
+        kernel_op(names[2], backward, _backward_fake, syncs),
+    )
+    ops.forward.register_autograd(partial(_backward, ops.backward), setup_context=_setup_context)
+    for name, cast in zip(names, (True, True, False), strict=True):
+        autocast_rule(name, cast)
+    return ops
+
+
+LOOP_OPS = _expert_ops("", _forward_loop, _backward_loop, syncs=True)  # counts.tolist()
+GROUPED_MM_OPS = _expert_ops("_gmm", _forward_grouped_mm, _backward_grouped_mm, syncs=False)
 
 
 def grouped_swiglu(
@@ -315,7 +351,8 @@ def grouped_swiglu(
     Without autograd (inference, frozen experts and input) the gate/up activations are
     not kept, so every temporary is expert-sized.
     """
+    ops = GROUPED_MM_OPS if uses_grouped_mm(x, gate, up, down) else LOOP_OPS
     needs_grad = any(t.requires_grad for t in (x, gate, up, down))
     if torch.is_grad_enabled() and needs_grad:
-        return _grouped_swiglu(x, order, counts, gate, up, down, activation)[0]
-    return _grouped_swiglu_inference(x, order, counts, gate, up, down, activation)
+        return ops.forward(x, order, counts, gate, up, down, activation)[0]
+    return ops.inference(x, order, counts, gate, up, down, activation)

@@ -97,13 +97,15 @@ def _forward(
     return total * scale, dh, dweight
 
 
-@torch.library.custom_op("moecompose::linear_cross_entropy", mutates_args=())
+@torch.library.custom_op("moecompose::linear_cross_entropy", mutates_args=(),
+                         tags=torch.Tag.cudagraph_unsafe)
 def _linear_cross_entropy(
     h: Tensor, weight: Tensor, targets: Tensor, softcap: float, chunk: int,
     input_grad: bool, weight_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(mean loss [] (fp32, fp64 for fp64 h), its gradient for h [N, d], for the weight [V, d]); the
-    gradients not asked for come back empty."""
+    gradients not asked for come back empty. Tagged `cudagraph_unsafe`: with gradients,
+    every chunk looks on the host whether all its rows are targets (a sync on CUDA)."""
     return _forward(h, weight, targets, softcap, chunk, input_grad, weight_grad)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final, Literal
 
 import torch
 import torch.nn.functional as F
@@ -116,24 +116,35 @@ def merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(B, S, n * dh)
 
 
+ALL_KEYS: Final = "all keys"
+"""The mask of queries that see every key: one new token after its whole past."""
+
+Mask = Tensor | Literal["all keys"] | None
+"""What attention is told to hide: None, the causal diagonal with S == L (attention's fast
+path); `ALL_KEYS`, nothing (no mask and not causal); or a bool mask [B or 1, 1, S, L],
+True = attend."""
+
+
 def attend(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None = None,
+    q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float | None = None,
     softcap: float | None = None,
 ) -> Tensor:
     """Grouped-query attention: q [B, hq, S, dh], k, v [B, hkv, L, dh] -> [B, hq, S, dh].
 
-    Query head i reads key/value head `i // (hq // hkv)`. `mask` None means causal with
-    S == L; otherwise a bool mask [B or 1, 1, S, L] (True = attend). Scores are scaled by
-    `scale` (None: `dh ** -0.5`); with `softcap` they become `softcap * tanh(s / softcap)`
-    before the mask (Gemma 2), which SDPA's fused kernels cannot do, so that case is
-    computed explicitly, by an op of its own (`softcapped_attention`).
+    Query head i reads key/value head `i // (hq // hkv)`. `mask`: see `Mask`; a tensor
+    mask keeps SDPA off its flash kernel, so the other two are what decoding wants.
+    Scores are scaled by `scale` (None: `dh ** -0.5`); with `softcap` they become
+    `softcap * tanh(s / softcap)` before the mask (Gemma 2), which SDPA's fused kernels
+    cannot do, so that case is computed explicitly, by an op of its own
+    (`softcapped_attention`).
     """
+    attn_mask = mask if isinstance(mask, Tensor) else None
+    is_causal = mask is None
     if softcap is not None:
-        return softcapped_attention(q, k, v, mask, scale, softcap)
+        return softcapped_attention(q, k, v, attn_mask, is_causal, scale, softcap)
     gqa = q.shape[1] != k.shape[1]
-    if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                          scale=scale, enable_gqa=gqa)
 
 
 class Attention(nn.Module):
@@ -176,10 +187,10 @@ class Attention(nn.Module):
         x: Tensor,
         cos: Tensor,
         sin: Tensor,
-        mask: Tensor | None = None,
+        mask: Mask = None,
         cache: LayerKV | None = None,
     ) -> Tensor:
-        """x: [B, S, d]; cos, sin: rotary tables; mask: None (causal) or bool [B, 1, S, L];
+        """x: [B, S, d]; cos, sin: rotary tables; mask: see `Mask` (default: causal);
         cache: this layer's keys and values of earlier tokens, extended in place."""
         q, k = self.q_proj(x), self.k_proj(x)  # [B, S, h*dh], [B, S, kv*dh]
         if self.qk_norm == "full" and self.q_norm is not None and self.k_norm is not None:
