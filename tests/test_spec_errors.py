@@ -731,6 +731,24 @@ def test_source_with_non_finite_weights_builds_nothing_and_names_the_tensor(
     assert not out.exists() and not out.parent.exists()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_the_finite_check_finds_any_nan_or_inf(dtype: torch.dtype) -> None:
+    """Reading checks sources with one min/max reduction: any NaN or Inf, wherever it is
+    (vectorised body or tail), makes it fail; large finite values do not."""
+    from moecompose.sources.safetensors_io import all_finite
+
+    assert all_finite(torch.tensor(1.5, dtype=dtype))
+    big = torch.finfo(dtype).max
+    assert all_finite(torch.full((1000,), big, dtype=dtype))  # a sum would overflow
+    for n in (1, 7, 33, 4099, 100_003):
+        for pos in (0, n // 2, n - 1):
+            for bad in (float("nan"), float("inf"), float("-inf")):
+                x = torch.randn(n).to(dtype)
+                x[pos] = bad
+                assert not all_finite(x), (n, pos, bad)
+                assert not all_finite(x.reshape(1, n)), (n, pos, bad)
+
+
 @pytest.mark.slow
 def test_build_runs_without_numpy(tmp_path: Path, sources: dict[str, Path]) -> None:
     """numpy is not a runtime dependency: a build must not import it."""
