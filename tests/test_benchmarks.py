@@ -52,3 +52,12 @@ def test_train_benchmark_compares_with_the_transformers_trainer(tmp_path: Path) 
     assert result.returncode == 0, result.stderr
     assert "moecompose tok/s" in result.stdout and "RSS ours / theirs" in result.stdout
     assert "eager" in result.stdout
+
+
+def test_train_step_benchmark_compares_moe_with_its_dense_twin() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--quick", "--no-compile"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "eager     moe / dense twin:" in result.stdout and "x the time" in result.stdout
