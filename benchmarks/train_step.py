@@ -8,8 +8,8 @@ does), backward and AdamW, on random tokens; eager and `compile_model`. Steps of
 models alternate in one process (after warm-up, compilation included), medians printed.
 
     python benchmarks/train_step.py                 # E=4, top-2, d=256, f=704, 4 layers
-    python benchmarks/train_step.py --dim 512 --hidden 1408 --layers 8 --vocab 32000 \
-        --batch 4 --seq 512                         # a larger model: 32k vocabulary
+    python benchmarks/train_step.py --dim 512 --hidden 1408 --heads 8 --layers 8 \
+        --vocab 32000 --batch 4 --seq 512 --repeats 5   # a larger model, 32k vocabulary
     python benchmarks/train_step.py --quick         # a smoke run
 """
 
