@@ -206,7 +206,7 @@ def main() -> None:
     if mergekit is None:
         print("mergekit-moe: not found, skipped. To compare, pip install -e '.[bench]', or in "
               "a venv of its own:\n  python -m venv ~/venv-mergekit && "
-              "~/venv-mergekit/bin/pip install mergekit\n"
+              "~/venv-mergekit/bin/pip install torch==2.13.0 mergekit\n"
               "  python benchmarks/build.py --mergekit ~/venv-mergekit/bin/mergekit-moe")
     else:
         mk_config = workdir / "mergekit-moe.yaml"
