@@ -26,16 +26,16 @@ from moecompose.sources.vectors import (
 from moecompose.spec.check import check_spec
 from moecompose.spec.origin import DataPath
 from moecompose.spec.schema import (
-    AdapterExperts,
     AuxLoss,
-    CopyExperts,
     Domain,
+    ExpertsNode,
     LayerRange,
     MergeFrom,
     MergeWeights,
     PromptInit,
     RouterNode,
     Spec,
+    expert_sources,
 )
 from moecompose.text import ranges
 
@@ -57,7 +57,7 @@ class FFNMixture:
     router: RouterNode  # a kind that routes FFN experts (check_spec)
     aux_loss: AuxLoss
     rule: int  # index of the spec's layer rule that set it
-    adapters: AdapterExperts | None = None  # PESC: experts are adapters on one shared FFN
+    kind: ExpertsNode | None = None  # the experts' spec, when not a list of sources
     prompt_source: str | None = None  # the model that embeds the router's prompts
 
 
@@ -487,20 +487,14 @@ def _layers(spec: Spec, n_layers: int) -> list[LayerPlanInput]:
                 attention[i] = attn
         if rule.ffn is None:
             continue
-        experts_spec = rule.ffn.experts
-        adapters = None
-        if isinstance(experts_spec, CopyExperts):
-            experts = tuple(Expert(experts_spec.copy_, experts_spec.drop) for _ in range(experts_spec.count))
-        elif isinstance(experts_spec, AdapterExperts):
-            adapters = experts_spec
-            experts = tuple(Expert(experts_spec.adapters) for _ in range(experts_spec.count))
-        else:
-            experts = tuple(Expert(name) for name in experts_spec)
+        written = rule.ffn.experts
+        experts = tuple(Expert(name, drop) for name, drop in expert_sources(written))
+        kind = written if isinstance(written, ExpertsNode) else None
         router = rule.ffn.router
         init = getattr(router, "init", None)
         prompts = prompt_source(spec, init) if isinstance(init, PromptInit) else None
         mixture = FFNMixture(
-            experts, rule.ffn.shared, router, rule.ffn.aux_loss, r, adapters, prompts
+            experts, rule.ffn.shared, router, rule.ffn.aux_loss, r, kind, prompts
         )
         for i in indices:
             ffn[i] = mixture

@@ -37,6 +37,7 @@ from moecompose.resolve import (
 )
 from moecompose.sources.families import Family
 from moecompose.spec.schema import (
+    AdapterExperts,
     NexusRouter,
     PromptInit,
     RouterNode,
@@ -330,8 +331,9 @@ class _Planner:
             fine = f" x G={g} (k={k * g} of {n * g})" if g > 1 else ""
             describe = f"{mix.router.kind} k={k}{fine}" + (
                 "" if mix.router.normalize else " unnormalised")
-        if mix.adapters is not None:
-            self.adapters(i, mix, active)
+        adapters = _adapters(mix)
+        if adapters is not None:
+            self.adapters(i, mix, adapters, active)
         else:
             self.ffn_experts(i, mix, active)
         sources = [e.source for e in mix.experts]
@@ -343,8 +345,8 @@ class _Planner:
         self.rows.append({
             "layer": i,
             "ffn": "moe",
-            "experts": (f"{n} adapters on {sources[0]} (r={mix.adapters.bottleneck})"
-                        if mix.adapters is not None else experts),
+            "experts": (f"{n} adapters on {sources[0]} (r={adapters.bottleneck})"
+                        if adapters is not None else experts),
             "drop": max(e.drop for e in mix.experts),
             "router": describe,
             "shared": mix.shared,
@@ -384,15 +386,14 @@ class _Planner:
                 self.add(self.layout.shared_expert_gate.format(i=i), (1, d),
                          Recipe("init", args={"init": "zeros"}), "shared", i)
 
-    def adapters(self, i: int, mix: FFNMixture, active: float) -> None:
+    def adapters(self, i: int, mix: FFNMixture, spec: AdapterExperts, active: float) -> None:
         """PESC: the FFN copied once (shared), then per-expert bottleneck adapters whose
         up-projection starts at zero, so the layer equals the dense FFN at build time."""
-        assert mix.adapters is not None
-        d, n, r = self.r.arch.hidden_size, len(mix.experts), mix.adapters.bottleneck
+        d, n, r = self.r.arch.hidden_size, len(mix.experts), spec.bottleneck
         for proj in PROJECTIONS:
             tensor = self.family.tensor(FFN_ROLE[proj], i)
             self.add(tensor, self.source_shape(tensor),
-                     Recipe("copy", (TensorRef(mix.adapters.adapters, tensor),)), "ffn", i)
+                     Recipe("copy", (TensorRef(spec.adapters, tensor),)), "ffn", i)
         bound = 1.0 / d**0.5  # nn.Linear's default init for the down-projection
         self.add(ADAPTER_DOWN.format(i=i), (n, r, d),
                  Recipe("init", args={"init": "uniform", "bound": bound,
@@ -427,8 +428,8 @@ class _Planner:
         width = self.r.arch.intermediate_size
         aux = AuxLossConfig(load_balance=mix.aux_loss.load_balance, z_loss=mix.aux_loss.z_loss)
         router = self.router_config(mix)
-        if mix.adapters is not None:
-            a = mix.adapters
+        a = _adapters(mix)
+        if a is not None:
             assert isinstance(router, TopKRouterConfig)  # check_spec refuses the others
             return AdapterFFNConfig(num_experts=len(mix.experts), intermediate_size=width,
                                     bottleneck=a.bottleneck, scale=a.scale,
@@ -484,8 +485,13 @@ class _Planner:
         return Totals(params, active, trainable, flops, ctx, size, kv_cache)
 
 
+def _adapters(mix: FFNMixture) -> AdapterExperts | None:
+    """The spec of PESC adapter experts, when the layer's experts are those."""
+    return mix.kind if isinstance(mix.kind, AdapterExperts) else None
+
+
 def _expert_kind(mix: FFNMixture) -> str:
-    if mix.adapters is not None:
+    if _adapters(mix) is not None:
         return "adapters"
     return mix.router.kind
 

@@ -58,19 +58,12 @@ def check_spec(spec: schema.Spec) -> None:
 def _check_ffn(ffn: schema.FFNMix, at: DataPath, spec: schema.Spec, source: SourceCheck, bad: Bad) -> None:
     origin = spec.origin
     experts = ffn.experts
-    if isinstance(experts, list):
-        if not experts:
-            bad((*at, "experts"), "'experts' is empty", "list at least one source")
-            return
-        for j, name in enumerate(experts):
-            source((*at, "experts", j), name, "expert")
-        count = len(experts)
-    elif isinstance(experts, schema.CopyExperts):
-        source((*at, "experts", "copy"), experts.copy_, "copy source")
-        count = experts.count
-    else:
-        source((*at, "experts", "adapters"), experts.adapters, "adapter source")
-        count = experts.count
+    if isinstance(experts, list) and not experts:
+        bad((*at, "experts"), "'experts' is empty", "list at least one source")
+        return
+    for below, name, what in schema.named_sources(experts):
+        source((*at, "experts", *below), name, what)
+    count = len(schema.expert_sources(experts))
     if ffn.shared is not None:
         source((*at, "shared"), ffn.shared, "shared expert")
 
@@ -80,8 +73,8 @@ def _check_ffn(ffn: schema.FFNMix, at: DataPath, spec: schema.Spec, source: Sour
     if not _routes(router, "ffn", at, bad):
         return
     if isinstance(router, schema.TokenMixingRouter):
-        if isinstance(experts, schema.AdapterExperts):
-            bad((*at, "router", "kind"), "token mixing needs FFN experts, not adapters",
+        if isinstance(experts, schema.ExpertsNode) and not experts.own_ffn:
+            bad((*at, "router", "kind"), f"token mixing needs FFN experts, not {experts.title}",
                 "use experts: {copy: SOURCE, count: N} or a list of sources")
         if ffn.shared is not None:
             bad((*at, "shared"), "a shared expert cannot be combined with token mixing",
@@ -135,9 +128,9 @@ def _routes(router: schema.RouterNode, part: str, at: DataPath, bad: Bad) -> boo
 def _check_granularity(ffn: schema.FFNMix, at: DataPath, bad: Bad) -> None:
     """Fine-grained experts split FFN experts and replicate linear top-k router rows."""
     g = ffn.granularity
-    if isinstance(ffn.experts, schema.AdapterExperts):
+    if isinstance(ffn.experts, schema.ExpertsNode) and not ffn.experts.own_ffn:
         bad((*at, "granularity"),
-            f"granularity {g} splits FFN experts, but adapter experts (PESC) have no FFN of "
+            f"granularity {g} splits FFN experts, but {ffn.experts.title} have no FFN of "
             "their own to split",
             "remove 'granularity', or use experts: {copy: SOURCE, count: N} or a list of sources")
         return

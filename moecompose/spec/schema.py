@@ -124,8 +124,29 @@ Select = Annotated[
 # --------------------------------------------------------------------------- experts
 
 
-class CopyExperts(Node):
+class ExpertsNode(Node):
+    """Base of the expert kinds written as a mapping (a list of sources is the plain kind).
+    What the checks and the resolver need is declared on each kind, so they treat every
+    kind alike (`named_sources`, `expert_sources`): `named()`, every source it names (the
+    path below `experts`, the name, what it is); `experts()`, each expert's source and
+    drop rate; `own_ffn`, False where the experts share one FFN (they can then be neither
+    cut into fine-grained shards nor mix tokens); `title`, what the kind is called in
+    messages."""
+
+    own_ffn: ClassVar[bool] = True
+    title: ClassVar[str]
+
+    def named(self) -> list[tuple[tuple[str, ...], str, str]]:
+        raise NotImplementedError
+
+    def experts(self) -> list[tuple[str, float]]:
+        raise NotImplementedError
+
+
+class CopyExperts(ExpertsNode):
     """``count`` experts copied from one source's FFN (sparse upcycling)."""
+
+    title: ClassVar[str] = "copied experts"
 
     copy_: SourceName = Field(alias="copy", description="Source whose FFN every expert copies.")
     count: StrictInt = Field(ge=1, le=1024, description="Number of experts.")
@@ -137,9 +158,18 @@ class CopyExperts(Node):
         "from N(mean, std) of the replaced values (0.5 in the paper; 0 = exact copies).",
     )
 
+    def named(self) -> list[tuple[tuple[str, ...], str, str]]:
+        return [(("copy",), self.copy_, "copy source")]
 
-class AdapterExperts(Node):
+    def experts(self) -> list[tuple[str, float]]:
+        return [(self.copy_, self.drop)] * self.count
+
+
+class AdapterExperts(ExpertsNode):
     """PESC: one shared FFN copied from ``adapters``; experts are bottleneck adapters."""
+
+    own_ffn: ClassVar[bool] = False
+    title: ClassVar[str] = "adapter experts (PESC)"
 
     adapters: SourceName = Field(description="Source whose FFN every expert shares.")
     count: StrictInt = Field(ge=1, le=1024, description="Number of adapter experts.")
@@ -149,6 +179,12 @@ class AdapterExperts(Node):
     dropout: StrictFloat = Field(
         0.0, ge=0.0, lt=1.0, description="Dropout after the adapter down-projection."
     )
+
+    def named(self) -> list[tuple[tuple[str, ...], str, str]]:
+        return [(("adapters",), self.adapters, "adapter source")]
+
+    def experts(self) -> list[tuple[str, float]]:
+        return [(self.adapters, 0.0)] * self.count
 
 
 _experts_tag = _tagger(("experts-list", lambda v: isinstance(v, list)),
@@ -165,6 +201,21 @@ Experts = Annotated[
         "or {adapters: SOURCE, count: N}",
     ),
 ]
+
+
+def named_sources(experts: list[str] | ExpertsNode) -> list[tuple[tuple[str | int, ...], str, str]]:
+    """Every source a layer's experts name: (path below `experts`, name, what it is)."""
+    if isinstance(experts, list):
+        return [((j,), name, "expert") for j, name in enumerate(experts)]
+    return list(experts.named())
+
+
+def expert_sources(experts: list[str] | ExpertsNode) -> list[tuple[str, float]]:
+    """Each expert's source and drop rate, in expert order."""
+    if isinstance(experts, list):
+        return [(name, 0.0) for name in experts]
+    return experts.experts()
+
 
 # --------------------------------------------------------------------------- routers
 
