@@ -28,6 +28,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from pydantic import TypeAdapter
+
 from moecompose.artifact import DOMAINS_FILE, BuildResult, Progress, read_plan
 from moecompose.errors import BuildError, MoeComposeError, SpecError
 from moecompose.plan.planner import plan as make_plan
@@ -36,7 +38,7 @@ from moecompose.resolve import resolve
 from moecompose.sources.checkpoint import open_tensors, tensors_fingerprint
 from moecompose.sources.safetensors_io import TensorEntry
 from moecompose.sources.vectors import documents, files_fingerprint
-from moecompose.spec.schema import Domain, PromptInit, Spec
+from moecompose.spec.schema import Domain, Experts, ExpertsNode, PromptInit, Spec
 
 BASE = "@base"  # the artifact being extended, as a plan input (no spec name can be this)
 NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
@@ -211,8 +213,10 @@ def _add_expert(spec: dict[str, Any], expert: NewExpert) -> set[str]:
 
 def _describe(ffn: dict[str, Any]) -> str:
     experts = ffn["experts"]
-    if isinstance(experts, dict):
-        return "adapter experts" if "adapters" in experts else "copied experts"
+    if isinstance(experts, dict):  # a built artifact's spec: valid
+        node = TypeAdapter(Experts).validate_python(experts)
+        assert isinstance(node, ExpertsNode)
+        return node.title
     return f"a {ffn.get('router', {}).get('kind')} router"
 
 

@@ -4,6 +4,7 @@ artifact's plan.json (transition, extend) is the plan of the model it holds."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import string
 from pathlib import Path
@@ -244,3 +245,15 @@ def test_nexus_and_extended_specs_validate_with_absolute_domain_paths(
     moecompose.validate(extended / "spec.yaml")
     assert read_plan(extended)["spec"] == yaml.safe_load((extended / "spec.yaml").read_text())
     assert set(read_plan(extended)["spec"]["domains"]) == {"code", "law", "math"}
+
+
+@pytest.mark.parametrize(("spec", "kind"), [("pesc", "adapter experts (PESC)"),
+                                            ("sparse_upcycling", "copied experts")])
+def test_extend_names_the_expert_kind_it_cannot_add_to(
+    spec: str, kind: str, sources: dict[str, Path], tmp_path: Path
+) -> None:
+    built = moecompose.build(ROOT / "specs" / f"{spec}.yaml", tmp_path / spec).path
+    with pytest.raises(moecompose.SpecError, match=rf"layer rule 0 has {re.escape(kind)};"):
+        moecompose.extend(built, tmp_path / "ext", expert="math", source=sources["math"],
+                          prompts=["sum proof number"])
+    assert not (tmp_path / "ext").exists()

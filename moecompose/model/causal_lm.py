@@ -8,8 +8,9 @@ module and the artifact's safetensors agree key for key.
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -17,21 +18,19 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from moecompose.dtypes import torch_dtype
-from moecompose.model.adapters import AdapterMoEFFN, GroupedAdapters
 from moecompose.model.attention_mix import ATTENTION_IMPLS, AttentionImpl, MixtureOfAttention
 from moecompose.model.cache import KVCache, LayerKV, StaticKVCache
 from moecompose.model.config import (
-    AdapterFFNConfig,
     AttentionConfig,
     DenseFFNConfig,
     FFNConfig,
     LayerConfig,
     MoAAttentionConfig,
     ModelConfig,
-    TokenMixingRouterConfig,
+    RoutedFFNConfig,
 )
 from moecompose.model.loss import linear_cross_entropy
-from moecompose.model.moe import DISPATCHES, Dispatch, GroupedExperts, MoEFFN, one_of
+from moecompose.model.moe import DISPATCHES, Dispatch, one_of
 from moecompose.model.parts import (
     Attention,
     Mask,
@@ -44,19 +43,22 @@ from moecompose.model.parts import (
 )
 from moecompose.model.routing import NexusRouter
 from moecompose.model.softcapped_attention import tanh_softcap
-from moecompose.model.token_mixing import TokenMixingFFN, transition_to_topk
+from moecompose.model.token_mixing import transition_to_topk
 
 
 def build_ffn(config: ModelConfig, spec: FFNConfig, dispatch: Dispatch) -> nn.Module:
-    """Every FFN module is called as `x -> y`, routed ones as `x -> (y, aux loss)`."""
+    """Every FFN module is called as `x -> y`, routed ones as `x -> (y, aux loss)`; a
+    routed FFN's config names its module."""
     act = config.hidden_act
     if isinstance(spec, DenseFFNConfig):
         return SwiGLU(config.hidden_size, config.intermediate_size, act)
-    if isinstance(spec, AdapterFFNConfig):
-        return AdapterMoEFFN(config.hidden_size, spec, dispatch, act)
-    if isinstance(spec.router, TokenMixingRouterConfig):
-        return TokenMixingFFN(config.hidden_size, spec, dispatch, act)
-    return MoEFFN(config.hidden_size, spec, dispatch, act)
+    return ffn_module(spec)(config.hidden_size, spec, dispatch, act)
+
+
+def ffn_module(spec: RoutedFFNConfig) -> type[nn.Module]:
+    """The module class a routed FFN config names (`"file:Class"` in `moecompose.model`)."""
+    file, name = spec.module().split(":")
+    return cast(type[nn.Module], getattr(importlib.import_module(f"moecompose.model.{file}"), name))
 
 
 def build_attention(config: ModelConfig, spec: AttentionConfig) -> nn.Module:
@@ -152,7 +154,7 @@ class DecoderLayer(nn.Module):
         self.parallel = config.block == "parallel"
         self.self_attn = build_attention(config, spec.attention)
         self.mlp = build_ffn(config, spec.ffn, dispatch)
-        self.routed = isinstance(self.mlp, (MoEFFN, AdapterMoEFFN, TokenMixingFFN))
+        self.routed = not isinstance(spec.ffn, DenseFFNConfig)
         self.placement = config.norm_placement
         names = {"pre": ("input_layernorm", "post_attention_layernorm"),
                  "post": ("post_attention_layernorm", "post_feedforward_layernorm"),
@@ -391,10 +393,11 @@ class MoECausalLM(nn.Module):
                 module.impl = impl
 
     def set_dispatch(self, dispatch: Dispatch) -> None:
-        """Switch every MoE layer between the `"grouped"` and the `"loop"` expert kernels."""
+        """Switch every MoE layer between the `"grouped"` and the `"loop"` expert kernels
+        (the modules with a `dispatch`: `GroupedExperts`, `GroupedAdapters`)."""
         one_of("dispatch", dispatch, DISPATCHES)
         for module in self.modules():
-            if isinstance(module, (GroupedExperts, GroupedAdapters)):
+            if hasattr(module, "dispatch"):
                 module.dispatch = dispatch
 
     @classmethod

@@ -14,7 +14,7 @@ without torch.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal, cast, get_args
+from typing import Annotated, Any, Literal, NamedTuple, cast, get_args
 
 from pydantic import (
     BaseModel,
@@ -223,6 +223,31 @@ class AuxLossConfig(_Node):
     z_loss: NonNegative = 0.0
 
 
+class NewTensor(NamedTuple):
+    """A tensor a routed FFN adds to the model at upcycling, initialised rather than taken
+    from a source: its native name (a template of the layer `i`), shape, parameter group,
+    and initialisation (the arguments of an `init` recipe; `seed`, for one that draws
+    random numbers: the key its seed is derived from, with the spec's seed and the layer)."""
+
+    name: str
+    shape: tuple[int, ...]
+    group: str
+    init: dict[str, Any]
+    seed: str | None = None
+
+
+class RoutedFFNConfig(_Routed):
+    """Base of the routed FFN configs. Each names the module that computes it (`module`:
+    `"file:Class"` in `moecompose.model`, built as `Class(hidden_size, config, dispatch,
+    hidden_act)`) and the tensors it adds beyond its experts' FFNs (`new_tensors`)."""
+
+    def module(self) -> str:
+        raise NotImplementedError
+
+    def new_tensors(self, hidden_size: int) -> list[NewTensor]:
+        return []
+
+
 class DenseFFNConfig(_Node):
     """The source's gated FFN (SwiGLU, or GeGLU: the model's `hidden_act`), of the model's
     `intermediate_size`."""
@@ -230,7 +255,7 @@ class DenseFFNConfig(_Node):
     kind: Literal["dense"] = "dense"
 
 
-class MoEFFNConfig(_Routed):
+class MoEFFNConfig(RoutedFFNConfig):
     """A routed mixture of gated FFN experts (the model's `hidden_act`), with an optional
     shared expert."""
 
@@ -241,6 +266,9 @@ class MoEFFNConfig(_Routed):
     shared_expert: SharedExpertConfig | None = None
     aux_loss: AuxLossConfig = AuxLossConfig()
 
+    def module(self) -> str:
+        return "token_mixing:TokenMixingFFN" if self.router.kind == "token_mixing" else "moe:MoEFFN"
+
     @model_validator(mode="after")
     def _token_mixing_has_no_shared_expert(self) -> Self:
         if self.shared_expert is not None and self.router.kind == "token_mixing":
@@ -248,7 +276,7 @@ class MoEFFNConfig(_Routed):
         return self
 
 
-class AdapterFFNConfig(_Routed):
+class AdapterFFNConfig(RoutedFFNConfig):
     """PESC (Wu et al. 2024): one shared SwiGLU FFN of width `intermediate_size`; the
     experts are bottleneck adapters (width `bottleneck`) applied to its output, chosen by a
     top-k router that reads the FFN input."""
@@ -263,10 +291,37 @@ class AdapterFFNConfig(_Routed):
     router: Annotated[TopKRouterConfig, Field(discriminator="kind")]
     aux_loss: AuxLossConfig = AuxLossConfig()
 
+    def module(self) -> str:
+        return "adapters:AdapterMoEFFN"
+
+    def new_tensors(self, hidden_size: int) -> list[NewTensor]:
+        """Each expert's down-projection as `nn.Linear` initialises it; the up-projection
+        at zero, so the layer starts equal to its shared FFN."""
+        n, r, d = self.num_experts, self.bottleneck, hidden_size
+        return [
+            NewTensor("model.layers.{i}.mlp.adapters.down_proj", (n, r, d), "adapters",
+                      {"init": "uniform", "bound": 1.0 / d**0.5}, seed="adapter"),
+            NewTensor("model.layers.{i}.mlp.adapters.up_proj", (n, d, r), "adapters",
+                      {"init": "zeros"}),
+        ]
+
 
 FFNConfig = Annotated[
     DenseFFNConfig | MoEFFNConfig | AdapterFFNConfig, Field(discriminator="kind")
 ]
+
+FFN_CONFIGS: dict[str, type[RoutedFFNConfig]] = {
+    get_args(cls.model_fields["kind"].annotation)[0]: cls
+    for cls in get_args(get_args(FFNConfig)[0]) if issubclass(cls, RoutedFFNConfig)
+}
+"""Every routed FFN config, by `kind`."""
+
+
+def ffn_config(kind: str, values: Mapping[str, Any]) -> RoutedFFNConfig:
+    """The config of a `kind` routed FFN, from the `values` of its fields (other keys are
+    left out, as in `router_config`)."""
+    cls = FFN_CONFIGS[kind]
+    return cls.model_validate({f: values[f] for f in cls.model_fields if f in values})
 
 
 # --------------------------------------------------------------------------- attention

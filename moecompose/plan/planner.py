@@ -11,7 +11,6 @@ from moecompose.errors import SpecError
 from moecompose.formats import Format, MoEShape
 from moecompose.formats.native import model_config, native_names
 from moecompose.model.config import (
-    AdapterFFNConfig,
     AttentionConfig,
     AuxLossConfig,
     DenseAttentionConfig,
@@ -20,11 +19,11 @@ from moecompose.model.config import (
     LayerConfig,
     MoAAttentionConfig,
     ModelConfig,
-    MoEFFNConfig,
     MoERouterConfig,
     NexusRouterConfig,
+    RoutedFFNConfig,
     SharedExpertConfig,
-    TopKRouterConfig,
+    ffn_config,
     router_config,
 )
 from moecompose.plan.recipe import Plan, PlannedTensor, Recipe, TensorRef, Totals
@@ -37,7 +36,7 @@ from moecompose.resolve import (
 )
 from moecompose.sources.families import Family
 from moecompose.spec.schema import (
-    AdapterExperts,
+    ExpertsNode,
     NexusRouter,
     PromptInit,
     RouterNode,
@@ -48,8 +47,6 @@ from moecompose.text import ranges
 FLOPS_CONTEXT = 2048
 PROJECTIONS = ("gate", "up", "down")
 ATTENTION_ROLES = ("q", "k", "v", "o", "q_bias", "k_bias", "v_bias", "q_norm", "k_norm")
-ADAPTER_DOWN = "model.layers.{i}.mlp.adapters.down_proj"
-ADAPTER_UP = "model.layers.{i}.mlp.adapters.up_proj"
 TEMPERATURE = "model.layers.{i}.mlp.router.temperature"
 NEXUS_DOMAINS = "model.layers.{i}.mlp.router.domain_embeddings"
 NEXUS_W1 = "model.layers.{i}.mlp.router.w1.weight"
@@ -331,13 +328,11 @@ class _Planner:
             fine = f" x G={g} (k={k * g} of {n * g})" if g > 1 else ""
             describe = f"{mix.router.kind} k={k}{fine}" + (
                 "" if mix.router.normalize else " unnormalised")
-        adapters = _adapters(mix)
-        if adapters is not None:
-            self.adapters(i, mix, adapters, active)
-        else:
+        if mix.kind is None or mix.kind.own_ffn:
             self.ffn_experts(i, mix, active)
-        sources = [e.source for e in mix.experts]
-        experts = _compact(sources)
+        else:
+            self.shared_ffn(i, mix, active)
+        experts = _compact([e.source for e in mix.experts])
         if g > 1:
             width = self.r.arch.intermediate_size // g
             # down x G: each shard is routed p/G, so the layer equals the coarse MoE
@@ -345,8 +340,7 @@ class _Planner:
         self.rows.append({
             "layer": i,
             "ffn": "moe",
-            "experts": (f"{n} adapters on {sources[0]} (r={adapters.bottleneck})"
-                        if adapters is not None else experts),
+            "experts": (mix.kind and mix.kind.summary()) or experts,
             "drop": max(e.drop for e in mix.experts),
             "router": describe,
             "shared": mix.shared,
@@ -386,21 +380,22 @@ class _Planner:
                 self.add(self.layout.shared_expert_gate.format(i=i), (1, d),
                          Recipe("init", args={"init": "zeros"}), "shared", i)
 
-    def adapters(self, i: int, mix: FFNMixture, spec: AdapterExperts, active: float) -> None:
-        """PESC: the FFN copied once (shared), then per-expert bottleneck adapters whose
-        up-projection starts at zero, so the layer equals the dense FFN at build time."""
-        d, n, r = self.r.arch.hidden_size, len(mix.experts), spec.bottleneck
+    def shared_ffn(self, i: int, mix: FFNMixture, active: float) -> None:
+        """Experts without an FFN of their own (PESC's adapters): the source's FFN copied
+        once, shared, under its dense names, then the tensors the layer's config adds
+        (`new_tensors`)."""
+        source = mix.experts[0].source  # every expert names the shared FFN's source
         for proj in PROJECTIONS:
             tensor = self.family.tensor(FFN_ROLE[proj], i)
             self.add(tensor, self.source_shape(tensor),
-                     Recipe("copy", (TensorRef(spec.adapters, tensor),)), "ffn", i)
-        bound = 1.0 / d**0.5  # nn.Linear's default init for the down-projection
-        self.add(ADAPTER_DOWN.format(i=i), (n, r, d),
-                 Recipe("init", args={"init": "uniform", "bound": bound,
-                                      "seed": derive_seed(self.seed, "adapter", i)}),
-                 "adapters", i, active)
-        self.add(ADAPTER_UP.format(i=i), (n, d, r), Recipe("init", args={"init": "zeros"}),
-                 "adapters", i, active)
+                     Recipe("copy", (TensorRef(source, tensor),)), "ffn", i)
+        config = self.ffn_config(mix)
+        assert isinstance(config, RoutedFFNConfig)
+        for new in config.new_tensors(self.r.arch.hidden_size):
+            args = new.init if new.seed is None else {
+                **new.init, "seed": derive_seed(self.seed, new.seed, i)}
+            self.add(new.name.format(i=i), new.shape, Recipe("init", args=args), new.group, i,
+                     active)
 
     # -- config and totals
     def native_config(self) -> ModelConfig:
@@ -427,21 +422,15 @@ class _Planner:
             return DenseFFNConfig()
         width = self.r.arch.intermediate_size
         aux = AuxLossConfig(load_balance=mix.aux_loss.load_balance, z_loss=mix.aux_loss.z_loss)
-        router = self.router_config(mix)
-        a = _adapters(mix)
-        if a is not None:
-            assert isinstance(router, TopKRouterConfig)  # check_spec refuses the others
-            return AdapterFFNConfig(num_experts=len(mix.experts), intermediate_size=width,
-                                    bottleneck=a.bottleneck, scale=a.scale,
-                                    activation=a.activation, dropout=a.dropout, router=router,
-                                    aux_loss=aux)
         shared = None
         if mix.shared is not None:
             shared = SharedExpertConfig(intermediate_size=width,
                                         gate=self.format.gates_shared_expert)
         g = granularity(self.r, mix)  # the shared expert keeps the full width
-        return MoEFFNConfig(num_experts=len(mix.experts) * g, intermediate_size=width // g,
-                            router=router, shared_expert=shared, aux_loss=aux)
+        values = {**(mix.kind.model_dump() if mix.kind is not None else {}),
+                  "num_experts": len(mix.experts) * g, "intermediate_size": width // g,
+                  "router": self.router_config(mix), "shared_expert": shared, "aux_loss": aux}
+        return ffn_config(_ffn_kind(mix), values)
 
     def router_config(self, mix: FFNMixture) -> MoERouterConfig:
         router = mix.router
@@ -485,15 +474,16 @@ class _Planner:
         return Totals(params, active, trainable, flops, ctx, size, kv_cache)
 
 
-def _adapters(mix: FFNMixture) -> AdapterExperts | None:
-    """The spec of PESC adapter experts, when the layer's experts are those."""
-    return mix.kind if isinstance(mix.kind, AdapterExperts) else None
+def _ffn_kind(mix: FFNMixture) -> str:
+    """The `kind` of the FFN config the layer's experts make."""
+    return ExpertsNode.ffn if mix.kind is None else mix.kind.ffn
 
 
 def _expert_kind(mix: FFNMixture) -> str:
-    if _adapters(mix) is not None:
-        return "adapters"
-    return mix.router.kind
+    """What a Hugging Face format must express: the FFN's kind, or for FFN experts the
+    router's."""
+    kind = _ffn_kind(mix)
+    return mix.router.kind if kind == ExpertsNode.ffn else kind
 
 
 def _attention_row(attn: AttentionMixture | None) -> str:

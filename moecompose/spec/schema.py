@@ -131,16 +131,22 @@ class ExpertsNode(Node):
     path below `experts`, the name, what it is); `experts()`, each expert's source and
     drop rate; `own_ffn`, False where the experts share one FFN (they can then be neither
     cut into fine-grained shards nor mix tokens); `title`, what the kind is called in
-    messages."""
+    messages. What the planner needs: `ffn`, the `kind` of the model's FFN config its
+    layers become (its fields of the same names as the config's fill them); `summary()`,
+    its experts in the plan's table (None: the list of their sources)."""
 
     own_ffn: ClassVar[bool] = True
     title: ClassVar[str]
+    ffn: ClassVar[str] = "moe"
 
     def named(self) -> list[tuple[tuple[str, ...], str, str]]:
         raise NotImplementedError
 
     def experts(self) -> list[tuple[str, float]]:
         raise NotImplementedError
+
+    def summary(self) -> str | None:
+        return None
 
 
 class CopyExperts(ExpertsNode):
@@ -170,6 +176,7 @@ class AdapterExperts(ExpertsNode):
 
     own_ffn: ClassVar[bool] = False
     title: ClassVar[str] = "adapter experts (PESC)"
+    ffn: ClassVar[str] = "adapters"
 
     adapters: SourceName = Field(description="Source whose FFN every expert shares.")
     count: StrictInt = Field(ge=1, le=1024, description="Number of adapter experts.")
@@ -185,6 +192,9 @@ class AdapterExperts(ExpertsNode):
 
     def experts(self) -> list[tuple[str, float]]:
         return [(self.adapters, 0.0)] * self.count
+
+    def summary(self) -> str | None:
+        return f"{self.count} adapters on {self.adapters} (r={self.bottleneck})"
 
 
 _experts_tag = _tagger(("experts-list", lambda v: isinstance(v, list)),
