@@ -220,19 +220,19 @@ def main() -> None:
 
     rows["naive in-memory build"] = run_child([sys.executable, "-c", NAIVE, str(naive_out),
                                                *map(str, sources)])
-    imports = run_child([sys.executable, "-c", "import torch, moecompose.build"])
+    imports = run_child([sys.executable, "-c", "import moecompose.build.executor"])
     built = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 2**20
 
     print(f"sources: 4 x {size / 4:.0f} MiB bf16; output {built:.0f} MiB")
     print(f"{'':30}{'wall s':>9}{'peak RSS MiB':>15}")
     for label, (wall, rss) in {**rows, **mk_rows}.items():
         print(f"{label:30}{wall:9.2f}{rss:15.0f}")
-    print(f"{'python + torch import':30}{imports[0]:9.2f}{imports[1]:15.0f}")
+    print(f"{'python + build code import':30}{imports[0]:9.2f}{imports[1]:15.0f}")
     ours = rows["moecompose, cold hash cache"]
     naive = rows["naive in-memory build"]
     print(f"ratio moecompose (cold) / naive: time {ours[0] / naive[0]:.2f}x, "
           f"peak RSS {ours[1] / naive[1]:.2f}x")
-    print(f"RSS above the interpreter with torch loaded: {ours[1] - imports[1]:.0f} MiB")
+    print(f"RSS above the interpreter with the build code loaded: {ours[1] - imports[1]:.0f} MiB")
     if mk_rows:
         same = {(kind, params) for kind, _, params in mk_facts} == {(ours_facts[0], ours_facts[2])}
         print(f"output check: moecompose {ours_facts[0]}, {ours_facts[1]} tensors, "

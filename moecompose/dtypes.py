@@ -1,13 +1,15 @@
 """Tensor dtypes: the names specs, plans and configs use (``float32``, ``bfloat16``, ...),
 the codes safetensors headers use (``F32``, ``BF16``, ...), and their sizes. One table, no
-torch import: the front end (validate, plan) reads headers without torch; ``torch_dtype``
-gives the torch dtype where weights are computed."""
+torch import: the front end (validate, plan) reads headers without torch. ``numpy_dtype``
+gives the NumPy dtype a build computes in (bfloat16 from ``ml_dtypes``), ``torch_dtype``
+the torch dtype where a model runs."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 # safetensors code -> (name, bytes per element); names are torch's attribute names
@@ -37,3 +39,15 @@ def torch_dtype(name: str) -> torch.dtype:
     import torch
 
     return getattr(torch, NAMES.get(name, name))
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The NumPy dtype called ``name`` or coded ``name`` (``bfloat16`` or ``BF16``)."""
+    import numpy as np
+
+    name = NAMES.get(name, name)
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)

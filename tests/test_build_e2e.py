@@ -180,7 +180,7 @@ def test_drop_upcycling_redraws_the_same_neurons_in_gate_up_and_down(write_spec,
         assert len(changed["gate"]) == round(0.5 * f)
         recipe = next(t for t in plan.tensors if t.name.endswith("layers.1.mlp.experts.gate_proj")).recipe
         seed = recipe.parts[j].args["neuron_seed"]
-        assert torch.equal(changed["gate"], drop_indices(f, 0.5, seed))
+        assert torch.equal(changed["gate"], torch.from_numpy(drop_indices(f, 0.5, seed)))
     experts = built["model.layers.1.mlp.experts.gate_proj"]
     assert not torch.equal(experts[0], experts[1]), "experts must differ after drop-upcycling"
 

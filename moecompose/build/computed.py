@@ -13,24 +13,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from moecompose.build.embed import (
-    Embedder,
-    EmbeddingCache,
-    nearly_parallel_rows,
-    prompt_router_rows,
-    read_embedding_file,
-    read_texts,
-    weights_fingerprint,
-)
 from moecompose.build.recipes import Lookup
 from moecompose.errors import BuildError
 from moecompose.plan.recipe import Plan, Recipe, TensorRef
-from moecompose.sources.safetensors_io import read_tensor
 from moecompose.sources.vectors import VectorFileError, files_fingerprint
+
+if TYPE_CHECKING:  # a plan with nothing to compute does not import torch or the model
+    import numpy as np
+    import torch
+
+    from moecompose.build.embed import Embedder, EmbeddingCache
 
 
 def recipe_key(recipe: Recipe) -> str:
@@ -45,10 +39,14 @@ class Computed:
     prompt_rows: dict[str, torch.Tensor] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
-    def value(self, recipe: Recipe) -> torch.Tensor:
+    def tensor(self, recipe: Recipe) -> torch.Tensor:
         if recipe.op == "domain":
             return self.domains[recipe.args["name"]]
         return self.prompt_rows[recipe_key(recipe)]
+
+    def value(self, recipe: Recipe) -> np.ndarray:
+        """The value of a `domain` or `prompt_state` recipe, as the build computes: fp32."""
+        return self.tensor(recipe).float().numpy()
 
 
 class _Models:
@@ -60,11 +58,15 @@ class _Models:
         self.fingerprints: dict[str, str] = {}
 
     def fingerprint(self, name: str) -> str:
+        from moecompose.build.embed import weights_fingerprint
+
         if name not in self.fingerprints:
             self.fingerprints[name] = weights_fingerprint(self.paths[name])
         return self.fingerprints[name]
 
     def __getitem__(self, name: str) -> Embedder:
+        from moecompose.build.embed import Embedder
+
         if name not in self.loaded:
             self.loaded[name] = Embedder.load(name, self.paths[name])
         return self.loaded[name]
@@ -80,12 +82,15 @@ def compute(plan: Plan, lookup: Lookup) -> Computed:
     ]
     if not plan.domains and not prompt_parts:
         return out
+    from moecompose.build.embed import EmbeddingCache, nearly_parallel_rows
+
     cache = EmbeddingCache()
     models = _Models(plan)
     for name, provenance in plan.domains.items():
         out.domains[name] = _domain(name, provenance, models, cache)
     _prompt_rows(prompt_parts, models, cache, lookup, out)
-    out.warnings.extend(_parallel_rows(plan, out))
+    for experts, rows in _rows_by_experts(plan, out).items():
+        out.warnings.extend(nearly_parallel_rows(rows, list(experts)))
     return out
 
 
@@ -103,6 +108,8 @@ def _check_unchanged(name: str, files: list[Path], fingerprint: str) -> None:
 
 def _domain(name: str, provenance: dict[str, Any], models: _Models, cache: EmbeddingCache
             ) -> torch.Tensor:
+    from moecompose.build.embed import read_embedding_file
+
     if provenance["kind"] == "embedding":
         path = Path(provenance["path"])
         _check_unchanged(name, [path], provenance["fingerprint"])
@@ -120,6 +127,11 @@ def _domain(name: str, provenance: dict[str, Any], models: _Models, cache: Embed
 def _prompt_rows(parts: list[Recipe], models: _Models, cache: EmbeddingCache,
                  lookup: Lookup, out: Computed) -> None:
     """One router row per part: layers that share a source and prompts run in one pass."""
+    import torch
+
+    from moecompose.build.embed import prompt_router_rows, read_texts
+    from moecompose.sources.safetensors_io import read_tensor
+
     groups: dict[str, tuple[dict[str, Any], list[Recipe]]] = {}
     for part in parts:
         a = part.args
@@ -158,14 +170,15 @@ def _prompt_rows(parts: list[Recipe], models: _Models, cache: EmbeddingCache,
             out.prompt_rows[recipe_key(part)] = row
 
 
-def _parallel_rows(plan: Plan, out: Computed) -> list[str]:
-    """Warnings for experts whose prompt rows are nearly parallel, per set of experts."""
+def _rows_by_experts(plan: Plan, out: Computed) -> dict[tuple[str, ...], dict[int, torch.Tensor]]:
+    """The prompt rows of each set of experts, by layer."""
+    import torch
+
     by_experts: dict[tuple[str, ...], dict[int, torch.Tensor]] = {}
     for tensor in plan.tensors:
         parts = tensor.recipe.parts
         if parts and all(p.op == "prompt_state" for p in parts) and tensor.layer is not None:
             experts = tuple(p.args["expert"] for p in parts)
-            rows = torch.stack([out.value(p) for p in parts])
+            rows = torch.stack([out.tensor(p) for p in parts])
             by_experts.setdefault(experts, {})[tensor.layer] = rows
-    return [w for experts, rows in by_experts.items()
-            for w in nearly_parallel_rows(rows, list(experts))]
+    return by_experts

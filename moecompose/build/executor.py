@@ -12,8 +12,6 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from safetensors.torch import save_file
-
 from moecompose import formats
 from moecompose.artifact import (
     DOMAINS_FILE,
@@ -121,7 +119,7 @@ def _write_artifact(
             for tensor in shard:
                 for chunk in produce(tensor, lookup, computed.value):
                     writer.write(tensor.name, chunk)
-                    done += chunk.numel() * chunk.element_size()
+                    done += chunk.nbytes
                 if progress is not None:
                     progress(done, total, tensor.name)
         except MoeComposeError:
@@ -151,6 +149,8 @@ def _write_artifact(
         )
 
     if computed.domains:
+        from safetensors.torch import save_file  # domains were computed by a model: torch
+
         # One vector per domain, reusable as {embedding: OUT/domains.safetensors, key: NAME}.
         save_file(
             {name: v.contiguous() for name, v in sorted(computed.domains.items())},

@@ -4,8 +4,13 @@ Elementwise recipes (copy, mean, weighted) work on row ranges of their inputs, s
 the embedding matrix never sits in memory whole; expert parts of a ``stack`` are
 produced one expert at a time, and a ``slice`` of a copied tensor (a fine-grained expert's
 shard) a chunk of rows at a time. Arithmetic is float32; the result is cast to the output
-dtype. A copy whose dtype does not change is bit-exact, and so is a slice unless scaled
-(scaling by a power of two is exact too).
+dtype (round to nearest even, as torch casts). A copy whose dtype does not change is
+bit-exact, and so is a slice unless scaled (scaling by a power of two is exact too).
+
+Arrays are NumPy's (bfloat16 from ``ml_dtypes``): a build that runs no model (no domain
+texts, no prompt rows) does not import torch, which would take longer than the rest of
+a typical build. Random draws come from NumPy's ``PCG64`` generator, seeded per tensor
+by the plan (``seed``, ``neuron_seed``, ``value_seed``).
 """
 
 from __future__ import annotations
@@ -13,35 +18,36 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
-import torch
+import numpy as np
 
-from moecompose.dtypes import torch_dtype
+from moecompose.dtypes import numpy_dtype
 from moecompose.plan.recipe import PlannedTensor, Recipe, TensorRef
-from moecompose.sources.safetensors_io import TensorEntry, read_tensor
+from moecompose.sources.safetensors_io import TensorEntry, read_array
 
 CHUNK_BYTES = 16 * 1024 * 1024
+F32 = np.dtype(np.float32)
 
 Lookup = Callable[[TensorRef], TensorEntry]
-Computed = Callable[[Recipe], torch.Tensor]  # values of the model-computed ops
+Computed = Callable[[Recipe], np.ndarray]  # values of the model-computed ops (float32)
 COMPUTED_OPS = ("domain", "prompt_state")
 
 
-def _not_computed(recipe: Recipe) -> torch.Tensor:
+def _not_computed(recipe: Recipe) -> np.ndarray:
     raise ValueError(f"recipe op '{recipe.op}' needs values computed before the build")
 
 
 def produce(
     tensor: PlannedTensor, lookup: Lookup, computed: Computed = _not_computed
-) -> Iterator[torch.Tensor]:
+) -> Iterator[np.ndarray]:
     """Yield consecutive chunks whose concatenation (row-major) is ``tensor``."""
-    dtype = torch_dtype(tensor.dtype)
+    dtype = numpy_dtype(tensor.dtype)
     yield from _produce(tensor.recipe, tensor.shape, dtype, lookup, computed)
 
 
 def _produce(
-    recipe: Recipe, shape: tuple[int, ...], dtype: torch.dtype, lookup: Lookup,
+    recipe: Recipe, shape: tuple[int, ...], dtype: np.dtype, lookup: Lookup,
     computed: Computed,
-) -> Iterator[torch.Tensor]:
+) -> Iterator[np.ndarray]:
     if "repeat" in recipe.args:
         yield _repeat(recipe, shape, dtype, lookup, computed)
         return
@@ -53,19 +59,19 @@ def _produce(
             yield from _produce(part, shape[1:], dtype, lookup, computed)
         return
     if recipe.op == "nexus_gate":
-        yield _nexus_gate(recipe, shape, computed).to(dtype)
+        yield _nexus_gate(recipe, shape, computed).astype(dtype)
         return
     if recipe.op in COMPUTED_OPS:
         value = computed(recipe)
         if tuple(value.shape) != shape:
             raise ValueError(f"{recipe.summary()} has shape {tuple(value.shape)}, plan expects {shape}")
-        yield value.to(dtype)
+        yield value.astype(dtype, copy=False)
         return
     if recipe.op == "init":
         yield _init(recipe, shape, dtype)
         return
     if recipe.op == "drop":
-        yield _drop(recipe, lookup).to(dtype)
+        yield _drop(recipe, lookup).astype(dtype)
         return
     if recipe.op == "copy" and "index" in recipe.args:  # one slice of a stacked input
         entry = lookup(recipe.inputs[0])
@@ -73,7 +79,7 @@ def _produce(
             raise ValueError(f"{entry.file}: tensor has shape {entry.shape}, plan expects "
                              f"[N, {', '.join(map(str, shape))}]")
         j = recipe.args["index"]
-        yield read_tensor(entry, (j, j + 1)).reshape(shape).to(dtype)
+        yield read_array(entry, (j, j + 1)).reshape(shape).astype(dtype, copy=False)
         return
     entries = [lookup(ref) for ref in recipe.inputs]
     for entry in entries:
@@ -88,31 +94,31 @@ def _produce(
 
 
 def _whole(
-    recipe: Recipe, shape: tuple[int, ...], dtype: torch.dtype, lookup: Lookup,
+    recipe: Recipe, shape: tuple[int, ...], dtype: np.dtype, lookup: Lookup,
     computed: Computed,
-) -> torch.Tensor:
+) -> np.ndarray:
     """The tensor ``recipe`` makes, in memory at once."""
     chunks = [c.reshape(-1) for c in _produce(recipe, shape, dtype, lookup, computed)]
-    return torch.cat(chunks).reshape(shape)
+    return np.concatenate(chunks).reshape(shape)
 
 
 def _repeat(
-    recipe: Recipe, shape: tuple[int, ...], dtype: torch.dtype, lookup: Lookup,
+    recipe: Recipe, shape: tuple[int, ...], dtype: np.dtype, lookup: Lookup,
     computed: Computed,
-) -> torch.Tensor:
+) -> np.ndarray:
     """``repeat: G``: the recipe's ``shape[0] / G`` rows, each written G times in a row."""
     times = recipe.args["repeat"]
     if not shape or shape[0] % times:
         raise ValueError(f"{recipe.summary()}: shape {shape} has no whole rows x{times}")
     once = replace(recipe, args={k: v for k, v in recipe.args.items() if k != "repeat"})
     rows = _whole(once, (shape[0] // times, *shape[1:]), dtype, lookup, computed)
-    return rows.repeat_interleave(times, dim=0)
+    return np.repeat(rows, times, axis=0)
 
 
 def _slice(
-    recipe: Recipe, shape: tuple[int, ...], dtype: torch.dtype, lookup: Lookup,
+    recipe: Recipe, shape: tuple[int, ...], dtype: np.dtype, lookup: Lookup,
     computed: Computed,
-) -> Iterator[torch.Tensor]:
+) -> Iterator[np.ndarray]:
     """``start:end`` along ``dim`` of the part's tensor, times ``scale``. A copied tensor
     is read a chunk of rows at a time; another part (``drop``) is made whole first."""
     inner = recipe.parts[0]
@@ -126,93 +132,96 @@ def _slice(
     if not 0 <= start < end <= full[dim] or expected != shape:
         raise ValueError(f"{entry.file}: tensor has shape {entry.shape}, plan expects "
                          f"{list(shape)} at {start}:{end} of dimension {dim}")
+    cut = (slice(None),) * dim + (slice(start, end),)
     if inner.op == "copy" and not inner.args:
         rows = (start, end) if dim == 0 else (0, full[0])
         step = max(1, CHUNK_BYTES // max(1, 4 * (entry.numel // max(full[0], 1))))
         for a in range(rows[0], rows[1], step):
-            x = read_tensor(entry, (a, min(rows[1], a + step)))
-            yield _scaled(x if dim == 0 else x.narrow(dim, start, end - start), scale, dtype)
+            x = read_array(entry, (a, min(rows[1], a + step)))
+            yield _scaled(x if dim == 0 else x[cut], scale, dtype)
         return
-    x = _whole(inner, full, torch.float32, lookup, computed)
-    yield _scaled(x.narrow(dim, start, end - start), scale, dtype)
+    x = _whole(inner, full, F32, lookup, computed)
+    yield _scaled(x[cut], scale, dtype)
 
 
-def _scaled(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
-    if scale != 1.0:
-        return (x.to(torch.float32) * scale).to(dtype)
-    return x.to(dtype).contiguous()
+def _scaled(x: np.ndarray, scale: float | None, dtype: np.dtype) -> np.ndarray:
+    """``x * scale`` (in float32) as ``dtype``, contiguous."""
+    if scale is not None and scale != 1.0:
+        return (x.astype(F32) * np.float32(scale)).astype(dtype)
+    return np.ascontiguousarray(x.astype(dtype, copy=False))
 
 
 def _elementwise(
-    recipe: Recipe, entries: list[TensorEntry], span: tuple[int, int] | None, dtype: torch.dtype
-) -> torch.Tensor:
+    recipe: Recipe, entries: list[TensorEntry], span: tuple[int, int] | None, dtype: np.dtype
+) -> np.ndarray:
     if recipe.op == "copy":
-        x = read_tensor(entries[0], span)
-        scale = recipe.args.get("scale")
-        if scale is not None and scale != 1.0:
-            return (x.to(torch.float32) * scale).to(dtype)
-        return x.to(dtype)
+        return _scaled(read_array(entries[0], span), recipe.args.get("scale"), dtype)
     if recipe.op in ("mean", "weighted"):
         weights = recipe.args.get("weights") or [None] * len(entries)
-        acc: torch.Tensor | None = None
+        acc: np.ndarray | None = None
         for entry, w in zip(entries, weights):
-            x = read_tensor(entry, span).to(torch.float32)
+            x = read_array(entry, span).astype(F32)
             if w is not None:
-                x.mul_(w)
-            acc = x if acc is None else acc.add_(x)
+                x *= np.float32(w)
+            acc = x if acc is None else np.add(acc, x, out=acc)
         assert acc is not None
         if recipe.op == "mean":
-            acc.div_(len(entries))
-        return acc.to(dtype)
+            acc /= np.float32(len(entries))
+        return acc.astype(dtype, copy=False)
     raise ValueError(f"unknown recipe op '{recipe.op}'")
 
 
-def _generator(seed: int) -> torch.Generator:
-    return torch.Generator(device="cpu").manual_seed(int(seed))
+def _rng(seed: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(int(seed)))
 
 
-def _init(recipe: Recipe, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def _init(recipe: Recipe, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     if recipe.args["init"] == "zeros":
-        return torch.zeros(shape, dtype=dtype)
+        return np.zeros(shape, dtype=dtype)
     if recipe.args["init"] == "constant":
-        return torch.full(shape, float(recipe.args["value"]), dtype=dtype)
+        return np.full(shape, recipe.args["value"], dtype=F32).astype(dtype)
     if recipe.args["init"] == "uniform":
-        bound = recipe.args["bound"]
-        values = torch.rand(shape, generator=_generator(recipe.args["seed"]), dtype=torch.float32)
-        return ((values * 2 - 1) * bound).to(dtype)
-    values = torch.randn(shape, generator=_generator(recipe.args["seed"]), dtype=torch.float32)
-    return (values * recipe.args["std"]).to(dtype)
+        bound = np.float32(recipe.args["bound"])
+        values = _rng(recipe.args["seed"]).random(shape, dtype=F32)  # [0, 1)
+        return ((values * 2 - 1) * bound).astype(dtype, copy=False)
+    values = _rng(recipe.args["seed"]).standard_normal(shape, dtype=F32)
+    return (values * np.float32(recipe.args["std"])).astype(dtype, copy=False)
 
 
-def _nexus_gate(recipe: Recipe, shape: tuple[int, ...], computed: Computed) -> torch.Tensor:
+def _nexus_gate(recipe: Recipe, shape: tuple[int, ...], computed: Computed) -> np.ndarray:
     """Nexus expert embeddings ``(silu(z[:, :d]) * z[:, d:]) @ W2.T``, ``z = dom @ W1.T``,
     with W1, W2 drawn exactly as the native build draws them."""
-    dom = torch.stack([computed(part) for part in recipe.parts])  # [n, m]
+    dom = np.stack([computed(part) for part in recipe.parts]).astype(F32)  # [n, m]
     d = shape[1]
-    w1 = _init(Recipe("init", args=recipe.args["w1"]), (2 * d, dom.shape[1]), torch.float32)
-    w2 = _init(Recipe("init", args=recipe.args["w2"]), (d, d), torch.float32)
-    a, b = (dom @ w1.T).split(d, dim=-1)
-    return (torch.nn.functional.silu(a) * b) @ w2.T
+    w1 = _init(Recipe("init", args=recipe.args["w1"]), (2 * d, dom.shape[1]), F32)
+    w2 = _init(Recipe("init", args=recipe.args["w2"]), (d, d), F32)
+    z = dom @ w1.T
+    a, b = z[:, :d], z[:, d:]
+    sigmoid = 0.5 * (1 + np.tanh(a / 2))  # no overflow for any a, unlike 1 / (1 + exp(-a))
+    return (a * sigmoid * b) @ w2.T
 
 
-def drop_indices(n: int, rate: float, seed: int) -> torch.Tensor:
+def drop_indices(n: int, rate: float, seed: int) -> np.ndarray:
     """The neurons Drop-Upcycling re-initialises: ``round(rate * n)`` of ``n``, sorted."""
     count = round(rate * n)
-    return torch.randperm(n, generator=_generator(seed))[:count].sort().values
+    return np.sort(_rng(seed).permutation(n)[:count])
 
 
-def _drop(recipe: Recipe, lookup: Lookup) -> torch.Tensor:
+def _drop(recipe: Recipe, lookup: Lookup) -> np.ndarray:
     """Copy with a fraction of neurons redrawn from N(mean, std) of the replaced values.
 
     The same neurons (``neuron_seed`` is shared by one expert's gate, up and down) are
     rows of gate/up (``dim=0``) and columns of down (``dim=1``): Nakamura et al. 2025.
     """
-    x = read_tensor(lookup(recipe.inputs[0])).to(torch.float32)
+    x = read_array(lookup(recipe.inputs[0])).astype(F32)
     dim = recipe.args["dim"]
     idx = drop_indices(x.shape[dim], recipe.args["rate"], recipe.args["neuron_seed"])
-    if idx.numel() == 0:
+    if idx.size == 0:
         return x
-    old = x.index_select(dim, idx)
-    std = old.std() if old.numel() > 1 else torch.tensor(0.0)
-    new = torch.randn(old.shape, generator=_generator(recipe.args["value_seed"]))
-    return x.index_copy_(dim, idx, new * std + old.mean())
+    old = np.take(x, idx, axis=dim)
+    std = old.std(ddof=1, dtype=np.float64) if old.size > 1 else 0.0
+    mean = old.mean(dtype=np.float64)
+    new = _rng(recipe.args["value_seed"]).standard_normal(old.shape, dtype=F32)
+    cut = (slice(None),) * dim + (idx,)
+    x[cut] = new * np.float32(std) + np.float32(mean)
+    return x
