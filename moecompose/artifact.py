@@ -31,6 +31,7 @@ import re
 import shutil
 import socket
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ from typing import Any, TypeVar
 
 import psutil
 
-from moecompose.errors import BuildError, ResourceError
+from moecompose.errors import BuildError, ResourceError, SourceError
 from moecompose.files import read_json_file
 from moecompose.plan.recipe import Plan
 
@@ -358,6 +359,40 @@ def source_hashes(paths: list[Path]) -> dict[Path, str]:
     return out
 
 
+class SourceHashes:
+    """`source_hashes` of every weights file of ``plan``'s inputs, computed on a thread of
+    its own from construction on, so that a build's first pass over a new source (a cold
+    hash cache) overlaps the build instead of following it: ``hashlib`` and file reads
+    release the GIL, and the build's arithmetic runs on one core. ``result()`` waits for it
+    and raises what the hashing raised. The thread is a daemon: a failed build exits
+    without waiting for it."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.files = {name: sorted(Path(src["path"]).glob("*.safetensors"))
+                      for name, src in plan.sources.items()}
+        self._hashes: dict[Path, str] = {}
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="source-hashes", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._hashes = source_hashes([f for files in self.files.values() for f in files])
+        except OSError as exc:  # a source, not the output: say which
+            self._error = SourceError(f"cannot read {exc.filename}: {exc.strerror or exc}",
+                                      hint="check that the source's files are readable")
+        except BaseException as exc:  # handed to the caller by result()
+            self._error = exc
+
+    def result(self) -> dict[str, dict[str, str]]:
+        """Input name -> weights file name -> sha256."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return {name: {f.name: self._hashes[f] for f in files}
+                for name, files in self.files.items()}
+
+
 def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -370,19 +405,16 @@ def versions() -> dict[str, str]:
     return out
 
 
-def manifest(plan: Plan, files: dict[str, str]) -> dict[str, Any]:
-    """manifest.json: versions, the plan's digest, every input's weight hashes and the
-    artifact's own file hashes; a derived artifact also names what it was derived from."""
-    sources = {}
-    for name, src in plan.sources.items():
-        folder = Path(src["path"])
-        weights = sorted(folder.glob("*.safetensors"))
-        hashes = source_hashes(weights)
-        sources[name] = {
-            "path": src["path"],
-            "fingerprint": src["fingerprint"],
-            "files": {w.name: hashes[w] for w in weights},
-        }
+def manifest(plan: Plan, files: dict[str, str],
+             inputs: SourceHashes | None = None) -> dict[str, Any]:
+    """manifest.json: versions, the plan's digest, every input's weight hashes (``inputs``,
+    started earlier, or computed now) and the artifact's own file hashes; a derived
+    artifact also names what it was derived from."""
+    hashes = (inputs or SourceHashes(plan)).result()
+    sources = {
+        name: {"path": src["path"], "fingerprint": src["fingerprint"], "files": hashes[name]}
+        for name, src in plan.sources.items()
+    }
     out: dict[str, Any] = {
         "moecompose_manifest": 1,
         "versions": versions(),

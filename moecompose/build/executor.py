@@ -17,6 +17,7 @@ from moecompose.artifact import (
     DOMAINS_FILE,
     BuildResult,
     Progress,
+    SourceHashes,
     check_free_space,
     check_target,
     manifest,
@@ -50,9 +51,11 @@ def build(plan: Plan, out: str | Path, *, force: bool = False, progress: Progres
     from moecompose.build.computed import compute  # loads the model code: only to build
 
     lookup = open_sources(plan)
+    inputs = SourceHashes(plan)  # for the manifest, alongside the build
     computed = compute(plan, lookup)  # model runs (domain texts, router prompts) come first
     files = write_atomically(
-        out, lambda tmp: _write_artifact(plan, tmp, progress, lookup, computed), force=force
+        out, lambda tmp: _write_artifact(plan, tmp, progress, lookup, computed, inputs),
+        force=force,
     )
     return BuildResult(out, files, sum(t.numel for t in plan.tensors), tuple(computed.warnings))
 
@@ -100,7 +103,8 @@ def open_sources(plan: Plan) -> Lookup:
 
 
 def _write_artifact(
-    plan: Plan, tmp: Path, progress: Progress | None, lookup: Lookup, computed: Computed
+    plan: Plan, tmp: Path, progress: Progress | None, lookup: Lookup, computed: Computed,
+    inputs: SourceHashes,
 ) -> dict[str, str]:
     shards = _shards(plan, int(plan.spec["output"]["max_shard_size"]))
     names = (
@@ -170,5 +174,5 @@ def _write_artifact(
     for name, text in formats.get(plan.format).files().items():
         files[name] = write_text(tmp / name, text)
     files["README.md"] = write_text(tmp / "README.md", model_card(plan))
-    write_text(tmp / "manifest.json", json.dumps(manifest(plan, files), indent=2) + "\n")
+    write_text(tmp / "manifest.json", json.dumps(manifest(plan, files, inputs), indent=2) + "\n")
     return files
