@@ -731,6 +731,30 @@ def test_source_with_non_finite_weights_builds_nothing_and_names_the_tensor(
     assert not out.exists() and not out.parent.exists()
 
 
+@pytest.mark.slow
+def test_float16_output_beyond_its_range_builds_nothing_and_names_the_tensor(
+    tmp_path: Path, sources: dict[str, Path]
+) -> None:
+    """A float32 source with a value past 65504 would be stored as Inf in float16: the
+    build refuses it, naming the output tensor, and prints no NumPy warning."""
+    copy = Path(shutil.copytree(sources["seed"], tmp_path / "seed"))
+    tensors = load_file(copy / "model.safetensors")
+    tensors["model.layers.2.self_attn.o_proj.weight"][0, 1] = 1e5
+    save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"moecompose: 1\nsources: {{seed: {copy}}}\n"
+                    "layers:\n  - select: all\n    ffn:\n      experts: {copy: seed, count: 2}\n"
+                    "output: {dtype: float16}\n")
+    out = tmp_path / "out" / "model"
+    result = _run_cli("build", str(spec), "-o", str(out), "-q")
+    message = _check_cli_error(result)
+    assert message == ("tensor 'model.layers.2.self_attn.o_proj.weight' has values beyond "
+                       "float16's range (+-65504): they would be stored as Inf (build in "
+                       "bfloat16 or float32 (output: {dtype: bfloat16}))")
+    assert "Warning" not in result.stderr
+    assert not out.exists() and not out.parent.exists()
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
 def test_the_finite_check_finds_any_nan_or_inf(dtype: str) -> None:
     """Reading checks sources on the raw bits, in blocks: any NaN or Inf, wherever it is

@@ -12,6 +12,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from moecompose import formats
 from moecompose.artifact import (
     DOMAINS_FILE,
@@ -36,7 +38,7 @@ from moecompose.sources.checkpoint import (
     open_tensors,
     tensors_fingerprint,
 )
-from moecompose.sources.safetensors_io import SafetensorsWriter, TensorEntry
+from moecompose.sources.safetensors_io import SafetensorsWriter, TensorEntry, all_finite
 from moecompose.spec import dump_data
 
 if TYPE_CHECKING:
@@ -116,33 +118,9 @@ def _write_artifact(
     done = 0
     files: dict[str, str] = {}
     for file_name, shard in zip(names, shards):
-        writer = SafetensorsWriter(
-            tmp / file_name, [(t.name, CODES[t.dtype], t.shape) for t in shard]
-        )
-        try:
-            for tensor in shard:
-                for chunk in produce(tensor, lookup, computed.value):
-                    writer.write(tensor.name, chunk)
-                    done += chunk.nbytes
-                if progress is not None:
-                    progress(done, total, tensor.name)
-        except MoeComposeError:
-            writer.abort()
-            raise
-        except OSError:
-            writer.abort()
-            raise  # write_atomically names the output and the cause
-        except MemoryError:
-            writer.abort()
-            raise ResourceError(
-                f"out of memory computing tensor '{tensor.name}' (shape {list(tensor.shape)}, "
-                f"{tensor.numel * nbytes(tensor.dtype):,} bytes)",
-                hint="free memory on this machine or build on a larger one",
-            ) from None
-        except Exception as exc:
-            writer.abort()
-            raise BuildError(f"failed to compute tensor '{tensor.name}': {exc}") from None
-        files[file_name] = writer.close()
+        files[file_name] = _write_shard(tmp / file_name, shard, lookup, computed, progress,
+                                        done, total)
+        done += sum(t.numel * nbytes(t.dtype) for t in shard)
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": total},
@@ -176,3 +154,43 @@ def _write_artifact(
     files["README.md"] = write_text(tmp / "README.md", model_card(plan))
     write_text(tmp / "manifest.json", json.dumps(manifest(plan, files, inputs), indent=2) + "\n")
     return files
+
+
+def _write_shard(
+    path: Path, shard: list[PlannedTensor], lookup: Lookup, computed: Computed,
+    progress: Progress | None, done: int, total: int,
+) -> str:
+    """One safetensors file of the artifact; returns its sha256. A cast to float16 beyond
+    its range would give Inf: refused, naming the tensor (NumPy's warning is silenced)."""
+    writer = SafetensorsWriter(path, [(t.name, CODES[t.dtype], t.shape) for t in shard])
+    with np.errstate(over="ignore"):
+        try:
+            for tensor in shard:
+                for chunk in produce(tensor, lookup, computed.value):
+                    if tensor.dtype == "float16" and not all_finite(chunk):
+                        raise BuildError(
+                            f"tensor '{tensor.name}' has values beyond float16's range "
+                            "(+-65504): they would be stored as Inf",
+                            hint="build in bfloat16 or float32 (output: {dtype: bfloat16})",
+                        )
+                    writer.write(tensor.name, chunk)
+                    done += chunk.nbytes
+                if progress is not None:
+                    progress(done, total, tensor.name)
+        except MoeComposeError:
+            writer.abort()
+            raise
+        except OSError:
+            writer.abort()
+            raise  # write_atomically names the output and the cause
+        except MemoryError:
+            writer.abort()
+            raise ResourceError(
+                f"out of memory computing tensor '{tensor.name}' (shape {list(tensor.shape)}, "
+                f"{tensor.numel * nbytes(tensor.dtype):,} bytes)",
+                hint="free memory on this machine or build on a larger one",
+            ) from None
+        except Exception as exc:
+            writer.abort()
+            raise BuildError(f"failed to compute tensor '{tensor.name}': {exc}") from None
+    return writer.close()
