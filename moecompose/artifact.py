@@ -379,7 +379,8 @@ class SourceHashes:
         try:
             self._hashes = source_hashes([f for files in self.files.values() for f in files])
         except OSError as exc:  # a source, not the output: say which
-            self._error = SourceError(f"cannot read {exc.filename}: {exc.strerror or exc}",
+            self._error = SourceError(f"cannot read {exc.filename or 'a source file'}: "
+                                      f"{exc.strerror or exc}",
                                       hint="check that the source's files are readable")
         except BaseException as exc:  # handed to the caller by result()
             self._error = exc

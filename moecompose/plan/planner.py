@@ -331,7 +331,8 @@ class _Planner:
         if mix.kind is None or mix.kind.own_ffn:
             self.ffn_experts(i, mix, active)
         else:
-            self.shared_ffn(i, mix, active)
+            self.shared_ffn(i, mix)
+        self.new_tensors(i, mix, active)
         experts = _compact([e.source for e in mix.experts])
         if g > 1:
             width = self.r.arch.intermediate_size // g
@@ -380,15 +381,18 @@ class _Planner:
                 self.add(self.layout.shared_expert_gate.format(i=i), (1, d),
                          Recipe("init", args={"init": "zeros"}), "shared", i)
 
-    def shared_ffn(self, i: int, mix: FFNMixture, active: float) -> None:
+    def shared_ffn(self, i: int, mix: FFNMixture) -> None:
         """Experts without an FFN of their own (PESC's adapters): the source's FFN copied
-        once, shared, under its dense names, then the tensors the layer's config adds
-        (`new_tensors`)."""
+        once, shared, under its dense names."""
         source = mix.experts[0].source  # every expert names the shared FFN's source
         for proj in PROJECTIONS:
             tensor = self.family.tensor(FFN_ROLE[proj], i)
             self.add(tensor, self.source_shape(tensor),
                      Recipe("copy", (TensorRef(source, tensor),)), "ffn", i)
+
+    def new_tensors(self, i: int, mix: FFNMixture, active: float) -> None:
+        """The tensors the layer's FFN config adds beyond its experts' FFNs, initialised
+        as it declares (`new_tensors`: PESC's adapters)."""
         config = self.ffn_config(mix)
         assert isinstance(config, RoutedFFNConfig)
         for new in config.new_tensors(self.r.arch.hidden_size):
