@@ -209,3 +209,23 @@ def test_bf16_sources_sharded_output_loads_in_transformers(tmp_path, write_spec)
     ref = hf_logits(out, "MixtralForCausalLM")
     ours = our_logits(out)
     assert (ours.float() - ref.float()).abs().max().item() <= 1e-2
+
+
+@pytest.mark.parametrize("merge", ["average", "{weights: {a: 3, b: 1}}"])
+def test_bf16_merges_are_float32_arithmetic_rounded_once(tmp_path, write_spec, merge) -> None:
+    """Merged tensors of bf16 sources are the float32 mean (or weighted sum) of the
+    widened values, rounded to bf16 once: bit for bit what torch computes."""
+    from moecompose.testing import make_dense
+
+    a = make_dense(tmp_path / "a", seed=11, dtype=torch.bfloat16)
+    b = make_dense(tmp_path / "b", seed=12, base_seed=11, dtype=torch.bfloat16)
+    spec = write_spec(f"moecompose: 1\nsources: {{a: {a}, b: {b}}}\nmerge: {merge}\n"
+                      "layers:\n  - select: all\n    ffn: {experts: [a, b]}\n")
+    built = weights(moecompose.build(spec, tmp_path / "out").path)
+    wa, wb = weights(a), weights(b)
+    for name in ("model.embed_tokens.weight", "model.layers.1.self_attn.q_proj.weight",
+                 "model.norm.weight"):
+        x, y = wa[name].float(), wb[name].float()
+        expected = (x + y) / 2 if merge == "average" else x * 0.75 + y * 0.25
+        assert built[name].dtype == torch.bfloat16
+        assert torch.equal(built[name], expected.to(torch.bfloat16)), name

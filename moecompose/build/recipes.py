@@ -160,10 +160,14 @@ def _elementwise(
         weights = recipe.args.get("weights") or [None] * len(entries)
         acc: np.ndarray | None = None
         for entry, w in zip(entries, weights):
-            x = read_array(entry, span).astype(F32)
+            x = read_array(entry, span)  # fresh: float32 inputs are scaled in place
             if w is not None:
+                x = x.astype(F32, copy=False)
                 x *= np.float32(w)
-            acc = x if acc is None else np.add(acc, x, out=acc)
+            if acc is None:
+                acc = x.astype(F32, copy=False)
+            else:  # a 16-bit input is widened in NumPy's small buffers, not a whole copy
+                np.add(acc, x, out=acc)
         assert acc is not None
         if recipe.op == "mean":
             acc /= np.float32(len(entries))
